@@ -1,0 +1,125 @@
+"""Fixture chain for real NATS: store dir -> nats-server -> client -> JetStream -> bootstrapped topology."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from kernel.bootstrap import bootstrap
+from kernel.connect import close, connect
+from kernel.logs import configure_logging
+from kernel.server import EmbeddedServer
+from locator.topology import Topology, default_topology
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Library logs go to stderr (never stdout, which carries command output).
+    configure_logging(level="info", fmt="console")
+
+
+REPO = Path(__file__).resolve().parent.parent
+VECTORS = Path(__file__).resolve().parent / "vectors"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for running the installed ``noetl-edge`` in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
+    env.update(extra)
+    return env
+
+
+def cli_path() -> str:
+    return str(Path(sys.executable).parent / "noetl-edge")
+
+
+@pytest.fixture
+def shard_count() -> int:
+    return 4
+
+
+@pytest.fixture
+def topology(shard_count: int) -> Topology:
+    return default_topology(shard_count=shard_count)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path, topology: Topology) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(data_dir=tmp_path / "data", topology=topology, port=0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedServer) -> AsyncIterator[NATS]:
+    client = await connect([nats_server.url], name="pytest")
+    try:
+        yield client
+    finally:
+        await close(client)
+
+
+@pytest.fixture
+async def js(nc: NATS, topology: Topology) -> JetStreamContext:
+    context = nc.jetstream()
+    await bootstrap(context, topology)
+    return context
+
+
+async def stream_messages(js: JetStreamContext, stream: str) -> list[tuple[int, str, str | None, bytes]]:
+    """Every message of ``stream`` as (seq, subject, Nats-Msg-Id, data), read with direct gets."""
+    info = await js.stream_info(stream)
+    out: list[tuple[int, str, str | None, bytes]] = []
+    if info.state.messages == 0:
+        return out
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(stream, seq)
+        out.append((seq, msg.subject, (msg.headers or {}).get("Nats-Msg-Id"), msg.data or b""))
+    return out
+
+
+async def wal_counts(js: JetStreamContext, shard_count: int) -> list[int]:
+    return [(await js.stream_info(f"WAL_{n}")).state.messages for n in range(shard_count)]
+
+
+@pytest.fixture
+def read_stream() -> object:
+    return stream_messages
+
+
+@pytest.fixture
+def count_wal() -> object:
+    return wal_counts
+
+
+@pytest.fixture
+def cli() -> object:
+    """Run the installed ``noetl-edge`` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    def run(*args: str, check: bool = True, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [cli_path(), *args], capture_output=True, text=True, env=env or cli_env(), input=stdin, timeout=120
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"noetl-edge {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def cli_command() -> list[str]:
+    return [cli_path()]
+
+
+@pytest.fixture
+def cli_environ() -> dict[str, str]:
+    return cli_env()
