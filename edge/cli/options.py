@@ -1,0 +1,64 @@
+"""Options several commands share, each with its environment twin."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from locator.topology import DEFAULT_NATS_URL, Topology, topology_from_env
+
+
+class UsageError(Exception):
+    """A flag or environment variable has a bad value (exit code 2)."""
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def add_log_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--log-level", default=os.environ.get("NOETL_LOG_LEVEL", "info"), help="debug, info, warning or error (env NOETL_LOG_LEVEL; default info)"
+    )
+    g.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=os.environ.get("NOETL_LOG_FORMAT", "auto"),
+        help="auto = JSON when stderr is not a terminal (env NOETL_LOG_FORMAT)",
+    )
+
+
+def add_topology_options(p: argparse.ArgumentParser, *, with_url: bool = True) -> None:
+    g = p.add_argument_group("topology")
+    g.add_argument(
+        "--shards", type=int, default=None, metavar="N", help="shard count of the one-cell default topology (env NOETL_SHARDS; default 4)"
+    )
+    g.add_argument("--topology", metavar="FILE", default=None, help="topology file, YAML or JSON (env NOETL_TOPOLOGY)")
+    if with_url:
+        g.add_argument(
+            "--nats-url",
+            default=None,
+            metavar="URL",
+            help=f"NATS server to connect to (env NOETL_NATS_URL; default {DEFAULT_NATS_URL}, or the topology's first cell)",
+        )
+
+
+def resolve_topology(args: argparse.Namespace) -> Topology:
+    env = dict(os.environ)
+    if args.topology:
+        env["NOETL_TOPOLOGY"] = args.topology
+    return topology_from_env(env, shards=args.shards, nats_url=getattr(args, "nats_url", None))
+
+
+def connect_urls(args: argparse.Namespace, topology: Topology) -> list[str]:
+    """``--nats-url`` if given, else the URLs of the topology's first cell."""
+    if getattr(args, "nats_url", None):
+        return [args.nats_url]
+    return list(topology.cells[0].urls)

@@ -1,0 +1,114 @@
+"""``noetl-edge up``: the embedded default, in the foreground, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from edge.cli.options import UsageError, env_int
+from kernel.bootstrap import StreamSettings, bootstrap
+from kernel.connect import close, connect
+from kernel.errors import ConfigError
+from kernel.server import EmbeddedServer, default_data_dir
+from locator.topology import DEFAULT_SHARDS, default_topology
+
+log = structlog.get_logger("noetl.cli.up")
+
+SYNC_RE = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run the embedded default (nats-server + bootstrap) in the foreground",
+        description="Start an embedded nats-server with JetStream on --data-dir, bootstrap every shard's "
+        "streams and buckets, print 'ready <nats-url>' and run until SIGINT/SIGTERM.",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"where the WAL and objects live (env NOETL_DATA_DIR; default {default_data_dir()})",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--nats-port", type=int, default=None, help="NATS client port, 0 = any free port (env NOETL_NATS_PORT; default 4222)"
+    )
+    p.add_argument(
+        "--http-port", type=int, default=None, help="the edge's HTTP port (env NOETL_HTTP_PORT; default 8080); nothing listens there until the edge API lands"
+    )
+    p.add_argument("--shards", type=int, default=None, help="shard count (env NOETL_SHARDS; default 4)")
+    p.set_defaults(func=run)
+
+
+def _check_shard_count(data_dir: Path, shards: int) -> None:
+    # Changing the shard count re-routes existing executions: refuse rather than split histories.
+    meta = data_dir / "noetl.json"
+    if meta.exists():
+        recorded = json.loads(meta.read_text(encoding="utf-8")).get("shard_count")
+        if recorded != shards:
+            raise ConfigError(
+                f"{data_dir} was created with {recorded} shards; starting it with {shards} would re-route "
+                f"existing executions (use --shards {recorded}, or a new --data-dir)"
+            )
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"shard_count": shards}) + "\n", encoding="utf-8")
+
+
+async def _serve(server: EmbeddedServer, settings: StreamSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await connect([server.url], name="noetl-up")
+    try:
+        report = await bootstrap(nc.jetstream(), server.topology, settings=settings)
+        log.info("bootstrap.done", created=len(report.created), unchanged=len(report.unchanged))
+        print(f"ready {server.url}", flush=True)
+        await stop.wait()
+        log.info("shutdown", reason="signal")
+    finally:
+        await close(nc)
+
+
+def run(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir or default_data_dir()
+    shards = args.shards if args.shards is not None else env_int("NOETL_SHARDS", DEFAULT_SHARDS)
+    port = args.nats_port if args.nats_port is not None else env_int("NOETL_NATS_PORT", 4222)
+    args.http_port = args.http_port if args.http_port is not None else env_int("NOETL_HTTP_PORT", 8080)
+    settings = StreamSettings.from_env()
+    topology = default_topology(shard_count=shards)
+    _check_shard_count(data_dir, shards)
+    sync = os.environ.get("NOETL_NATS_SYNC") or None
+    if sync is not None and not SYNC_RE.fullmatch(sync):
+        raise UsageError(f"NOETL_NATS_SYNC must be 'always' or a duration such as '10s' or '2m', got {sync!r}")
+    server = EmbeddedServer(
+        data_dir=data_dir,
+        topology=topology,
+        host=args.host,
+        port=port,
+        max_payload=settings.server_max_payload,
+        sync_interval=sync,
+    )
+    # SIGTERM before the loop installs its handlers must still stop the server cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.start()
+        server.topology = topology.with_urls("local", (server.url,))
+        asyncio.run(_serve(server, settings))
+    except KeyboardInterrupt:
+        log.info("shutdown", reason="interrupted")
+    finally:
+        code = server.stop()
+        if code not in (0, None):
+            print(f"noetl-edge: warning: nats-server exited with code {code}", file=sys.stderr)
+    return 0

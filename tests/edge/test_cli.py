@@ -1,0 +1,259 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from kernel.server import EmbeddedServer, free_port
+from locator import shard_for
+
+from edge.cli import build_parser, main
+
+VECTORS = json.loads((Path(__file__).resolve().parent.parent / "vectors" / "locator.json").read_text())
+LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard", "cell", "subject_prefix", "stream"]
+
+
+@pytest.mark.parametrize("command", [[], ["up"], ["publish"], ["locate"]])
+def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    assert "usage: noetl-edge" in capsys.readouterr().out
+
+
+def test_every_registered_command_is_covered() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"up", "publish", "locate"}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("v", VECTORS)
+def test_locate_agrees_with_vectors(v: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["locate", "--tenant", v["tenant"], "--project", v["project"], "--affinity", v["affinity"]]
+    assert main([*args, "--shards", str(v["shard_count"])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out) == LOCATE_KEYS
+    assert (out["fnv1a32"], out["shard"], out["shard_count"]) == (v["fnv1a32"], v["shard"], v["shard_count"])
+    assert out["stream"] == f"WAL_{v['shard']}" and out["cell"] == "local"
+    assert out["subject_prefix"] == f"wal.{v['shard']}.{v['tenant']}.{v['project']}"
+
+
+@pytest.mark.parametrize("tenant", ["A", "a.b", "*", ">", "", "a" * 64])
+def test_locate_rejects_bad_names(tenant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["locate", "--tenant", tenant, "--project", "web"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("noetl-edge: error: invalid tenant")
+
+
+def test_usage_error_exit_code(cli: Any) -> None:
+    proc = cli("locate", "--project", "web", check=False)
+    assert proc.returncode == 2 and "--tenant" in proc.stderr
+
+
+async def _wal_total(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        return sum([(await js.stream_info(f"WAL_{n}")).state.messages for n in range(4)])
+    finally:
+        await nc.close()
+
+
+async def test_publish_one_event_from_flags_and_json(nats_server: EmbeddedServer, js: Any, cli: Any) -> None:
+    proc = cli(
+        "publish", "--nats-url", nats_server.url, "--tenant", "acme", "--project", "web",
+        "--execution-id", "42", "--type", "step.exit", "--step", "fetch", "--attempt", "1", "--payload", '{"rows": 3}',
+    )
+    ack = json.loads(proc.stdout)
+    assert ack["stream"] == f"WAL_{shard_for('acme', 'web', '', 4)}" and ack["seq"] == 1 and ack["duplicate"] is False
+    assert ack["subject"].endswith(".acme.web.42.step.exit")
+    env = {"tenant": "acme", "project": "web", "execution_id": "42", "type": "user.note", "event_id": "fixed-1"}
+    first = json.loads(cli("publish", "--nats-url", nats_server.url, "--json", json.dumps(env)).stdout)
+    again = json.loads(cli("publish", "--nats-url", nats_server.url, "--json", json.dumps(env)).stdout)
+    assert first["seq"] == again["seq"] == 2 and again["duplicate"] is True
+    assert await _wal_total(nats_server.url) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tenant", "Acme", "--project", "web", "--type", "user.x"], "invalid tenant"),
+        (["--tenant", "acme", "--project", "web", "--type", "bogus"], "unknown event type"),
+        (["--tenant", "acme", "--project", "web", "--type", "user.x", "--payload", "{"], "--payload is not valid JSON"),
+        (["--tenant", "acme", "--project", "web", "--type", "user.x", "--payload", json.dumps({"b": "x" * 70000})], "over the 65536-byte cap"),
+        (["--tenant", "acme", "--type", "user.x"], "missing --project"),
+        (["--json", '{"tenant": "acme"}'], "missing required field"),
+        (["--shards", "8", "--tenant", "acme", "--project", "web", "--type", "user.x"], "bootstrapped for 4 shards"),
+    ],
+)
+async def test_publish_rejects_bad_input_and_changes_nothing(
+    nats_server: EmbeddedServer, js: Any, cli: Any, args: list[str], message: str
+) -> None:
+    proc = cli("publish", "--nats-url", nats_server.url, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stdout == ""
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("noetl-edge: error:")]) == 1
+    assert await _wal_total(nats_server.url) == 0
+
+
+def test_publish_without_server_is_a_runtime_error(cli: Any) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    proc = cli("publish", "--nats-url", url, "--tenant", "acme", "--project", "web", "--type", "user.x", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"noetl-edge: error: cannot connect to NATS at {url}")
+
+
+def _jsonl(path: Path, lines: list[dict[str, Any] | str]) -> Path:
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+async def test_publish_file_summary_and_rerun(nats_server: EmbeddedServer, js: Any, cli: Any, tmp_path: Path) -> None:
+    events = [
+        {"tenant": f"t{i % 7}", "project": "web", "execution_id": str(100 + i % 20), "type": "user.row", "event_id": f"row-{i}", "payload": {"i": i}}
+        for i in range(500)
+    ]
+    f = _jsonl(tmp_path / "events.jsonl", events)
+    first = cli("publish", "--nats-url", nats_server.url, "--file", str(f), "--batch-size", "128")
+    assert json.loads(first.stdout) == {"events": 500, "acked": 500, "duplicate": 0, "rejected": 0}
+    second = cli("publish", "--nats-url", nats_server.url, "--file", str(f))
+    assert json.loads(second.stdout) == {"events": 500, "acked": 0, "duplicate": 500, "rejected": 0}
+    assert await _wal_total(nats_server.url) == 500
+
+
+async def test_publish_file_with_bad_lines(nats_server: EmbeddedServer, js: Any, cli: Any, tmp_path: Path) -> None:
+    good = {"tenant": "acme", "project": "web", "execution_id": "5", "type": "user.ok"}
+    f = _jsonl(
+        tmp_path / "mixed.jsonl",
+        [good, "{not json", good | {"tenant": "Bad"}, good | {"payload": {"b": "x" * 70000}}, good],
+    )
+    proc = cli("publish", "--nats-url", nats_server.url, "--file", str(f), check=False)
+    assert proc.returncode == 2
+    assert "line 2: not valid JSON" in proc.stderr and "line 3:" in proc.stderr and "line 4:" in proc.stderr
+    assert "3 invalid line(s)" in proc.stderr and "nothing was published" in proc.stderr
+    assert await _wal_total(nats_server.url) == 0
+
+    skip = cli("publish", "--nats-url", nats_server.url, "--file", str(f), "--skip-invalid", check=False)
+    assert skip.returncode == 2
+    assert json.loads(skip.stdout) == {"events": 5, "acked": 2, "duplicate": 0, "rejected": 3}
+    assert await _wal_total(nats_server.url) == 2
+
+    missing = cli("publish", "--nats-url", nats_server.url, "--file", str(tmp_path / "nope.jsonl"), check=False)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+
+
+class Up:
+    """``noetl-edge up`` in a subprocess, read until its ``ready`` line."""
+
+    def __init__(self, cli_command: list[str], env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*cli_command, "up", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+
+    def ready(self, timeout: float = 30) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()
+        assert time.monotonic() < deadline
+        assert line.startswith("ready nats://"), f"got {line!r}; stderr: {self.stop_output()}"
+        return line.split()[1]
+
+    def stop_output(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        _, err = self.proc.communicate(timeout=30)
+        return err
+
+    def server_pid(self, data_dir: Path) -> int:
+        for line in (data_dir / "nats" / "server.log").read_text().splitlines():
+            if "Starting nats-server" in line:
+                pid = int(line.split("]")[0].lstrip("["))
+        return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_up_bootstraps_prints_ready_and_stops_cleanly(
+    tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str], sig: signal.Signals
+) -> None:
+    data = tmp_path / "data"
+    up = Up(cli_command, cli_environ, "--data-dir", str(data), "--nats-port", "0", "--shards", "3")
+    url = up.ready()
+    nc = await nats.connect(url)
+    try:
+        names = {s.config.name for s in await nc.jetstream().streams_info()}
+    finally:
+        await nc.close()
+    assert {"WAL_0", "WAL_2", "CMD_1", "DLQ_2", "KV_proj_0", "KV_catalog", "KV_leases", "OBJ_plugins"} <= names
+    assert "WAL_3" not in names
+    pid = up.server_pid(data)
+    up.proc.send_signal(sig)
+    assert up.proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "nats-server outlived noetl-edge up"
+    up.stop_output()
+
+    # The data dir remembers its shard count: another count would re-route existing executions.
+    again = subprocess.run(
+        [*cli_command, "up", "--data-dir", str(data), "--nats-port", "0", "--shards", "8"],
+        capture_output=True, text=True, env=cli_environ, timeout=60,
+    )
+    assert again.returncode == 2
+    assert "was created with 3 shards" in again.stderr
+
+
+async def test_up_takes_settings_from_env(tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str]) -> None:
+    port = free_port()
+    env = cli_environ | {"NOETL_DATA_DIR": str(tmp_path / "d"), "NOETL_NATS_PORT": str(port), "NOETL_SHARDS": "2"}
+    up = Up(cli_command, env)
+    assert up.ready() == f"nats://127.0.0.1:{port}"
+    assert json.loads((tmp_path / "d" / "noetl.json").read_text()) == {"shard_count": 2}
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(timeout=30) == 0
+    up.stop_output()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NOETL_SHARDS": "four"}, "NOETL_SHARDS must be an integer"),
+        ({"NOETL_NATS_PORT": "x"}, "NOETL_NATS_PORT must be an integer"),
+        ({"NOETL_DUPLICATE_WINDOW": "5"}, "at least 120"),
+        ({"NOETL_LEASE_TTL": "0"}, "NOETL_LEASE_TTL"),
+        ({"NOETL_NATS_SYNC": "sometimes"}, "NOETL_NATS_SYNC"),
+    ],
+)
+def test_up_rejects_bad_settings(tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str], env: dict[str, str], message: str) -> None:
+    port = [] if "NOETL_NATS_PORT" in env else ["--nats-port", "0"]
+    proc = subprocess.run(
+        [*cli_command, "up", "--data-dir", str(tmp_path), *port],
+        capture_output=True, text=True, env=cli_environ | env, timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def test_up_port_in_use(tmp_path: Path, nats_server: EmbeddedServer, cli_command: list[str], cli_environ: dict[str, str]) -> None:
+    proc = subprocess.run(
+        [*cli_command, "up", "--data-dir", str(tmp_path), "--nats-port", str(nats_server.port)],
+        capture_output=True, text=True, env=cli_environ, timeout=60,
+    )
+    assert proc.returncode == 1 and "already in use" in proc.stderr
