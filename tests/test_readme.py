@@ -1,0 +1,83 @@
+"""The README's two commands are the contract with a new user: check both as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kernel.server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> tuple[str, str]:
+    text = (REPO / "README.md").read_text()
+    run = re.search(r"1\. Run it\*\*\s*```sh\n(.+?)\n```", text, re.S)
+    test = re.search(r"2\. Test it\*\*\s*```sh\n(.+?)\n```", text, re.S)
+    assert run and test, "README must start with the two commands under '1. Run it' and '2. Test it'"
+    return run.group(1).strip(), test.group(1).strip()
+
+
+def test_commands_are_first_and_ci_runs_the_test_command() -> None:
+    run, test = readme_commands()
+    text = (REPO / "README.md").read_text()
+    assert text.index(run) < text.index(test) < text.index("## ")
+    for command in (run, test):
+        assert command.startswith("python3 -m venv .venv && "), "each command makes its own virtual environment"
+    assert run.endswith("noetl-edge up")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test in ci.splitlines(), ".ci/run must call the README's test command verbatim"
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The files a clone would have: tracked plus untracked-but-not-ignored, as in the working tree."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = REPO / name.decode()
+        if src.is_file():
+            target = dest / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    return dest
+
+
+@pytest.mark.slow
+def test_run_command_on_a_fresh_copy(tmp_path: Path) -> None:
+    run, _ = readme_commands()
+    project = fresh_copy(tmp_path / "project")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "VIRTUAL_ENV", "PYTHON"))}
+    # A new user's shell: no virtualenv on PATH; the env twins keep the test off the user's port and home.
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix))
+    env |= {"NOETL_DATA_DIR": str(tmp_path / "data"), "NOETL_NATS_PORT": str(port)}
+    proc = subprocess.Popen(
+        ["bash", "-c", run], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 600
+        line = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("ready ") or line == "":
+                break
+        assert line.strip() == f"ready nats://127.0.0.1:{port}", proc.stderr.read() if proc.stderr else ""
+        assert (project / ".venv" / "bin" / "noetl-edge").exists()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
