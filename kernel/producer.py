@@ -124,7 +124,13 @@ class Producer:
                 raise PublishError(f"server refused event {p.env.event_id} on {p.subject}: {e.description}") from e
             except _RETRYABLE as e:
                 last = e
-                log.warning("publish.retry", execution_id=p.env.execution_id, attempt=attempt + 1, error=repr(e))
+                log.warning(
+                    "publish.retry",
+                    execution_id=p.env.execution_id,
+                    stream=p.stream,
+                    attempt=attempt + 1,
+                    error=repr(e),
+                )
                 continue
             return self._ack(p, ack)
         if isinstance(last, NoStreamResponseError):

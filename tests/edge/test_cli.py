@@ -257,3 +257,9 @@ def test_up_port_in_use(tmp_path: Path, nats_server: EmbeddedServer, cli_command
         capture_output=True, text=True, env=cli_environ, timeout=60,
     )
     assert proc.returncode == 1 and "already in use" in proc.stderr
+
+
+async def test_example_events_publish(nats_server: EmbeddedServer, js: Any, cli: Any) -> None:
+    examples = Path(__file__).resolve().parent.parent.parent / "examples" / "events.jsonl"
+    proc = cli("publish", "--nats-url", nats_server.url, "--file", str(examples))
+    assert json.loads(proc.stdout) == {"events": 8, "acked": 8, "duplicate": 0, "rejected": 0}
