@@ -260,3 +260,24 @@ def check_subject(subject: str, env: Envelope, *, shard_count: int | None = None
                 f"{'/' + env.affinity if env.affinity else ''} belongs to shard {expected} of {shard_count}",
                 field="shard",
             )
+
+
+def decode_wal_message(subject: str, data: bytes, *, shard_count: int) -> Envelope:
+    """Decode a message read from a WAL stream; raise :class:`EnvelopeError` if it is poison.
+
+    Poison = not JSON, not a valid v1 envelope, or a subject that disagrees with
+    its envelope. The kernel pump (dead-letters it) and replay (skips it) share
+    this one definition, so a replay folds exactly the events the pump folded.
+    """
+    env = decode_envelope(data)
+    check_subject(subject, env, shard_count=shard_count)
+    return env
+
+
+def poison_reason(error: EnvelopeError) -> str:
+    """A short reason code for a dead letter: not_json, invalid_envelope or subject_mismatch."""
+    if isinstance(error, SubjectMismatch):
+        return "subject_mismatch"
+    if error.field == "$" and "not valid JSON" in str(error):
+        return "not_json"
+    return "invalid_envelope"

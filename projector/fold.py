@@ -1,0 +1,147 @@
+"""The fold: a pure function from (projection | None, events) to a projection.
+
+Each event is applied at most once: an event whose WAL sequence is at or below
+the projection's ``last_seq`` is skipped, so at-least-once delivery plus this
+guard applies every event exactly once.
+
+>>> from locator import new_event
+>>> e = new_event(tenant="acme", project="web", execution_id="7", type="step.enter", step="a", attempt=1)
+>>> p = fold(None, [WalEvent(3, e)])
+>>> (p.status, p.steps["a"].status, p.last_seq, fold(p, [WalEvent(3, e)]).event_count)
+('RUNNING', 'RUNNING', 3, 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from locator.envelope import Envelope
+from projector.errors import FoldError
+from projector.projection import TERMINAL, USER_EVENTS_KEPT, Projection, StepState, UserEvent, copy_projection
+
+
+class WalEvent(NamedTuple):
+    """An envelope with the WAL sequence it was stored at."""
+
+    seq: int
+    env: Envelope
+
+
+# Execution status set by an event type on a non-terminal execution.
+_EXECUTION_STATUS = {
+    "execution.started": "RUNNING",
+    "step.enter": "RUNNING",
+    "command.issued": "RUNNING",
+    "command.claimed": "RUNNING",
+    "command.completed": "RUNNING",
+    "step.exit": "RUNNING",
+    "callback.received": "RUNNING",
+    "callback.waiting": "WAITING",
+    "execution.completed": "COMPLETED",
+    "execution.failed": "FAILED",
+    "execution.cancelled": "CANCELLED",
+}
+
+# Step status set by an event type (None: the event leaves the step's status as it is).
+_STEP_STATUS: dict[str, str | None] = {
+    "step.enter": "RUNNING",
+    "command.issued": "RUNNING",
+    "command.claimed": "RUNNING",
+    "command.completed": None,
+    "step.exit": "COMPLETED",
+    "call.error": "ERROR",
+    "step.retry": "RETRYING",
+    "step.failed": "FAILED",
+    "callback.waiting": "WAITING",
+    "callback.received": "RUNNING",
+}
+
+
+def new_projection(env: Envelope) -> Projection:
+    return Projection(
+        execution_id=env.execution_id,
+        tenant=env.tenant,
+        project=env.project,
+        affinity=env.affinity,
+        created_at=env.ts,
+        updated_at=env.ts,
+    )
+
+
+def _check_identity(p: Projection, env: Envelope) -> None:
+    if (env.execution_id, env.tenant, env.project) != (p.execution_id, p.tenant, p.project):
+        raise FoldError(
+            f"event {env.event_id} of {env.tenant}/{env.project}/{env.execution_id} cannot be folded into "
+            f"{p.tenant}/{p.project}/{p.execution_id}"
+        )
+
+
+def _apply_step(p: Projection, env: Envelope, kind: str) -> None:
+    assert env.step is not None
+    step = p.steps.get(env.step)
+    if step is None:
+        step = p.steps[env.step] = StepState()
+    if env.attempt is not None and env.attempt > step.attempts:
+        step.attempts = env.attempt
+    status = _STEP_STATUS[kind]
+    if status is None:
+        return
+    step.status = status
+    payload = env.payload
+    if status == "RUNNING" and step.started_at is None:
+        step.started_at = env.ts
+    elif status == "COMPLETED":
+        step.ended_at = env.ts
+        step.result = payload.get("result")
+        step.result_ref = env.result_ref
+        step.error = None
+    elif status == "ERROR":
+        step.error = payload.get("error", payload or None)
+    elif status == "FAILED":
+        step.ended_at = env.ts
+        if "error" in payload:
+            step.error = payload["error"]
+
+
+def _apply(p: Projection, seq: int, env: Envelope) -> None:
+    kind = env.type
+    if kind.startswith("user."):
+        p.user_event_count += 1
+        p.user_events.append(UserEvent(seq=seq, type=kind, ts=env.ts, payload=env.payload))
+        if len(p.user_events) > USER_EVENTS_KEPT:
+            del p.user_events[0]
+    elif kind == "execution.requested":
+        payload: dict[str, Any] = env.payload
+        p.playbook = payload.get("playbook")
+        p.workload = payload.get("workload") or {}
+    elif kind == "execution.cancel_requested":
+        p.cancel_requested = True
+    if kind in _STEP_STATUS and env.step is not None:
+        _apply_step(p, env, kind)
+    status = _EXECUTION_STATUS.get(kind)
+    if status is not None and p.status not in TERMINAL:
+        p.status = status
+        if status == "FAILED":
+            p.error = env.payload.get("error", env.payload or None)
+    p.last_seq = seq
+    p.event_count += 1
+    p.updated_at = env.ts
+
+
+def fold(projection: Projection | None, events: Iterable[WalEvent]) -> Projection | None:
+    """Apply ``events`` (in WAL order) to a copy of ``projection``; the input is never mutated.
+
+    Returns None only when there is no projection and no event to create one.
+    Raises :class:`FoldError` if an event belongs to another execution.
+    """
+    p = None if projection is None else copy_projection(projection)
+    for seq, env in events:
+        if p is None:
+            p = new_projection(env)
+        else:
+            if seq <= p.last_seq:
+                continue
+            _check_identity(p, env)
+        _apply(p, seq, env)
+    return p

@@ -1,0 +1,125 @@
+"""Bounded replay: rebuild one execution from its newest snapshot plus the WAL tail after it.
+
+Reads only that execution's subject (an ordered consumer with a subject
+filter and a start sequence) and refuses to read more than ``limit`` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from locator.envelope import EnvelopeError, decode_wal_message
+from locator.subjects import execution_filter, wal_stream
+from projector.cache import CacheEntry, ProjectionCache
+from projector.errors import ProjectorError, ReplayLimitExceeded
+from projector.fold import WalEvent, fold
+from projector.projection import Projection, decode_projection
+from projector.snapshots import SnapshotStore
+
+DEFAULT_LIMIT = 100_000
+
+
+async def history(
+    js: JetStreamContext,
+    *,
+    shard: int,
+    shard_count: int,
+    tenant: str,
+    project: str,
+    execution_id: str,
+    after_seq: int = 0,
+    limit: int = DEFAULT_LIMIT,
+    until_seq: int | None = None,
+    idle_timeout: float = 5.0,
+) -> AsyncIterator[WalEvent]:
+    """The execution's events after ``after_seq`` in WAL order, poison skipped (as the pump skips it)."""
+    stream = wal_stream(shard)
+    subject = execution_filter(shard, tenant, project, execution_id)
+    try:
+        first = await js.get_msg(stream, seq=after_seq + 1, next=True, subject=subject)
+    except NotFoundError:
+        return
+    assert first.seq is not None
+    if until_seq is not None and first.seq > until_seq:
+        return
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first.seq)
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, inactive_threshold=30.0)
+    try:
+        read = 0
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout)
+            except nats.errors.TimeoutError as e:
+                raise ProjectorError(f"replay of {execution_id} stalled: no message for {idle_timeout}s") from e
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if until_seq is not None and seq > until_seq:
+                return
+            read += 1
+            if read == 1 and meta.num_pending + 1 > limit:
+                raise ReplayLimitExceeded(
+                    f"replaying execution {execution_id} would read {meta.num_pending + 1} events, over the "
+                    f"limit of {limit}; materialize a snapshot first or raise the limit"
+                )
+            try:
+                env = decode_wal_message(msg.subject, msg.data or b"", shard_count=shard_count)
+            except EnvelopeError:
+                pass
+            else:
+                yield WalEvent(seq, env)
+            if meta.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+async def replay(
+    js: JetStreamContext,
+    *,
+    shard: int,
+    shard_count: int,
+    tenant: str,
+    project: str,
+    execution_id: str,
+    base: Projection | None = None,
+    limit: int = DEFAULT_LIMIT,
+    until_seq: int | None = None,
+) -> Projection | None:
+    """``fold(base, events after base.last_seq)``; None if the execution has no events at all."""
+    events = [
+        e
+        async for e in history(
+            js,
+            shard=shard,
+            shard_count=shard_count,
+            tenant=tenant,
+            project=project,
+            execution_id=execution_id,
+            after_seq=base.last_seq if base else 0,
+            limit=limit,
+            until_seq=until_seq,
+        )
+    ]
+    return fold(base, events)
+
+
+async def newest_snapshot(cache: ProjectionCache, snapshots: SnapshotStore, execution_id: str) -> Projection | None:
+    """The projection the cache holds or points at (the snapshot a replay starts from)."""
+    return await entry_projection(await cache.get(execution_id), snapshots)
+
+
+async def entry_projection(entry: CacheEntry | None, snapshots: SnapshotStore) -> Projection | None:
+    """The projection a cache entry stands for: inline, or read back from its Feather segment row."""
+    if entry is None:
+        return None
+    if entry.projection is not None:
+        return entry.projection
+    assert entry.pointer is not None
+    row = await asyncio.to_thread(snapshots.read_row, entry.pointer.pointer.segment, entry.pointer.pointer.row)
+    return decode_projection(row.projection)

@@ -1,0 +1,218 @@
+"""Every fold rule of the design, one test (or case) each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from locator import new_event
+from locator.envelope import KNOWN_TYPES, Envelope
+from projector.errors import FoldError
+from projector.fold import WalEvent, fold
+from projector.projection import USER_EVENTS_KEPT, Projection, canonical, decode_projection
+
+
+def ev(type: str, seq: int, *, step: str | None = None, attempt: int | None = None, ts: str | None = None, **payload: Any) -> WalEvent:
+    env = new_event(
+        tenant="acme", project="web", execution_id="42", type=type, step=step, attempt=attempt,
+        payload=payload, ts=ts or f"2026-11-22T08:00:{seq % 60:02d}.000Z",
+    )
+    return WalEvent(seq, env)
+
+
+def run(*events: WalEvent) -> Projection:
+    p = fold(None, events)
+    assert p is not None
+    return p
+
+
+def test_first_event_of_any_type_creates_a_pending_projection() -> None:
+    for kind in sorted(KNOWN_TYPES - {"execution.started", "step.enter", "command.issued", "command.claimed",
+                                      "command.completed", "step.exit", "callback.received", "callback.waiting",
+                                      "execution.completed", "execution.failed", "execution.cancelled"}) + ["user.hello"]:
+        p = run(ev(kind, 5, step="s"))
+        assert p.status == "PENDING", kind
+        assert (p.execution_id, p.tenant, p.project, p.affinity) == ("42", "acme", "web", "")
+        assert p.created_at == p.updated_at == "2026-11-22T08:00:05.000Z"
+        assert p.last_seq == 5 and p.event_count == 1
+
+
+def test_execution_requested_sets_playbook_and_workload() -> None:
+    p = run(ev("execution.requested", 1, playbook={"path": "demo/x", "version": 2}, workload={"n": 1}))
+    assert p.playbook == {"path": "demo/x", "version": 2} and p.workload == {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("execution.started", "RUNNING"),
+        ("step.enter", "RUNNING"),
+        ("command.issued", "RUNNING"),
+        ("command.claimed", "RUNNING"),
+        ("command.completed", "RUNNING"),
+        ("step.exit", "RUNNING"),
+        ("callback.received", "RUNNING"),
+        ("callback.waiting", "WAITING"),
+        ("execution.completed", "COMPLETED"),
+        ("execution.failed", "FAILED"),
+        ("execution.cancelled", "CANCELLED"),
+        ("call.error", "PENDING"),
+        ("step.retry", "PENDING"),
+        ("step.failed", "PENDING"),
+        ("execution.cancel_requested", "PENDING"),
+        ("user.note", "PENDING"),
+    ],
+)
+def test_execution_status_by_event_type(kind: str, status: str) -> None:
+    p = run(ev("execution.requested", 1), ev(kind, 2, step="s", attempt=1))
+    assert p.status == status
+
+
+@pytest.mark.parametrize("terminal", ["execution.completed", "execution.failed", "execution.cancelled"])
+def test_terminal_status_is_sticky(terminal: str) -> None:
+    p = run(ev("execution.started", 1), ev(terminal, 2))
+    after = fold(p, [ev(k, 3 + i, step="s") for i, k in enumerate(
+        ["step.enter", "callback.waiting", "execution.started", "execution.completed", "execution.failed", "execution.cancelled"]
+    )])
+    assert after is not None and after.status == p.status and after.event_count == 8
+
+
+def test_waiting_then_running_again() -> None:
+    p = run(ev("step.enter", 1, step="cb"), ev("callback.waiting", 2, step="cb"))
+    assert p.status == "WAITING" and p.steps["cb"].status == "WAITING"
+    p2 = fold(p, [ev("callback.received", 3, step="cb")])
+    assert p2 is not None and p2.status == "RUNNING" and p2.steps["cb"].status == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("step.enter", "RUNNING"),
+        ("command.issued", "RUNNING"),
+        ("command.claimed", "RUNNING"),
+        ("step.exit", "COMPLETED"),
+        ("call.error", "ERROR"),
+        ("step.retry", "RETRYING"),
+        ("step.failed", "FAILED"),
+        ("callback.waiting", "WAITING"),
+        ("callback.received", "RUNNING"),
+    ],
+)
+def test_step_status_by_event_type(kind: str, status: str) -> None:
+    p = run(ev(kind, 1, step="fetch", attempt=1))
+    assert p.steps["fetch"].status == status
+
+
+def test_command_completed_leaves_step_status_unchanged() -> None:
+    p = run(ev("step.enter", 1, step="a", attempt=1), ev("step.exit", 2, step="a", attempt=1, result=7),
+            ev("command.completed", 3, step="a", attempt=1))
+    assert p.steps["a"].status == "COMPLETED" and p.steps["a"].result == 7
+
+
+def test_step_exit_records_result_and_times() -> None:
+    enter = ev("step.enter", 1, step="a", attempt=1, ts="2026-11-22T08:00:01.000Z")
+    exit_ = ev("step.exit", 2, step="a", attempt=1, ts="2026-11-22T08:00:09.000Z", result={"rows": 3})
+    s = run(enter, exit_).steps["a"]
+    assert (s.started_at, s.ended_at, s.result, s.error) == ("2026-11-22T08:00:01.000Z", "2026-11-22T08:00:09.000Z", {"rows": 3}, None)
+
+
+def test_step_exit_with_result_ref() -> None:
+    env = new_event(tenant="acme", project="web", execution_id="42", type="step.exit", step="big", attempt=1,
+                    result_ref="noetl://acme/web/executions/42/results/big/1")
+    s = run(WalEvent(1, env)).steps["big"]
+    assert s.status == "COMPLETED" and s.result is None and s.result_ref == "noetl://acme/web/executions/42/results/big/1"
+
+
+def test_errors_retries_and_failure() -> None:
+    p = run(
+        ev("step.enter", 1, step="a", attempt=1),
+        ev("call.error", 2, step="a", attempt=1, error="boom"),
+        ev("step.retry", 3, step="a", attempt=2),
+        ev("step.enter", 4, step="a", attempt=2),
+        ev("call.error", 5, step="a", attempt=2, error={"code": 500}),
+        ev("step.failed", 6, step="a", attempt=2, error="gave up"),
+        ev("execution.failed", 7, error="step a failed"),
+    )
+    s = p.steps["a"]
+    assert (s.status, s.attempts, s.error, s.ended_at) == ("FAILED", 2, "gave up", "2026-11-22T08:00:06.000Z")
+    assert p.status == "FAILED" and p.error == "step a failed"
+
+
+def test_error_then_success_clears_error() -> None:
+    p = run(ev("call.error", 1, step="a", attempt=1, error="x"), ev("step.exit", 2, step="a", attempt=2, result=1))
+    assert p.steps["a"].error is None and p.steps["a"].attempts == 2
+
+
+def test_attempts_is_the_highest_seen() -> None:
+    p = run(ev("step.enter", 1, step="a", attempt=3), ev("command.issued", 2, step="a", attempt=1),
+            ev("command.claimed", 3, step="a"))
+    assert p.steps["a"].attempts == 3
+
+
+def test_cancel_requested_is_recorded() -> None:
+    p = run(ev("execution.started", 1), ev("execution.cancel_requested", 2))
+    assert p.cancel_requested and p.status == "RUNNING"
+    done = fold(p, [ev("execution.cancelled", 3)])
+    assert done is not None and done.status == "CANCELLED"
+
+
+def test_step_events_without_step_name_touch_no_step() -> None:
+    p = run(ev("step.enter", 1))
+    assert p.steps == {} and p.status == "RUNNING" and p.event_count == 1
+
+
+def test_duplicates_and_old_sequences_are_skipped() -> None:
+    e1, e2 = ev("step.enter", 10, step="a", attempt=1), ev("step.exit", 11, step="a", attempt=1, result=1)
+    p = run(e1, e2)
+    again = fold(p, [e1, e2, e1, ev("user.late", 9)])
+    assert again is not None and canonical(again) == canonical(p)
+    assert (p.event_count, p.last_seq) == (2, 11)
+
+
+def test_user_events_are_counted_bounded_and_not_interpreted() -> None:
+    events = [ev("user.tick", i + 1, step="a", n=i) for i in range(USER_EVENTS_KEPT + 25)]
+    p = run(*events)
+    assert p.status == "PENDING" and p.steps == {}
+    assert p.user_event_count == USER_EVENTS_KEPT + 25 == p.event_count
+    assert len(p.user_events) == USER_EVENTS_KEPT and p.user_events[0].payload == {"n": 25}
+    assert p.user_events[-1].seq == USER_EVENTS_KEPT + 25
+
+
+def test_fold_is_pure() -> None:
+    p = run(ev("step.enter", 1, step="a", attempt=1))
+    before = canonical(p)
+    fold(p, [ev("step.exit", 2, step="a", attempt=1, result=1)])
+    assert canonical(p) == before
+
+
+def test_incremental_equals_whole() -> None:
+    events = [ev(k, i + 1, step=f"s{i % 3}", attempt=1 + i % 2, v=i) for i, k in enumerate(
+        ["execution.requested", "execution.started", "step.enter", "command.issued", "call.error", "step.retry",
+         "step.enter", "step.exit", "user.x", "callback.waiting", "callback.received", "step.exit", "execution.completed"]
+    )]
+    whole = run(*events)
+    p: Projection | None = None
+    for i in range(0, len(events), 4):
+        p = fold(p, events[i:i + 4])
+    assert p is not None and canonical(p) == canonical(whole)
+
+
+def test_identity_is_checked() -> None:
+    p = run(ev("step.enter", 1))
+    other = new_event(tenant="acme", project="web", execution_id="43", type="step.enter")
+    with pytest.raises(FoldError, match="cannot be folded"):
+        fold(p, [WalEvent(2, other)])
+
+
+def test_canonical_round_trip_and_key_order() -> None:
+    p = run(ev("execution.requested", 1, workload={"z": 1, "a": {"y": 2, "b": 3}}), ev("step.exit", 2, step="s", attempt=1, result={"k2": 1, "k1": 2}))
+    data = canonical(p)
+    assert decode_projection(data) == p and canonical(decode_projection(data)) == data
+    assert data.index(b'"a":{"b":3,"y":2}') < data.index(b'"z":1')
+    for field in (b'"execution_id"', b'"status"', b'"steps"', b'"last_seq"', b'"event_count"', b'"created_at"', b'"updated_at"', b'"playbook"', b'"workload"'):
+        assert field in data
+
+
+def test_empty_fold() -> None:
+    assert fold(None, []) is None
