@@ -15,7 +15,9 @@ import structlog
 
 from edge.cli.options import UsageError, env_int
 from kernel.bootstrap import StreamSettings, bootstrap
+from edge.cli.kernel import run_kernel
 from kernel.connect import close, connect
+from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
 from kernel.server import EmbeddedServer, default_data_dir
 from locator.topology import DEFAULT_SHARDS, default_topology
@@ -28,9 +30,11 @@ SYNC_RE = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "up",
-        help="run the embedded default (nats-server + bootstrap) in the foreground",
+        help="run the embedded default (nats-server, bootstrap, kernel) in the foreground",
         description="Start an embedded nats-server with JetStream on --data-dir, bootstrap every shard's "
-        "streams and buckets, print 'ready <nats-url>' and run until SIGINT/SIGTERM.",
+        "streams and buckets, run a kernel that folds every shard into projections and Feather snapshots "
+        "(file://<data-dir>/objects unless NOETL_OBJECTS_URL), print 'ready <nats-url>' and run until "
+        "SIGINT/SIGTERM.",
     )
     p.add_argument(
         "--data-dir",
@@ -64,7 +68,7 @@ def _check_shard_count(data_dir: Path, shards: int) -> None:
     meta.write_text(json.dumps({"shard_count": shards}) + "\n", encoding="utf-8")
 
 
-async def _serve(server: EmbeddedServer, settings: StreamSettings) -> None:
+async def _serve(server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,11 +77,12 @@ async def _serve(server: EmbeddedServer, settings: StreamSettings) -> None:
     try:
         report = await bootstrap(nc.jetstream(), server.topology, settings=settings)
         log.info("bootstrap.done", created=len(report.created), unchanged=len(report.unchanged))
-        print(f"ready {server.url}", flush=True)
-        await stop.wait()
-        log.info("shutdown", reason="signal")
     finally:
         await close(nc)
+    await run_kernel(
+        [server.url], server.topology, snapshots, cell=None, holder=None, stop=stop, announce=f"ready {server.url}"
+    )
+    log.info("shutdown", reason="signal")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.start()
         server.topology = topology.with_urls("local", (server.url,))
-        asyncio.run(_serve(server, settings))
+        asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir)))
     except KeyboardInterrupt:
         log.info("shutdown", reason="interrupted")
     finally:

@@ -1,0 +1,147 @@
+"""The pump with the real project plug-in against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from kernel.host import ShardContext, context_for, system_manifests
+from kernel.producer import Producer
+from kernel.pump import DLQ_REASON, DLQ_SEQ, DLQ_STREAM, Pump
+from kernel.server import EmbeddedServer
+from locator import new_event, shard_for
+from locator.envelope import encode_envelope
+from locator.topology import Topology
+from projector.cache import KvProjectionCache
+from projector.fold import WalEvent
+from projector.projection import canonical
+from projector.replay import replay
+from projector.snapshots import SnapshotStore
+from system_playbooks.project.plugin import ProjectPlugin
+
+SHARD = shard_for("acme", "web", "", 4)
+
+
+def ev(execution_id: str, type: str, **kw: Any) -> Any:
+    return new_event(tenant="acme", project="web", execution_id=execution_id, type=type, **kw)
+
+
+async def pump_until(pump: Pump, done: Any, timeout: float = 30) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(pump.run(stop))
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await done():
+            assert asyncio.get_running_loop().time() < deadline, "pump did not get there in time"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def project_pump(js: JetStreamContext, cache: KvProjectionCache, tmp_path: Path, plugin: Any = None) -> Pump:
+    manifest = system_manifests(["project"])[0]
+    ctx = context_for(manifest, SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/objects"))
+    return Pump(js, shard=SHARD, shard_count=4, plugin=plugin or ProjectPlugin(), ctx=ctx, consumer="project", fetch_wait=0.2)
+
+
+async def fresh_fold(js: JetStreamContext, execution_id: str) -> bytes:
+    p = await replay(js, shard=SHARD, shard_count=4, tenant="acme", project="web", execution_id=execution_id)
+    assert p is not None
+    return canonical(p)
+
+
+async def test_poison_goes_to_dlq_and_the_shard_keeps_folding(
+    nats_server: EmbeddedServer, js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    producer = Producer(js, topology)
+    await producer.publish(ev("1", "execution.started"))
+    plain = await nats.connect(nats_server.url)
+    try:
+        pjs = plain.jetstream()
+        subject = f"wal.{SHARD}.acme.web.1.step.enter"
+        bad_json = await pjs.publish(subject, b"{not json", headers={"Nats-Msg-Id": "p1"})
+        wrong_exec = await pjs.publish(
+            f"wal.{SHARD}.acme.web.2.step.enter", encode_envelope(ev("1", "step.enter", step="a")), headers={"Nats-Msg-Id": "p2"}
+        )
+        doc = json.loads(encode_envelope(ev("1", "step.enter", step="a")))
+        doc["v"] = 9
+        unknown_v = await pjs.publish(subject, json.dumps(doc).encode(), headers={"Nats-Msg-Id": "p3"})
+    finally:
+        await plain.close()
+    after = [ev("1", "step.enter", step="a", attempt=1), ev("1", "step.exit", step="a", attempt=1, payload={"result": 5})]
+    for e in after:
+        await producer.publish(e)
+
+    cache = await KvProjectionCache.open(js, SHARD)
+    pump = project_pump(js, cache, tmp_path)
+
+    async def folded() -> bool:
+        entry = await cache.get("1")
+        return entry is not None and entry.last_seq == 6
+
+    await pump_until(pump, folded)
+    entry = await cache.get("1")
+    assert entry is not None and entry.projection is not None
+    assert entry.projection.event_count == 3 and entry.projection.steps["a"].result == 5
+    assert canonical(entry.projection) == await fresh_fold(js, "1")
+
+    dlq = f"DLQ_{SHARD}"
+    reasons = {}
+    for seq in range(1, 4):
+        msg = await js.get_msg(dlq, seq)
+        assert msg.headers is not None
+        reasons[int(msg.headers[DLQ_SEQ])] = (msg.subject, msg.headers[DLQ_REASON], msg.headers[DLQ_STREAM])
+    assert set(reasons) == {bad_json.seq, wrong_exec.seq, unknown_v.seq}
+    assert reasons[bad_json.seq][0] == f"dlq.{SHARD}.not_json" and "not valid JSON" in reasons[bad_json.seq][1]
+    assert reasons[wrong_exec.seq][0] == f"dlq.{SHARD}.subject_mismatch" and "execution_id" in reasons[wrong_exec.seq][1]
+    assert reasons[unknown_v.seq][0] == f"dlq.{SHARD}.invalid_envelope" and "v=9" in reasons[unknown_v.seq][1]
+    assert all(r[2] == f"WAL_{SHARD}" for r in reasons.values())
+    assert pump.stats.dlq == 3 and (await js.stream_info(dlq)).state.messages == 3
+
+
+class FailOnceAfterWriting(ProjectPlugin):
+    """Writes the batch, then 'crashes' before the ack: the batch is redelivered."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> None:
+        self.calls += 1
+        await super().handle(ctx, events)
+        if self.calls == 1:
+            raise RuntimeError("crash between the KV write and the ack")
+
+
+async def test_duplicate_publish_and_redelivery_are_applied_once(
+    js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    producer = Producer(js, topology)
+    events = [ev("7", "step.enter", step="s", attempt=1), ev("7", "user.note"), ev("7", "step.exit", step="s", attempt=1)]
+    for e in events:
+        await producer.publish(e)
+    dup = await producer.publish(events[1])
+    assert dup.duplicate
+    cache = await KvProjectionCache.open(js, SHARD)
+    plugin = FailOnceAfterWriting()
+    pump = project_pump(js, cache, tmp_path, plugin)
+
+    async def redelivered_and_acked() -> bool:
+        if plugin.calls < 2:
+            return False
+        info = await js.consumer_info(f"WAL_{SHARD}", f"project_{SHARD}")
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await pump_until(pump, redelivered_and_acked)
+    entry = await cache.get("7")
+    assert entry is not None and entry.projection is not None
+    assert entry.projection.event_count == 3 and entry.projection.user_event_count == 1
+    assert canonical(entry.projection) == await fresh_fold(js, "7")
+    assert pump.stats.failures == 1
