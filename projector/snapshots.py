@@ -1,0 +1,266 @@
+"""Feather snapshot segments: terminal projections materialized to object storage.
+
+A segment is one Arrow IPC file (Feather v2, zstd) holding one row per
+execution. Its columns are a contract read by tools outside the project
+(pyarrow, polars, duckdb), see ``ARCHITECTURE.md`` "Read path".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec.core
+import msgspec
+import pyarrow as pa
+import pyarrow.ipc
+from fsspec.implementations.local import LocalFileSystem
+
+from projector.errors import ProjectorError
+
+SCHEMA = pa.schema(
+    [
+        pa.field("execution_id", pa.string(), nullable=False),
+        pa.field("tenant", pa.string(), nullable=False),
+        pa.field("project", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("last_seq", pa.uint64(), nullable=False),
+        pa.field("event_count", pa.uint64(), nullable=False),
+        pa.field("projection", pa.large_string(), nullable=False),
+    ]
+)
+
+# Rows per record batch: read_row decompresses one batch, not the whole segment.
+BATCH_ROWS = 128
+_BATCH_ROWS_KEY = b"noetl.batch_rows"
+
+_AWS_CREDENTIALS = (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret"), ("AWS_SESSION_TOKEN", "token"))
+
+_SEGMENT_NAME = re.compile(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{32}\.feather")
+
+
+class SnapshotError(ProjectorError):
+    """A segment could not be written, found or read (missing file, bad row, bad URI, storage failure)."""
+
+
+class SegmentRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One execution's row in a segment; ``projection`` is its canonical JSON text."""
+
+    execution_id: str
+    tenant: str
+    project: str
+    status: str
+    last_seq: int
+    event_count: int
+    projection: str
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _segment_name() -> str:
+    now = _utcnow()
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex}.feather"
+
+
+def _encode(rows: Sequence[SegmentRow]) -> bytes:
+    columns = {name: [getattr(row, name) for row in rows] for name in SCHEMA.names}
+    try:
+        table = pa.Table.from_pydict(columns, schema=SCHEMA)
+    except (pa.ArrowException, OverflowError, TypeError) as e:
+        raise SnapshotError(f"rows do not fit the segment schema: {e}") from e
+    sink = pa.BufferOutputStream()
+    options = pyarrow.ipc.IpcWriteOptions(compression="zstd")
+    schema = SCHEMA.with_metadata({_BATCH_ROWS_KEY: str(BATCH_ROWS).encode()})
+    try:
+        with pyarrow.ipc.new_file(sink, schema, options=options) as writer:
+            for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+                writer.write_batch(batch)
+    except (pa.ArrowException, OSError) as e:
+        raise SnapshotError(f"could not encode segment: {e}") from e
+    return bytes(sink.getvalue())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SnapshotStore:
+    """Arrow IPC (Feather v2) segments in object storage through fsspec.
+
+    Segments live under ``<base>/segments/shard=<n>/`` and are named by their
+    UTC write time, so names sort oldest first. A write is atomic: readers see
+    a whole segment or none (``file://`` writes a hidden temp file and renames
+    it; an S3 PUT is atomic already).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = SnapshotStore(f"file://{tmp.name}/objects")
+    >>> row = SegmentRow(execution_id="e1", tenant="acme", project="etl", status="COMPLETED",
+    ...                  last_seq=7, event_count=7, projection='{"status":"COMPLETED"}')
+    >>> uri = store.write_segment(0, [row])
+    >>> store.list_segments(0) == [uri]
+    True
+    >>> store.read_row(uri, 0) == row
+    True
+    >>> store.delete(uri)
+    >>> store.list_segments(0)
+    []
+    >>> tmp.cleanup()
+    """
+
+    def __init__(self, base_url: str, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self._fs, self._base = fsspec.core.url_to_fs(self.base_url, **self.storage_options)
+        self._local = isinstance(self._fs, LocalFileSystem)
+        protocol = self._fs.protocol
+        self._protocols: tuple[str, ...] = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+    @classmethod
+    def from_env(cls, *, data_dir: Path, env: Mapping[str, str] | None = None) -> SnapshotStore:
+        """``NOETL_OBJECTS_URL`` (default ``file://<data_dir>/objects``); for ``s3://`` also
+        ``NOETL_S3_ENDPOINT_URL`` and the usual ``AWS_*`` credentials and region."""
+        env = os.environ if env is None else env
+        url = env.get("NOETL_OBJECTS_URL") or f"file://{data_dir.absolute()}/objects"
+        options: dict[str, Any] = {}
+        if url.startswith(("s3://", "s3a://")):
+            # botocore reads os.environ itself; an explicit mapping must be passed on.
+            if endpoint := env.get("NOETL_S3_ENDPOINT_URL"):
+                options["endpoint_url"] = endpoint
+            for var, option in _AWS_CREDENTIALS:
+                if value := env.get(var):
+                    options[option] = value
+            if region := env.get("AWS_DEFAULT_REGION"):
+                options["client_kwargs"] = {"region_name": region}
+        return cls(url, storage_options=options)
+
+    def write_segment(self, shard: int, rows: Sequence[SegmentRow]) -> str:
+        """Write ``rows`` (in order) as one new segment of ``shard``; return its full URI."""
+        if not rows:
+            raise SnapshotError(f"refusing to write an empty segment for shard {shard}")
+        data = _encode(rows)
+        directory = self._shard_dir(shard)
+        path = f"{directory}/{_segment_name()}"
+        try:
+            if self._local:
+                self._write_local(directory, path, data)
+            else:
+                self._fs.pipe_file(path, data)
+        except OSError as e:
+            raise SnapshotError(f"could not write segment {self._fs.unstrip_protocol(path)}: {e}") from e
+        return str(self._fs.unstrip_protocol(path))
+
+    def read_row(self, uri: str, row: int) -> SegmentRow:
+        """Row ``row`` (0-based) of the segment at ``uri``, reading only the record batch that holds it."""
+        path = self._path(uri)
+        if row < 0:
+            raise SnapshotError(f"row {row} is out of range for segment {uri}")
+        try:
+            with self._fs.open(path, "rb", cache_type="none") as f:
+                reader = pyarrow.ipc.open_file(f)
+                batch, offset = self._locate(reader, row, uri)
+                values = batch.slice(offset, 1).to_pylist()[0]
+        except FileNotFoundError as e:
+            raise SnapshotError(f"segment not found: {uri}") from e
+        except (OSError, pa.ArrowException) as e:
+            raise SnapshotError(f"could not read segment {uri}: {e}") from e
+        try:
+            return msgspec.convert(values, type=SegmentRow)
+        except msgspec.ValidationError as e:
+            raise SnapshotError(f"segment {uri} row {row} does not match the segment schema: {e}") from e
+
+    def read_segment(self, uri: str) -> pa.Table:
+        """The whole segment at ``uri`` as a table."""
+        path = self._path(uri)
+        try:
+            data = self._fs.cat_file(path)
+            return pyarrow.ipc.open_file(pa.py_buffer(data)).read_all()
+        except FileNotFoundError as e:
+            raise SnapshotError(f"segment not found: {uri}") from e
+        except (OSError, pa.ArrowException) as e:
+            raise SnapshotError(f"could not read segment {uri}: {e}") from e
+
+    def list_segments(self, shard: int) -> list[str]:
+        """URIs of ``shard``'s segments, oldest first; temp files of unfinished writes are left out."""
+        directory = self._shard_dir(shard)
+        # Another process may have written since this fs instance cached the listing.
+        self._fs.invalidate_cache(directory)
+        try:
+            paths = self._fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise SnapshotError(f"could not list segments of shard {shard}: {e}") from e
+        names = sorted(p.rsplit("/", 1)[-1] for p in paths)
+        return [str(self._fs.unstrip_protocol(f"{directory}/{n}")) for n in names if _SEGMENT_NAME.fullmatch(n)]
+
+    def delete(self, uri: str) -> None:
+        """Delete one segment of this store; a segment already gone is not an error (retries are safe)."""
+        path = self._path(uri)
+        parent, _, name = path.rpartition("/")
+        if not (_SEGMENT_NAME.fullmatch(name) and parent.startswith(f"{self._base}/segments/shard=")):
+            raise SnapshotError(f"not a segment of the store at {self.base_url}: {uri}")
+        try:
+            self._fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SnapshotError(f"could not delete segment {uri}: {e}") from e
+
+    def _shard_dir(self, shard: int) -> str:
+        if shard < 0:
+            raise SnapshotError(f"shard must be >= 0, got {shard}")
+        return f"{self._base}/segments/shard={shard}"
+
+    def _path(self, uri: str) -> str:
+        protocol, _ = fsspec.core.split_protocol(uri)
+        if protocol not in self._protocols:
+            raise SnapshotError(f"segment URI {uri!r} is not on this store's filesystem ({self.base_url})")
+        return str(self._fs._strip_protocol(uri))
+
+    def _write_local(self, directory: str, path: str, data: bytes) -> None:
+        self._fs.makedirs(directory, exist_ok=True)
+        temp = f"{directory}/.{path.rsplit('/', 1)[-1]}.tmp"
+        try:
+            with self._fs.open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._fs.mv(temp, path)
+        except BaseException:
+            if self._fs.exists(temp):
+                self._fs.rm_file(temp)
+            raise
+        # The rename itself must survive a crash, or the KV pointer could outlive the file.
+        _fsync_dir(directory)
+
+    @staticmethod
+    def _locate(reader: pyarrow.ipc.RecordBatchFileReader, row: int, uri: str) -> tuple[pa.RecordBatch, int]:
+        metadata = reader.schema.metadata or {}
+        per_batch = int(metadata.get(_BATCH_ROWS_KEY, 0))
+        if per_batch > 0:
+            index, offset = divmod(row, per_batch)
+            if index < reader.num_record_batches:
+                batch = reader.get_batch(index)
+                if offset < batch.num_rows:
+                    return batch, offset
+        else:
+            # Written by another tool: batch sizes are unknown, walk them.
+            offset = row
+            for index in range(reader.num_record_batches):
+                batch = reader.get_batch(index)
+                if offset < batch.num_rows:
+                    return batch, offset
+                offset -= batch.num_rows
+        raise SnapshotError(f"row {row} is out of range for segment {uri} ({reader.count_rows()} rows)")
