@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,50 @@ def cli_command() -> list[str]:
 @pytest.fixture
 def cli_environ() -> dict[str, str]:
     return cli_env()
+
+
+S3_BUCKET = "noetl-test"
+S3_CREDENTIALS = {"key": "testing", "secret": "testing", "client_kwargs": {"region_name": "us-east-1"}}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP endpoint (moto's server mode) with bucket ``noetl-test``; tests use unique prefixes."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        # No region here: s3fs.mkdir sends it as LocationConstraint, and S3 rejects "us-east-1" there.
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
+        fs.mkdir(S3_BUCKET)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+async def _pump_until(pumps: list[Any], done: Any, timeout: float = 60.0) -> None:
+    """Run ``pumps`` (kernel.pump.Pump) until ``await done()`` is true, bounded by ``timeout``."""
+    import asyncio
+
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(p.run(stop)) for p in pumps]
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await done():
+            for t in tasks:
+                if t.done():
+                    t.result()  # a pump that died: raise its error here
+            assert asyncio.get_running_loop().time() < deadline, "pumps did not get there in time"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+
+
+@pytest.fixture
+def pump_until() -> object:
+    return _pump_until

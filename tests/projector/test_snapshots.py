@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.feather
 import pyarrow.ipc
 import pytest
-from moto.server import ThreadedMotoServer
 
 from projector import snapshots
 from projector.errors import ProjectorError
@@ -33,21 +32,6 @@ EXPECTED_TYPES = {
     "last_seq": pa.uint64(),
     "event_count": pa.uint64(),
 }
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        # No region here: s3fs.mkdir sends it as LocationConstraint, and S3 rejects "us-east-1" there.
-        fs = fsspec.filesystem("s3", endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
-        fs.mkdir(BUCKET)
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def s3_store(endpoint: str) -> SnapshotStore:
