@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 import structlog
@@ -27,6 +27,14 @@ CAPABILITIES = frozenset({"projections.read", "projections.write", "snapshots.re
 
 class PluginError(KernelError):
     """A plug-in could not be loaded, or used a capability it was not granted."""
+
+
+class Reject(NamedTuple):
+    """An event a plug-in refuses for good (it is dead-lettered with ``reason``; the shard goes on)."""
+
+    seq: int
+    reason: str
+    detail: str
 
 
 class Retry(Exception):
@@ -77,8 +85,12 @@ class ShardContext:
 
 
 class Plugin(Protocol):
-    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> None:
-        """Apply a batch (in WAL order). Return only once its effects are durable; raise to have it redelivered."""
+    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> Sequence[Reject] | None:
+        """Apply a batch (in WAL order); return only once its effects are durable.
+
+        Raise to have the batch delivered again (``Retry`` for "not yet");
+        return the events refused for good, which the pump dead-letters.
+        """
 
 
 def load_manifest(path: Path) -> Manifest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -19,9 +20,10 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
-from kernel.host import Plugin, Retry, ShardContext
+from kernel.host import Plugin, Reject, Retry, ShardContext
 from locator.envelope import EnvelopeError, decode_wal_message, poison_reason
 from locator.subjects import dlq_subject, wal_stream, wal_subjects
 from projector.fold import WalEvent
@@ -38,7 +40,7 @@ DLQ_CONSUMER = "Noetl-Dlq-Consumer"
 
 @dataclass
 class PumpStats:
-    """Counters one pump exports (the edge's /metrics reads them)."""
+    """Counters of one pump, exported through ``Kernel.stats()`` (for the edge's /metrics)."""
 
     consumer: str
     shard: int
@@ -58,7 +60,14 @@ def _header_text(text: str, limit: int = 1000) -> str:
 
 
 class Pump:
-    """Feeds one shard's WAL to one plug-in, exactly once in effect.
+    """Feeds one shard's WAL to one plug-in, strictly in order, exactly once in effect.
+
+    The durable consumer is the position of record, and the pump always places
+    it explicitly: on start at its ack floor + 1, after a failed batch at that
+    batch's first sequence. So no later message can be acked (AckAll) past one
+    that was not handled. A batch that keeps failing is retried one message at
+    a time, and a single message that fails ``max_deliver`` times is
+    dead-lettered; the shard then goes on.
 
     >>> # pump = Pump(js, shard=0, shard_count=4, plugin=plugin, ctx=ctx, consumer="project")
     >>> # await pump.run(stop_event)
@@ -78,6 +87,7 @@ class Pump:
         max_deliver: int = 20,
         ack_wait: float = 60.0,
         fetch_wait: float = 1.0,
+        isolate_after: int = 3,
     ) -> None:
         self.js = js
         self.shard = shard
@@ -91,40 +101,54 @@ class Pump:
         self.max_deliver = max_deliver
         self.ack_wait = ack_wait
         self.fetch_wait = fetch_wait
+        self.isolate_after = isolate_after
         self.stats = PumpStats(consumer=self.durable, shard=shard)
-        self._failures_in_row = 0
         self.log = log.bind(shard=shard, consumer=self.durable)
+        self._failing_seq = 0  # first sequence of the batch that failed last
+        self._failures = 0  # consecutive failures at _failing_seq
+        self._isolate_until = 0  # handle one message at a time up to this sequence
 
-    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+    async def _subscribe(self, start_seq: int | None = None) -> JetStreamContext.PullSubscription:
+        """(Re)create the durable consumer at ``start_seq``, or at its own ack floor + 1."""
+        try:
+            info = await self.js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            floor = 0
+        else:
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            await self.js.delete_consumer(self.stream, self.durable)
+        start = floor + 1 if start_seq is None else start_seq
         config = ConsumerConfig(
             durable_name=self.durable,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
+            opt_start_seq=start if start > 1 else None,
             ack_policy=AckPolicy.ALL,
             ack_wait=self.ack_wait,
-            # No more than one batch in flight: a redelivered batch comes back before newer messages.
             max_ack_pending=self.max_batch,
             max_deliver=-1,
             filter_subject=wal_subjects(self.shard),
         )
-        return await self.js.pull_subscribe(wal_subjects(self.shard), durable=self.durable, stream=self.stream, config=config)
+        return await self.js.pull_subscribe(
+            wal_subjects(self.shard), durable=self.durable, stream=self.stream, config=config
+        )
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, size: int) -> list[Msg]:
         try:
             msgs = await sub.fetch(size, timeout=self.fetch_wait)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
             return []
         deadline = time.monotonic() + self.linger
-        while self.linger and len(msgs) < self.max_batch and (left := deadline - time.monotonic()) > 0.01:
+        while self.linger and len(msgs) < size and (left := deadline - time.monotonic()) > 0.01:
             try:
-                msgs += await sub.fetch(self.max_batch - len(msgs), timeout=left)
-            except nats.errors.TimeoutError:
+                msgs += await sub.fetch(size - len(msgs), timeout=left)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 break
         return msgs
 
     async def _dead_letter(self, msg: Msg, reason: str, detail: str, *, per_consumer: bool) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        headers = dict(msg.headers or {})
+        seq = msg.metadata.sequence.stream
+        # The original's own Nats-* headers (expected stream, msg id…) would misdirect the copy.
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         headers.update(
             {
                 DLQ_REASON: _header_text(f"{reason}: {detail}"),
@@ -143,21 +167,15 @@ class Pump:
     async def _split(self, msgs: list[Msg]) -> list[WalEvent]:
         events: list[WalEvent] = []
         for msg in msgs:
-            meta = msg.metadata
             try:
                 env = decode_wal_message(msg.subject, msg.data or b"", shard_count=self.shard_count)
             except EnvelopeError as e:
                 await self._dead_letter(msg, poison_reason(e), str(e), per_consumer=False)
                 continue
-            if meta.num_delivered > self.max_deliver:
-                await self._dead_letter(
-                    msg, "max_deliver", f"delivered {meta.num_delivered} times to {self.durable}", per_consumer=True
-                )
-                continue
-            events.append(WalEvent(meta.sequence.stream, env))
+            events.append(WalEvent(msg.metadata.sequence.stream, env))
         return events
 
-    async def _dispatch(self, events: list[WalEvent]) -> None:
+    async def _dispatch(self, events: list[WalEvent]) -> Sequence[Reject]:
         with tracer.start_as_current_span(
             "kernel.dispatch",
             attributes={
@@ -169,41 +187,64 @@ class Pump:
             },
         ):
             started = time.perf_counter()
-            await self.plugin.handle(self.ctx, events)
+            rejected = await self.plugin.handle(self.ctx, events)
             self.stats.fold_seconds += time.perf_counter() - started
+        return rejected or ()
 
-    async def _redeliver(self, msgs: list[Msg], delay: float) -> None:
-        for msg in msgs:
-            await msg.nak(delay=delay)
+    async def _failed(self, msgs: list[Msg], error: BaseException) -> None:
+        first, last = msgs[0].metadata.sequence.stream, msgs[-1].metadata.sequence.stream
+        if first == self._failing_seq:
+            self._failures += 1
+        else:
+            self._failing_seq, self._failures = first, 1
+        # After a few failures, or once already narrowing down, go one message at a time.
+        if self._failures >= self.isolate_after or first <= self._isolate_until:
+            self._isolate_until = max(self._isolate_until, last)
+        self.stats.failures += 1
+        self.log.error("batch.failed", error=repr(error), first_seq=first, last_seq=last, failures=self._failures)
 
-    async def run_once(self, sub: JetStreamContext.PullSubscription, size: int) -> int:
-        """Fetch and handle one batch; returns the next batch size (sized by lag)."""
+    def _size(self, next_seq: int, lag: int) -> int:
+        if next_seq <= self._isolate_until:
+            return 1
+        return max(1, min(self.max_batch, lag + 1))
+
+    async def run_once(self, sub: JetStreamContext.PullSubscription, size: int) -> tuple[int, int | None]:
+        """Handle one batch; returns (next batch size, sequence to resume from if the batch must be redone)."""
         msgs = await self._fetch(sub, size)
         if not msgs:
             self.stats.lag = 0
-            return size
-        events = await self._split(msgs)
+            return size, None
+        first = msgs[0].metadata.sequence.stream
+        if len(msgs) == 1 and first == self._failing_seq and self._failures >= self.max_deliver:
+            await self._dead_letter(
+                msgs[0], "max_deliver", f"failed {self._failures} times in {self.durable}", per_consumer=True
+            )
+            events: list[WalEvent] = []
+        else:
+            events = await self._split(msgs)
         if events:
             try:
-                await self._dispatch(events)
+                rejected = await self._dispatch(events)
             except Retry as e:
-                self.log.info("batch.later", reason=str(e), delay=e.delay)
-                await self._redeliver(msgs, e.delay)
-                return size
+                self.log.info("batch.later", reason=str(e), delay=e.delay, first_seq=first)
+                await asyncio.sleep(e.delay)
+                return size, first
             except Exception as e:  # a plug-in failure must never stop the shard
-                self._failures_in_row += 1
-                self.stats.failures += 1
-                delay = min(30.0, 0.2 * 2 ** min(self._failures_in_row, 8))
-                self.log.error("batch.failed", error=repr(e), first_seq=events[0].seq, retry_in=delay)
-                await self._redeliver(msgs, delay)
-                return size
+                await self._failed(msgs, e)
+                await asyncio.sleep(min(30.0, 0.2 * 2 ** min(self._failures, 8)))
+                return self._size(first, 0), first
+            by_seq = {m.metadata.sequence.stream: m for m in msgs}
+            for r in rejected:
+                await self._dead_letter(by_seq[r.seq], r.reason, r.detail, per_consumer=True)
         await msgs[-1].ack_sync()
-        self._failures_in_row = 0
+        last = msgs[-1].metadata.sequence.stream
+        if last >= self._failing_seq:
+            self._failures = 0  # the message that failed has now been handled (or dead-lettered)
         self.stats.batches += 1
         self.stats.events += len(events)
         self.stats.batch_size_sum += len(msgs)
         self.stats.lag = msgs[-1].metadata.num_pending
-        return max(1, min(self.max_batch, self.stats.lag + 1))
+        return self._size(last + 1, self.stats.lag), None
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self._subscribe()
@@ -212,11 +253,18 @@ class Pump:
         try:
             while not stop.is_set():
                 try:
-                    size = await self.run_once(sub, size)
+                    size, redo = await self.run_once(sub, size)
+                    if redo is not None:
+                        await sub.unsubscribe()
+                        sub = await self._subscribe(redo)
                 except (nats.errors.Error, asyncio.TimeoutError, ConnectionError) as e:
-                    # NATS is briefly away (reconnecting): the batch was not acked and comes back.
+                    # NATS is briefly away: nothing past the last ack was acked; resume from there.
                     self.log.warning("pump.nats_error", error=repr(e))
                     await asyncio.sleep(0.5)
+                    try:
+                        sub = await self._subscribe()
+                    except (nats.errors.Error, asyncio.TimeoutError, ConnectionError):
+                        pass
         finally:
             try:
                 await sub.unsubscribe()

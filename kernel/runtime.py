@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -98,7 +98,8 @@ class Kernel:
         await asyncio.gather(*(r.task for r in stopped), return_exceptions=True)
         self.log.info("shard.released", shard=shard)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, *, on_ready: Callable[[], None] | None = None) -> None:
+        """Fold leased shards until ``stop``; ``on_ready`` runs once the topology checked out."""
         await check_topology(self.js, self.topology, shard=self.cell.shards[0])
         leases = ShardLeases(
             self.js,
@@ -109,6 +110,8 @@ class Kernel:
             on_lost=self._stop_shard,
         )
         self.log.info("kernel.started", shards=list(self.cell.shards), plugins=list(self.plugins))
+        if on_ready:
+            on_ready()
         try:
             await leases.run(stop)
         finally:

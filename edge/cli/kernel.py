@@ -53,11 +53,10 @@ async def run_kernel(
 ) -> None:
     nc = await connect(urls, name=f"noetl-kernel-{holder or default_holder()}")
     try:
-        kernel = Kernel(nc, topology=topology, snapshots=snapshots, settings=StreamSettings.from_env(), cell=cell, holder=holder)
-        task = asyncio.create_task(kernel.run(stop))
-        if announce:
-            print(announce, flush=True)
-        await task
+        kernel = Kernel(
+            nc, topology=topology, snapshots=snapshots, settings=StreamSettings.from_env(), cell=cell, holder=holder
+        )
+        await kernel.run(stop, on_ready=(lambda: print(announce, flush=True)) if announce else None)
     finally:
         await close(nc)
 

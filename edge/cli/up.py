@@ -63,9 +63,10 @@ def _check_shard_count(data_dir: Path, shards: int) -> None:
                 f"{data_dir} was created with {recorded} shards; starting it with {shards} would re-route "
                 f"existing executions (use --shards {recorded}, or a new --data-dir)"
             )
-        return
-    data_dir.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"shard_count": shards}) + "\n", encoding="utf-8")
+
+
+def _record_shard_count(data_dir: Path, shards: int) -> None:
+    (data_dir / "noetl.json").write_text(json.dumps({"shard_count": shards}) + "\n", encoding="utf-8")
 
 
 async def _serve(server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore) -> None:
@@ -77,6 +78,7 @@ async def _serve(server: EmbeddedServer, settings: StreamSettings, snapshots: Sn
     try:
         report = await bootstrap(nc.jetstream(), server.topology, settings=settings)
         log.info("bootstrap.done", created=len(report.created), unchanged=len(report.unchanged))
+        _record_shard_count(server.data_dir, server.topology.shard_count)
     finally:
         await close(nc)
     await run_kernel(

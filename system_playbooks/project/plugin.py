@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from kernel.host import ShardContext
+from kernel.host import Reject, ShardContext
 from projector.cache import ProjectionCache
 from projector.fold import WalEvent, fold
 from projector.replay import entry_projection
@@ -16,24 +16,37 @@ CONCURRENCY = 32
 class ProjectPlugin:
     """Keeps ``proj_<shard>`` equal to the fold of each execution's WAL history."""
 
-    async def _one(self, ctx: ShardContext, cache: ProjectionCache, execution_id: str, events: list[WalEvent]) -> None:
+    async def _one(
+        self, ctx: ShardContext, cache: ProjectionCache, execution_id: str, events: list[WalEvent]
+    ) -> list[Reject]:
         entry = await cache.get(execution_id)
         base = await entry_projection(entry, ctx.snapshots())
-        if base is not None and events[-1].seq <= base.last_seq:
-            return  # a redelivery of events already folded
-        folded = fold(base, events)
+        owner = (base.tenant, base.project) if base else (events[0].env.tenant, events[0].env.project)
+        # The cache is keyed by execution id alone: an id reused by another tenant/project on this shard
+        # cannot be folded here, and must not block the shard either.
+        rejects = [
+            Reject(e.seq, "execution_id_conflict", f"execution {execution_id} belongs to {owner[0]}/{owner[1]}")
+            for e in events
+            if (e.env.tenant, e.env.project) != owner
+        ]
+        mine = [e for e in events if (e.env.tenant, e.env.project) == owner]
+        if not mine or (base is not None and mine[-1].seq <= base.last_seq):
+            return rejects  # nothing new: a redelivery of events already folded
+        folded = fold(base, mine)
         assert folded is not None
         await cache.put(execution_id, folded, revision=None if entry is None else entry.revision)
+        return rejects
 
-    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> None:
+    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Reject]:
         by_execution: dict[str, list[WalEvent]] = {}
         for event in events:
             by_execution.setdefault(event.env.execution_id, []).append(event)
         cache = ctx.cache(write=True)
         gate = asyncio.Semaphore(CONCURRENCY)
 
-        async def guarded(execution_id: str, evs: list[WalEvent]) -> None:
+        async def guarded(execution_id: str, evs: list[WalEvent]) -> list[Reject]:
             async with gate:
-                await self._one(ctx, cache, execution_id, evs)
+                return await self._one(ctx, cache, execution_id, evs)
 
-        await asyncio.gather(*(guarded(x, evs) for x, evs in by_execution.items()))
+        results = await asyncio.gather(*(guarded(x, evs) for x, evs in by_execution.items()))
+        return [r for rejects in results for r in rejects]

@@ -145,3 +145,97 @@ async def test_duplicate_publish_and_redelivery_are_applied_once(
     assert entry.projection.event_count == 3 and entry.projection.user_event_count == 1
     assert canonical(entry.projection) == await fresh_fold(js, "7")
     assert pump.stats.failures == 1
+
+
+class FailOn(ProjectPlugin):
+    """Raises whenever a batch holds the event ``bad_id`` — ``times`` times, or forever (None)."""
+
+    def __init__(self, bad_id: str, times: int | None, on_fail: Any = None) -> None:
+        self.bad_id, self.times, self.failed, self.on_fail = bad_id, times, 0, on_fail
+
+    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> Any:
+        if any(e.env.event_id == self.bad_id for e in events) and (self.times is None or self.failed < self.times):
+            self.failed += 1
+            if self.on_fail:
+                await self.on_fail()
+            raise RuntimeError(f"cannot handle {self.bad_id}")
+        return await super().handle(ctx, events)
+
+
+async def test_a_failed_batch_is_redone_before_newer_events(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, pump_until: Any
+) -> None:
+    producer = Producer(js, topology)
+    first = [ev("21", "step.enter", step="a", attempt=1), ev("22", "step.enter", step="b", attempt=1)]
+    await producer.publish_many(first)
+    newer = [ev("21", "step.exit", step="a", attempt=1, payload={"result": 1}), ev("22", "user.note"), ev("23", "user.note")]
+
+    async def publish_newer() -> None:
+        # Newer events arrive while the failed batch waits to be redone: acking them must not skip it.
+        if plugin.failed == 1:
+            await producer.publish_many(newer)
+
+    plugin = FailOn(first[0].event_id, times=2, on_fail=publish_newer)
+    cache = await KvProjectionCache.open(js, SHARD)
+
+    async def done() -> bool:
+        entries = [await cache.get(x) for x in ("21", "22", "23")]
+        return all(e is not None for e in entries) and sum(e.projection.event_count for e in entries if e and e.projection) == 5
+
+    await pump_until([project_pump(js, cache, tmp_path, plugin)], done)
+    for x in ("21", "22", "23"):
+        entry = await cache.get(x)
+        assert entry is not None and entry.projection is not None
+        assert canonical(entry.projection) == await fresh_fold(js, x)
+    assert plugin.failed == 2
+
+
+async def test_a_message_that_always_fails_is_isolated_and_dead_lettered(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, pump_until: Any
+) -> None:
+    producer = Producer(js, topology)
+    events = [ev(str(30 + i % 3), "user.note", payload={"i": i}) for i in range(12)]
+    acks = await producer.publish_many(events)
+    bad = events[5]
+    plugin = FailOn(bad.event_id, times=None)
+    cache = await KvProjectionCache.open(js, SHARD)
+    manifest = system_manifests(["project"])[0]
+    ctx = context_for(manifest, SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/objects"))
+    pump = Pump(js, shard=SHARD, shard_count=4, plugin=plugin, ctx=ctx, consumer="project",
+                fetch_wait=0.2, max_deliver=3, isolate_after=2)
+
+    async def done() -> bool:
+        info = await js.stream_info(f"DLQ_{SHARD}")
+        entries = [await cache.get(str(x)) for x in (30, 31, 32)]
+        return info.state.messages == 1 and sum(e.projection.event_count for e in entries if e and e.projection) == 11
+
+    await pump_until([pump], done)
+    msg = await js.get_msg(f"DLQ_{SHARD}", 1)
+    assert msg.subject == f"dlq.{SHARD}.max_deliver" and msg.headers is not None
+    assert msg.headers[DLQ_SEQ] == str(acks[5].seq)  # type: ignore[union-attr]
+    assert json.loads(msg.data)["event_id"] == bad.event_id
+    assert "Nats-Expected-Stream" not in msg.headers
+    assert pump.stats.failures >= 5 and pump.stats.dlq == 1
+
+
+async def test_an_execution_id_reused_by_another_tenant_is_dead_lettered(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, pump_until: Any
+) -> None:
+    other = next(f"t{i}" for i in range(1000) if shard_for(f"t{i}", "web", "", 4) == SHARD)
+    producer = Producer(js, topology)
+    await producer.publish(ev("77", "execution.started"))
+    intruder = await producer.publish(new_event(tenant=other, project="web", execution_id="77", type="execution.started"))
+    after = await producer.publish(ev("77", "user.note"))
+    cache = await KvProjectionCache.open(js, SHARD)
+
+    async def done() -> bool:
+        entry = await cache.get("77")
+        return entry is not None and entry.last_seq == after.seq
+
+    await pump_until([project_pump(js, cache, tmp_path)], done)
+    entry = await cache.get("77")
+    assert entry is not None and entry.projection is not None
+    assert entry.projection.tenant == "acme" and entry.projection.event_count == 2
+    msg = await js.get_msg(f"DLQ_{SHARD}", 1)
+    assert msg.subject == f"dlq.{SHARD}.execution_id_conflict" and msg.headers is not None
+    assert msg.headers[DLQ_SEQ] == str(intruder.seq) and "acme/web" in msg.headers[DLQ_REASON]
