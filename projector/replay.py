@@ -7,7 +7,7 @@ filter and a start sequence) and refuses to read more than ``limit`` events.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -37,7 +37,7 @@ async def history(
     limit: int = DEFAULT_LIMIT,
     until_seq: int | None = None,
     idle_timeout: float = 5.0,
-) -> AsyncIterator[WalEvent]:
+) -> AsyncGenerator[WalEvent, None]:
     """The execution's events after ``after_seq`` in WAL order, poison skipped (as the pump skips it)."""
     stream = wal_stream(shard)
     subject = execution_filter(shard, tenant, project, execution_id)

@@ -191,6 +191,23 @@ class SnapshotStore:
         except (OSError, pa.ArrowException) as e:
             raise SnapshotError(f"could not read segment {uri}: {e}") from e
 
+    def find(
+        self, shard: int, *, tenant: str, project: str, execution_id: str, max_segments: int = 32
+    ) -> tuple[str, int] | None:
+        """(segment URI, row) of the newest row for an execution, scanning at most ``max_segments``.
+
+        The cold path when the KV entry (and so its pointer) is gone: bounded, newest first.
+        """
+        for uri in reversed(self.list_segments(shard)[-max_segments:]):
+            table = self.read_segment(uri)
+            ids = table.column("execution_id").to_pylist()
+            tenants = table.column("tenant").to_pylist()
+            projects = table.column("project").to_pylist()
+            for row in range(len(ids) - 1, -1, -1):
+                if ids[row] == execution_id and tenants[row] == tenant and projects[row] == project:
+                    return uri, row
+        return None
+
     def list_segments(self, shard: int) -> list[str]:
         """URIs of ``shard``'s segments, oldest first; temp files of unfinished writes are left out."""
         directory = self._shard_dir(shard)

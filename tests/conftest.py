@@ -30,6 +30,7 @@ VECTORS = Path(__file__).resolve().parent / "vectors"
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for running the installed ``noetl-edge`` in a subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
+    env["NOETL_HTTP_PORT"] = "0"  # several `up` processes may run at once: never fight over 8080
     env.update(extra)
     return env
 

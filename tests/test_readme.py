@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,8 @@ def test_run_command_on_a_fresh_copy(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOETL_", "VIRTUAL_ENV", "PYTHON"))}
     # A new user's shell: no virtualenv on PATH; the env twins keep the test off the user's port and home.
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix))
-    env |= {"NOETL_DATA_DIR": str(tmp_path / "data"), "NOETL_NATS_PORT": str(port)}
+    http = free_port()
+    env |= {"NOETL_DATA_DIR": str(tmp_path / "data"), "NOETL_NATS_PORT": str(port), "NOETL_HTTP_PORT": str(http)}
     proc = subprocess.Popen(
         ["bash", "-c", run], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -73,8 +75,13 @@ def test_run_command_on_a_fresh_copy(tmp_path: Path) -> None:
             line = proc.stdout.readline()
             if line.startswith("ready ") or line == "":
                 break
-        assert line.strip() == f"ready nats://127.0.0.1:{port}", proc.stderr.read() if proc.stderr else ""
+        assert line.strip() == f"ready nats://127.0.0.1:{port} http://127.0.0.1:{http}", proc.stderr.read() if proc.stderr else ""
         assert (project / ".venv" / "bin" / "noetl-edge").exists()
+        token = (tmp_path / "data" / "token").read_text().strip()
+        with urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{http}/readyz", headers={"Authorization": f"Bearer {token}"}), timeout=30
+        ) as resp:
+            assert resp.status == 200
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -15,11 +15,15 @@ import structlog
 
 from edge.cli.options import UsageError, env_int
 from kernel.bootstrap import StreamSettings, bootstrap
+from edge.app import create_app
+from edge.auth import TokenSpec, ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
+from edge.serve import serve
 from kernel.connect import close, connect
 from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
-from kernel.server import EmbeddedServer, default_data_dir
+from kernel.errors import ServerStartError
+from kernel.server import EmbeddedServer, default_data_dir, free_port, port_in_use
 from locator.topology import DEFAULT_SHARDS, default_topology
 
 log = structlog.get_logger("noetl.cli.up")
@@ -47,7 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--nats-port", type=int, default=None, help="NATS client port, 0 = any free port (env NOETL_NATS_PORT; default 4222)"
     )
     p.add_argument(
-        "--http-port", type=int, default=None, help="the edge's HTTP port (env NOETL_HTTP_PORT; default 8080); nothing listens there until the edge API lands"
+        "--http-port", type=int, default=None, help="the edge's HTTP port (env NOETL_HTTP_PORT; default 8080, 0 = any free port)"
     )
     p.add_argument("--shards", type=int, default=None, help="shard count (env NOETL_SHARDS; default 4)")
     p.set_defaults(func=run)
@@ -69,7 +73,9 @@ def _record_shard_count(data_dir: Path, shards: int) -> None:
     (data_dir / "noetl.json").write_text(json.dumps({"shard_count": shards}) + "\n", encoding="utf-8")
 
 
-async def _serve(server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore) -> None:
+async def _serve(
+    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, tokens: list[TokenSpec]
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,9 +87,16 @@ async def _serve(server: EmbeddedServer, settings: StreamSettings, snapshots: Sn
         _record_shard_count(server.data_dir, server.topology.shard_count)
     finally:
         await close(nc)
-    await run_kernel(
-        [server.url], server.topology, snapshots, cell=None, holder=None, stop=stop, announce=f"ready {server.url}"
-    )
+    app = create_app(topology=server.topology, tokens=tokens, snapshots=snapshots)
+    edge = asyncio.create_task(serve(app, [http], stop))
+    try:
+        await run_kernel(
+            [server.url], server.topology, snapshots, cell=None, holder=None, stop=stop,
+            announce=f"ready {server.url} http://{http}",
+        )
+    finally:
+        stop.set()
+        await edge
     log.info("shutdown", reason="signal")
 
 
@@ -98,6 +111,16 @@ def run(args: argparse.Namespace) -> int:
     sync = os.environ.get("NOETL_NATS_SYNC") or None
     if sync is not None and not SYNC_RE.fullmatch(sync):
         raise UsageError(f"NOETL_NATS_SYNC must be 'always' or a duration such as '10s' or '2m', got {sync!r}")
+    if args.http_port == 0:
+        args.http_port = free_port(args.host)
+    elif port_in_use(args.host, args.http_port):
+        raise ServerStartError(f"HTTP port {args.host}:{args.http_port} is already in use; choose another with --http-port")
+    tokens = load_tokens(data_dir=data_dir)
+    if not tokens:
+        path = ensure_admin_token(data_dir)
+        tokens = load_tokens(data_dir=data_dir)
+        print(f"noetl-edge: admin token for the HTTP API is in {path} (mode 0600)", file=sys.stderr, flush=True)
+    http = f"{args.host}:{args.http_port}"
     server = EmbeddedServer(
         data_dir=data_dir,
         topology=topology,
@@ -111,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.start()
         server.topology = topology.with_urls("local", (server.url,))
-        asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir)))
+        asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, tokens))
     except KeyboardInterrupt:
         log.info("shutdown", reason="interrupted")
     finally:

@@ -20,7 +20,7 @@ VECTORS = json.loads((Path(__file__).resolve().parent.parent / "vectors" / "loca
 LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard", "cell", "subject_prefix", "stream"]
 
 
-@pytest.mark.parametrize("command", [[], ["up"], ["kernel"], ["publish"], ["locate"]])
+@pytest.mark.parametrize("command", [[], ["up"], ["kernel"], ["edge"], ["publish"], ["locate"]])
 def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main([*command, "--help"])
@@ -31,7 +31,7 @@ def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture
 def test_every_registered_command_is_covered() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"up", "kernel", "publish", "locate"}  # type: ignore[arg-type]
+    assert set(sub.choices) == {"up", "kernel", "edge", "publish", "locate"}  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("v", VECTORS)
@@ -263,3 +263,17 @@ async def test_example_events_publish(nats_server: EmbeddedServer, js: Any, cli:
     examples = Path(__file__).resolve().parent.parent.parent / "examples" / "events.jsonl"
     proc = cli("publish", "--nats-url", nats_server.url, "--file", str(examples))
     assert json.loads(proc.stdout) == {"events": 8, "acked": 8, "duplicate": 0, "rejected": 0}
+
+
+def test_up_http_port_in_use(tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run(
+            [*cli_command, "up", "--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", str(port)],
+            capture_output=True, text=True, env=cli_environ, timeout=60,
+        )
+    assert proc.returncode == 1 and f"HTTP port 127.0.0.1:{port} is already in use" in proc.stderr

@@ -1,0 +1,109 @@
+"""The Starlette app: a thin shell over the routers, one error handler, metrics middleware."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from edge.auth import Authenticator, TokenSpec
+from edge.cells import CellClients
+from edge.errors import EdgeError, Unprocessable, Unavailable, handle_edge_error, handle_http_exception, handle_unexpected
+from edge.metrics import EdgeMetrics, MetricsMiddleware
+from edge.readpath import ReadPath
+from edge.routes import executions, stream, system
+from edge.state import EdgeState
+from kernel.errors import PublishError
+from locator.errors import LocatorError
+from locator.ids import Snowflake
+from locator.topology import Topology
+from projector.snapshots import SnapshotStore
+
+log = structlog.get_logger("noetl.edge")
+
+
+async def _locator_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LocatorError)
+    return await handle_edge_error(request, Unprocessable(str(exc), field=getattr(exc, "field", None)))
+
+
+async def _publish_error(request: Request, exc: Exception) -> Response:
+    return await handle_edge_error(request, Unavailable(str(exc), headers={"Retry-After": "2"}))
+
+
+def create_app(
+    *,
+    topology: Topology,
+    tokens: list[TokenSpec],
+    snapshots: SnapshotStore,
+    payload_cap: int = 64 * 1024,
+    max_body: int = 1024 * 1024,
+    min_seq_wait: float = 5.0,
+    replay_limit: int = 100_000,
+    sse_keepalive: float = 15.0,
+) -> Starlette:
+    """Build the edge for a topology; NATS connections open in the lifespan.
+
+    >>> from locator import default_topology
+    >>> app = create_app(topology=default_topology(), snapshots=SnapshotStore("file:///tmp/objects"),
+    ...                  tokens=[TokenSpec(name="t", role="read", tenants=("*",), token="x")])
+    >>> sorted({r.path for r in app.routes})[:2]
+    ['/api/v1/locate', '/api/v1/tenants/{tenant}/projects/{project}/executions']
+    """
+    cells = CellClients(topology)
+    metrics = EdgeMetrics()
+    state = EdgeState(
+        topology=topology,
+        cells=cells,
+        read=ReadPath(cells, snapshots, replay_limit=replay_limit, min_seq_wait=min_seq_wait),
+        auth=Authenticator(tokens),
+        snapshots=snapshots,
+        metrics=metrics,
+        ids=Snowflake(),
+        payload_cap=payload_cap,
+        max_body=max_body,
+        sse_keepalive=sse_keepalive,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await cells.start()
+        log.info("edge.started", cells=cells.connected())
+        try:
+            yield
+        finally:
+            await cells.close()
+
+    app = Starlette(
+        routes=[*executions.routes, *stream.routes, *system.routes],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        exception_handlers={
+            EdgeError: handle_edge_error,
+            LocatorError: _locator_error,
+            PublishError: _publish_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.edge = state
+    return app
+
+
+def app_from_env(data_dir: Path) -> Starlette:
+    """The app as ``noetl-edge edge`` and ``up`` build it from the environment."""
+    from edge.auth import load_tokens
+    from locator.topology import topology_from_env
+
+    return create_app(
+        topology=topology_from_env(),
+        tokens=load_tokens(data_dir=data_dir),
+        snapshots=SnapshotStore.from_env(data_dir=data_dir),
+    )

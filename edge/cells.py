@@ -1,0 +1,87 @@
+"""One NATS connection per cell; a cell that is down answers 503 for its shards only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from edge.errors import Unavailable
+from kernel.connect import close, connect
+from kernel.errors import KernelError
+from locator.topology import Cell, Topology
+from projector.cache import KvProjectionCache
+
+log = structlog.get_logger("noetl.edge.cells")
+RETRY_AFTER = "5"
+
+
+class CellClients:
+    """Lazily (re)connected clients per cell, plus the per-shard projection caches on them."""
+
+    def __init__(self, topology: Topology, *, connect_timeout: float = 2.0, retry_every: float = 1.0) -> None:
+        self.topology = topology
+        self.connect_timeout = connect_timeout
+        self.retry_every = retry_every
+        self._nc: dict[str, NATS] = {}
+        self._failed_at: dict[str, float] = {}
+        self._caches: dict[int, tuple[NATS, KvProjectionCache]] = {}
+        self._lock = asyncio.Lock()
+
+    async def _connect(self, cell: Cell) -> NATS:
+        async with self._lock:
+            nc = self._nc.get(cell.name)
+            if nc is not None and not nc.is_closed:
+                return nc
+            if time.monotonic() - self._failed_at.get(cell.name, -1e9) < self.retry_every:
+                raise Unavailable(f"cell {cell.name!r} is unreachable", headers={"Retry-After": RETRY_AFTER})
+            try:
+                nc = await connect(
+                    list(cell.urls), name="noetl-edge", connect_timeout=self.connect_timeout, initial_attempts=1
+                )
+            except KernelError as e:
+                self._failed_at[cell.name] = time.monotonic()
+                log.warning("cell.unreachable", cell=cell.name, error=str(e))
+                raise Unavailable(f"cell {cell.name!r} is unreachable", headers={"Retry-After": RETRY_AFTER}) from e
+            self._nc[cell.name] = nc
+            return nc
+
+    async def nats_for_shard(self, shard: int) -> NATS:
+        cell = self.topology.cell_for_shard(shard)
+        nc = await self._connect(cell)
+        if not nc.is_connected:
+            raise Unavailable(
+                f"cell {cell.name!r} (shard {shard}) is reconnecting to NATS", headers={"Retry-After": RETRY_AFTER}
+            )
+        return nc
+
+    async def js_for_shard(self, shard: int) -> JetStreamContext:
+        return (await self.nats_for_shard(shard)).jetstream()
+
+    async def cache_for_shard(self, shard: int) -> KvProjectionCache:
+        nc = await self.nats_for_shard(shard)
+        held = self._caches.get(shard)
+        if held is None or held[0] is not nc:
+            held = (nc, await KvProjectionCache.open(nc.jetstream(), shard))
+            self._caches[shard] = held
+        return held[1]
+
+    def connected(self) -> dict[str, bool]:
+        return {c.name: bool(self._nc.get(c.name) and self._nc[c.name].is_connected) for c in self.topology.cells}
+
+    async def start(self) -> None:
+        """Try every cell once; a cell that is down is retried on demand."""
+        for cell in self.topology.cells:
+            try:
+                await self._connect(cell)
+            except Unavailable:
+                pass
+
+    async def close(self) -> None:
+        for nc in self._nc.values():
+            await close(nc)
+        self._nc.clear()
+        self._caches.clear()

@@ -1,0 +1,151 @@
+"""Projection on demand: warm KV -> Feather snapshot -> bounded replay from the WAL."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import msgspec
+import nats.errors
+from opentelemetry import trace
+
+from edge.cells import CellClients
+from edge.errors import GatewayTimeout, NotFound, Unavailable, Unprocessable
+from locator.shard import shard_for
+from locator.subjects import wal_stream
+from projector.errors import ReplayLimitExceeded
+from projector.projection import Projection, decode_projection
+from projector.replay import entry_projection, replay
+from projector.snapshots import SnapshotError, SnapshotStore
+
+tracer = trace.get_tracer("noetl.edge.read")
+Source = Literal["cache", "snapshot", "replay"]
+
+
+class ReadResult(msgspec.Struct, frozen=True):
+    projection: Projection
+    source: Source
+
+
+class ReadPath:
+    """Serves one execution's projection from the cheapest place that has it."""
+
+    def __init__(
+        self,
+        cells: CellClients,
+        snapshots: SnapshotStore,
+        *,
+        replay_limit: int = 100_000,
+        min_seq_wait: float = 5.0,
+        snapshot_scan: int = 32,
+    ) -> None:
+        self.cells = cells
+        self.snapshots = snapshots
+        self.replay_limit = replay_limit
+        self.min_seq_wait = min_seq_wait
+        self.snapshot_scan = snapshot_scan
+
+    async def _replay(
+        self, shard: int, tenant: str, project: str, execution_id: str, *, base: Projection | None, until: int | None
+    ) -> Projection | None:
+        js = await self.cells.js_for_shard(shard)
+        with tracer.start_as_current_span("edge.read.replay", attributes={"noetl.execution_id": execution_id}):
+            try:
+                return await replay(
+                    js,
+                    shard=shard,
+                    shard_count=self.cells.topology.shard_count,
+                    tenant=tenant,
+                    project=project,
+                    execution_id=execution_id,
+                    base=base,
+                    limit=self.replay_limit,
+                    until_seq=until,
+                )
+            except ReplayLimitExceeded as e:
+                raise Unprocessable(str(e)) from e
+
+    async def _stored(self, shard: int, tenant: str, project: str, execution_id: str) -> ReadResult | None:
+        cache = await self.cells.cache_for_shard(shard)
+        with tracer.start_as_current_span("edge.read.cache", attributes={"noetl.execution_id": execution_id}):
+            entry = await cache.get(execution_id)
+        if entry is not None and entry.projection is not None:
+            if (entry.projection.tenant, entry.projection.project) == (tenant, project):
+                return ReadResult(entry.projection, "cache")
+            return None  # the id belongs to another tenant/project on this shard
+        with tracer.start_as_current_span("edge.read.snapshot", attributes={"noetl.execution_id": execution_id}):
+            try:
+                if entry is not None:
+                    p = await entry_projection(entry, self.snapshots)
+                else:
+                    found = await asyncio.to_thread(
+                        self.snapshots.find,
+                        shard,
+                        tenant=tenant,
+                        project=project,
+                        execution_id=execution_id,
+                        max_segments=self.snapshot_scan,
+                    )
+                    if found is None:
+                        return None
+                    row = await asyncio.to_thread(self.snapshots.read_row, *found)
+                    p = decode_projection(row.projection)
+            except SnapshotError:
+                return None  # the snapshot is gone: fall through to replay
+        if p is None or (p.tenant, p.project) != (tenant, project):
+            return None
+        return ReadResult(p, "snapshot")
+
+    async def read(
+        self,
+        tenant: str,
+        project: str,
+        affinity: str,
+        execution_id: str,
+        *,
+        min_seq: int | None = None,
+        as_of_seq: int | None = None,
+    ) -> ReadResult:
+        shard = shard_for(tenant, project, affinity, self.cells.topology.shard_count)
+        try:
+            return await self._read(shard, tenant, project, execution_id, min_seq, as_of_seq)
+        except (nats.errors.Error, asyncio.TimeoutError, ConnectionError) as e:
+            raise Unavailable(f"NATS did not answer for shard {shard}: {e!r}", headers={"Retry-After": "2"}) from e
+
+    async def _read(
+        self, shard: int, tenant: str, project: str, execution_id: str, min_seq: int | None, as_of_seq: int | None
+    ) -> ReadResult:
+        if as_of_seq is not None:
+            p = await self._replay(shard, tenant, project, execution_id, base=None, until=as_of_seq)
+            if p is None:
+                raise NotFound(f"execution {execution_id} of {tenant}/{project} has no events up to seq {as_of_seq}")
+            return ReadResult(p, "replay")
+        result = await self._stored(shard, tenant, project, execution_id)
+        if result is None:
+            p = await self._replay(shard, tenant, project, execution_id, base=None, until=None)
+            if p is None:
+                raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+            result = ReadResult(p, "replay")
+        if min_seq is None or result.projection.last_seq >= min_seq:
+            return result
+        # Read-your-writes: fold the WAL tail ourselves rather than wait for the kernel; wait only
+        # while the event is not in the WAL yet, and no longer than the bound.
+        deadline = asyncio.get_running_loop().time() + self.min_seq_wait
+        p = result.projection
+        while True:
+            tail = await self._replay(shard, tenant, project, execution_id, base=p, until=None)
+            if tail is not None and tail.last_seq > p.last_seq:
+                p = tail
+            if p.last_seq >= min_seq:
+                return ReadResult(p, "replay" if p is not result.projection else result.source)
+            if asyncio.get_running_loop().time() >= deadline:
+                js = await self.cells.js_for_shard(shard)
+                last = (await js.stream_info(wal_stream(shard))).state.last_seq
+                raise GatewayTimeout(
+                    f"execution {execution_id} has last_seq {p.last_seq} < min_seq {min_seq} after waiting "
+                    f"{self.min_seq_wait:g}s (the shard's WAL is at seq {last})",
+                    headers={"Retry-After": "1"},
+                    last_seq=p.last_seq,
+                    min_seq=min_seq,
+                )
+            await asyncio.sleep(0.05)

@@ -1,0 +1,196 @@
+"""Executions: start, publish events, read the projection, page the history."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edge.errors import EdgeError, NotFound, PayloadTooLarge, Unprocessable
+from edge.responses import json_response, read_json
+from edge.state import EdgeState, state_of
+from kernel.producer import Ack, Producer
+from locator.envelope import Envelope, EnvelopeError, PayloadTooLarge as PayloadOverCap, encode_envelope, envelope_from_dict
+from locator.names import check_execution_id, check_name
+from locator.shard import shard_for
+from locator.subjects import execution_filter, wal_stream
+from locator.urn import Urn
+from projector.replay import history
+
+BASE = "/api/v1/tenants/{tenant}/projects/{project}/executions"
+
+
+class StartRequest(msgspec.Struct, forbid_unknown_fields=True):
+    playbook: dict[str, Any] | None = None
+    workload: dict[str, Any] = msgspec.field(default_factory=dict)
+    affinity: str = ""
+
+
+def _names(request: Request) -> tuple[str, str, str]:
+    p = request.path_params
+    tenant = check_name("tenant", p["tenant"])
+    project = check_name("project", p["project"])
+    affinity = check_name("affinity", request.query_params.get("affinity", ""), allow_empty=True)
+    return tenant, project, affinity
+
+
+def _int_param(request: Request, name: str, *, default: int | None = None, low: int = 0, high: int = 2**63 - 1) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise Unprocessable(f"query parameter {name!r} must be an integer from {low} to {high}, got {raw!r}", field=name)
+    return int(raw)
+
+
+def _execution_url(tenant: str, project: str, execution_id: str, affinity: str) -> str:
+    url = f"/api/v1/tenants/{tenant}/projects/{project}/executions/{execution_id}"
+    return url + (f"?affinity={affinity}" if affinity else "")
+
+
+async def start(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project, affinity = _names(request)
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
+    body = await read_json(request, max_bytes=state.max_body)
+    try:
+        req = msgspec.convert(body or {}, StartRequest)
+    except msgspec.ValidationError as e:
+        raise Unprocessable(f"invalid start request: {e}") from e
+    affinity = check_name("affinity", req.affinity or affinity, allow_empty=True)
+    execution_id = state.ids.next_str()
+    env = envelope_from_dict(
+        {
+            "tenant": tenant,
+            "project": project,
+            "affinity": affinity,
+            "execution_id": execution_id,
+            "type": "execution.requested",
+            "payload": {"playbook": req.playbook, "workload": req.workload},
+        },
+        fill=True,
+    )
+    ack = await _publish_one(state, env)
+    urn = str(Urn(tenant, project, execution_id, affinity))
+    return json_response(
+        {"execution_id": execution_id, "urn": urn, "seq": ack.seq, "stream": ack.stream, "event_id": env.event_id},
+        status=202,
+        headers={"Location": _execution_url(tenant, project, execution_id, affinity)},
+    )
+
+
+async def _publish_one(state: EdgeState, env: Envelope) -> Ack:
+    shard = shard_for(env.tenant, env.project, env.affinity, state.topology.shard_count)
+    producer = Producer(await state.cells.js_for_shard(shard), state.topology, payload_cap=state.payload_cap)
+    try:
+        return await producer.publish(env)
+    except PayloadOverCap as e:
+        raise PayloadTooLarge(str(e)) from e
+
+
+def _event_docs(body: Any) -> list[dict[str, Any]]:
+    if isinstance(body, dict) and "events" in body:
+        body = body["events"]
+    if isinstance(body, dict):
+        body = [body]
+    if not isinstance(body, list) or not body or not all(isinstance(d, dict) for d in body):
+        raise Unprocessable("the body must be an event object, a list of them, or {\"events\": [...]}")
+    return body
+
+
+async def _exists(state: EdgeState, shard: int, tenant: str, project: str, execution_id: str) -> bool:
+    js = await state.cells.js_for_shard(shard)
+    with contextlib.suppress(EdgeError):
+        entry = await (await state.cells.cache_for_shard(shard)).get(execution_id)
+        if entry is not None:
+            return True
+    try:
+        await js.get_msg(wal_stream(shard), seq=1, next=True, subject=execution_filter(shard, tenant, project, execution_id))
+    except Exception:  # NotFoundError: no event of this execution in the WAL
+        return False
+    return True
+
+
+async def publish_events(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project, affinity = _names(request)
+    execution_id = check_execution_id(request.path_params["execution_id"])
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
+    docs = _event_docs(await read_json(request, max_bytes=state.max_body))
+    envelopes: list[Envelope] = []
+    errors: list[dict[str, Any]] = []
+    for i, doc in enumerate(docs):
+        for field, want in (("tenant", tenant), ("project", project), ("execution_id", execution_id), ("affinity", affinity)):
+            if field in doc and doc[field] != want:
+                errors.append({"index": i, "field": field, "detail": f"{field} {doc[field]!r} disagrees with the URL ({want!r})"})
+        try:
+            env = envelope_from_dict(
+                {**doc, "tenant": tenant, "project": project, "execution_id": execution_id, "affinity": affinity}, fill=True
+            )
+            encode_envelope(env, payload_cap=state.payload_cap)
+            envelopes.append(env)
+        except PayloadOverCap as e:
+            raise PayloadTooLarge(f"event {i}: {e}") from e
+        except EnvelopeError as e:
+            errors.append({"index": i, "field": e.field, "detail": str(e)})
+    if errors:
+        raise Unprocessable(f"{len(errors)} invalid event(s); nothing was published", errors=errors)
+    shard = shard_for(tenant, project, affinity, state.topology.shard_count)
+    if not await _exists(state, shard, tenant, project, execution_id):
+        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}; start it first")
+    producer = Producer(await state.cells.js_for_shard(shard), state.topology, payload_cap=state.payload_cap)
+    results = await producer.publish_many(envelopes)
+    status = 200 if all(isinstance(r, Ack) for r in results) else 502
+    return json_response({"acks": results}, status=status)
+
+
+async def get_projection(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project, affinity = _names(request)
+    execution_id = check_execution_id(request.path_params["execution_id"])
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
+    min_seq = _int_param(request, "min_seq", low=1)
+    as_of_seq = _int_param(request, "as_of_seq", low=1)
+    result = await state.read.read(tenant, project, affinity, execution_id, min_seq=min_seq, as_of_seq=as_of_seq)
+    etag = f'"{result.projection.last_seq}"'
+    headers = {"ETag": etag, "X-Noetl-Source": result.source, "Cache-Control": "no-cache"}
+    if request.headers.get("if-none-match") in (etag, "*"):
+        return Response(status_code=304, headers=headers)
+    return json_response(result.projection, headers=headers)
+
+
+async def list_events(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project, affinity = _names(request)
+    execution_id = check_execution_id(request.path_params["execution_id"])
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
+    after_seq = _int_param(request, "after_seq", default=0) or 0
+    limit = _int_param(request, "limit", default=100, low=1, high=1000) or 100
+    shard = shard_for(tenant, project, affinity, state.topology.shard_count)
+    js = await state.cells.js_for_shard(shard)
+    page: list[dict[str, Any]] = []
+    events = history(
+        js, shard=shard, shard_count=state.topology.shard_count, tenant=tenant, project=project,
+        execution_id=execution_id, after_seq=after_seq, limit=2**62,
+    )
+    async with contextlib.aclosing(events):
+        async for event in events:
+            page.append({"seq": event.seq, "event": event.env})
+            if len(page) >= limit:
+                break
+    if not page and after_seq == 0:
+        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+    next_after = page[-1]["seq"] if len(page) == limit else None
+    return json_response({"events": page, "next_after_seq": next_after})
+
+
+routes = [
+    Route(BASE, start, methods=["POST"]),
+    Route(BASE + "/{execution_id}", get_projection, methods=["GET"]),
+    Route(BASE + "/{execution_id}/events", publish_events, methods=["POST"]),
+    Route(BASE + "/{execution_id}/events", list_events, methods=["GET"]),
+]

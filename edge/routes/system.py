@@ -1,0 +1,60 @@
+"""Locate, health, readiness and metrics."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edge.errors import problem
+from edge.responses import json_response
+from edge.state import state_of
+from kernel.scrub import scrub
+from locator.subjects import wal_stream
+
+
+async def locate(request: Request) -> Response:
+    state = state_of(request)
+    state.auth.identify(request.headers.get("authorization"))
+    q = request.query_params
+    location = state.topology.locate(q.get("tenant", ""), q.get("project", ""), q.get("affinity", ""))
+    return json_response(location)
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = state_of(request)
+    problems: list[str] = []
+    for cell in state.topology.cells:
+        try:
+            js = await state.cells.js_for_shard(cell.shards[0])
+            for shard in cell.shards:
+                await js.stream_info(wal_stream(shard))
+        except Exception as e:  # report every cell, whatever failed
+            problems.append(f"cell {cell.name}: {getattr(e, 'detail', None) or e!r}")
+    cells = state.cells.connected()
+    if not problems:
+        return json_response({"status": "ready", "cells": cells, "problems": []})
+    # Not ready is a 503 like any other: a problem document (scrubbed: it quotes NATS errors).
+    problems = scrub(problems)
+    return problem(
+        503, "Service Unavailable", "not ready: " + "; ".join(problems), request.url.path,
+        {"Retry-After": "5"}, cells=cells, problems=problems,
+    )
+
+
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    await state.metrics.refresh(state.cells.js_for_shard, range(state.topology.shard_count))
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+routes = [
+    Route("/api/v1/locate", locate, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]
