@@ -177,7 +177,8 @@ def shard_assets(shard: int, *, shard_count: int, replicas: int, settings: Strea
         ),
         _kv_asset(
             KeyValueConfig(
-                bucket=sub.proj_bucket(shard), history=1, storage=StorageType.FILE, replicas=replicas
+                # Direct get: reads skip the JetStream API round trip's JSON/base64 (the edge's warm path).
+                bucket=sub.proj_bucket(shard), history=1, storage=StorageType.FILE, replicas=replicas, direct=True
             )
         ),
     ]

@@ -53,6 +53,17 @@ class PumpStats:
     failures: int = 0
 
 
+def stream_seq(msg: Msg) -> int:
+    """The message's stream sequence, read straight from its ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>…`` (9 tokens), or with a
+    domain and account hash before the stream (12 tokens). ``msg.metadata``
+    would build datetimes and dataclasses for every message; this is per event.
+    """
+    tokens = (msg.reply or "").split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
 def _header_text(text: str, limit: int = 1000) -> str:
     # Header values cannot carry newlines; long reasons are cut, never dropped.
     flat = " ".join(text.split())
@@ -146,7 +157,7 @@ class Pump:
         return msgs
 
     async def _dead_letter(self, msg: Msg, reason: str, detail: str, *, per_consumer: bool) -> None:
-        seq = msg.metadata.sequence.stream
+        seq = stream_seq(msg)
         # The original's own Nats-* headers (expected stream, msg id…) would misdirect the copy.
         headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         headers.update(
@@ -172,7 +183,7 @@ class Pump:
             except EnvelopeError as e:
                 await self._dead_letter(msg, poison_reason(e), str(e), per_consumer=False)
                 continue
-            events.append(WalEvent(msg.metadata.sequence.stream, env))
+            events.append(WalEvent(stream_seq(msg), env))
         return events
 
     async def _dispatch(self, events: list[WalEvent]) -> Sequence[Reject]:
@@ -192,7 +203,7 @@ class Pump:
         return rejected or ()
 
     async def _failed(self, msgs: list[Msg], error: BaseException) -> None:
-        first, last = msgs[0].metadata.sequence.stream, msgs[-1].metadata.sequence.stream
+        first, last = stream_seq(msgs[0]), stream_seq(msgs[-1])
         if first == self._failing_seq:
             self._failures += 1
         else:
@@ -214,7 +225,7 @@ class Pump:
         if not msgs:
             self.stats.lag = 0
             return size, None
-        first = msgs[0].metadata.sequence.stream
+        first = stream_seq(msgs[0])
         if len(msgs) == 1 and first == self._failing_seq and self._failures >= self.max_deliver:
             await self._dead_letter(
                 msgs[0], "max_deliver", f"failed {self._failures} times in {self.durable}", per_consumer=True
@@ -233,11 +244,12 @@ class Pump:
                 await self._failed(msgs, e)
                 await asyncio.sleep(min(30.0, 0.2 * 2 ** min(self._failures, 8)))
                 return self._size(first, 0), first
-            by_seq = {m.metadata.sequence.stream: m for m in msgs}
-            for r in rejected:
-                await self._dead_letter(by_seq[r.seq], r.reason, r.detail, per_consumer=True)
+            if rejected:
+                by_seq = {stream_seq(m): m for m in msgs}
+                for r in rejected:
+                    await self._dead_letter(by_seq[r.seq], r.reason, r.detail, per_consumer=True)
         await msgs[-1].ack_sync()
-        last = msgs[-1].metadata.sequence.stream
+        last = stream_seq(msgs[-1])
         if last >= self._failing_seq:
             self._failures = 0  # the message that failed has now been handled (or dead-lettered)
         self.stats.batches += 1
