@@ -25,6 +25,23 @@ async def serve(app: Starlette, bind: Sequence[str], stop: asyncio.Event) -> Non
     await hypercorn_serve(app, hypercorn_config(bind), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
+async def wait_listening(bind: str, *, timeout: float = 30.0) -> None:
+    """Return once ``HOST:PORT`` accepts connections (Hypercorn binds after the app's lifespan started)."""
+    host, _, port = bind.rpartition(":")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host.strip("[]") or "127.0.0.1", int(port))
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the edge did not start listening on {bind} within {timeout:g}s") from None
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
 def install_uvloop() -> bool:
     """Use uvloop when it is installed (it is optional)."""
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from edge.app import create_app
 from edge.auth import load_tokens
 from edge.cli.options import add_topology_options, resolve_topology
-from edge.serve import install_uvloop, serve
+from edge.serve import install_uvloop, serve, wait_listening
 from kernel.server import default_data_dir
 from projector.snapshots import SnapshotStore
 
@@ -40,8 +40,12 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"ready http://{bind[0]}", flush=True)
-        await serve(app, bind, stop)
+        server = asyncio.create_task(serve(app, bind, stop))
+        listening = asyncio.create_task(wait_listening(bind[0]))
+        await asyncio.wait([server, listening], return_when=asyncio.FIRST_COMPLETED)
+        if listening.done() and listening.exception() is None:
+            print(f"ready http://{bind[0]}", flush=True)
+        await server
 
     asyncio.run(main())
     return 0

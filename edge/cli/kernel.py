@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -49,14 +50,14 @@ async def run_kernel(
     cell: str | None,
     holder: str | None,
     stop: asyncio.Event,
-    announce: str | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     nc = await connect(urls, name=f"noetl-kernel-{holder or default_holder()}")
     try:
         kernel = Kernel(
             nc, topology=topology, snapshots=snapshots, settings=StreamSettings.from_env(), cell=cell, holder=holder
         )
-        await kernel.run(stop, on_ready=(lambda: print(announce, flush=True)) if announce else None)
+        await kernel.run(stop, on_ready=on_ready)
     finally:
         await close(nc)
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         urls = connect_urls(args, topology)
         await run_kernel(
             urls, topology, snapshots, cell=args.cell, holder=args.holder, stop=stop,
-            announce=f"ready kernel {args.holder or default_holder()} {urls[0]}",
+            on_ready=lambda: print(f"ready kernel {args.holder or default_holder()} {urls[0]}", flush=True),
         )
 
     asyncio.run(main())

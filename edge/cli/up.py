@@ -18,7 +18,7 @@ from kernel.bootstrap import StreamSettings, bootstrap
 from edge.app import create_app
 from edge.auth import TokenSpec, ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
-from edge.serve import serve
+from edge.serve import serve, wait_listening
 from kernel.connect import close, connect
 from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
@@ -89,13 +89,21 @@ async def _serve(
         await close(nc)
     app = create_app(topology=server.topology, tokens=tokens, snapshots=snapshots)
     edge = asyncio.create_task(serve(app, [http], stop))
+    kernel_ready = asyncio.Event()
+
+    async def announce() -> None:
+        # One line, once both the kernel checked the topology and the edge accepts connections.
+        await asyncio.gather(kernel_ready.wait(), wait_listening(http))
+        print(f"ready {server.url} http://{http}", flush=True)
+
+    announcer = asyncio.create_task(announce())
     try:
         await run_kernel(
-            [server.url], server.topology, snapshots, cell=None, holder=None, stop=stop,
-            announce=f"ready {server.url} http://{http}",
+            [server.url], server.topology, snapshots, cell=None, holder=None, stop=stop, on_ready=kernel_ready.set
         )
     finally:
         stop.set()
+        announcer.cancel()
         await edge
     log.info("shutdown", reason="signal")
 
