@@ -32,7 +32,13 @@ Every round then:
    expected ``last_seq`` and ``event_count``.
 
 A warm-up round is run first and not counted; rates are events per second and
-the reported ratio is kernel / baseline on the medians (and on the bests).
+the reported ratio is kernel / baseline on the medians (and on the bests);
+``ratio_paired_median`` is the median of the per-round ratios (each pair ran
+back to back on the same messages, so it is steadier on a busy host). The
+client side is CPU-bound, so this process's CPU time per event over each timed
+window is reported too (``*_cpu_us_per_event``, ``ratio_cpu``), with the 1-min
+load average before and after. A phase that fails a batch, dead-letters an
+event or stalls aborts the run instead of hanging.
 
 **Pure fold** — ``projector.fold.fold(None, events)`` on pre-built
 ``WalEvent`` objects, no I/O, one core: ``grouped`` (many executions,

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats.errors
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,6 +37,13 @@ async def _locator_error(request: Request, exc: Exception) -> Response:
 
 async def _publish_error(request: Request, exc: Exception) -> Response:
     return await handle_edge_error(request, Unavailable(str(exc), headers={"Retry-After": "2"}))
+
+
+async def _nats_error(request: Request, exc: Exception) -> Response:
+    # A NATS call that timed out or failed under any route (not only the read path) is a 503, never a 500.
+    return await handle_edge_error(
+        request, Unavailable(f"NATS did not answer: {str(exc) or type(exc).__name__}", headers={"Retry-After": "2"})
+    )
 
 
 def create_app(
@@ -88,6 +96,7 @@ def create_app(
             EdgeError: handle_edge_error,
             LocatorError: _locator_error,
             PublishError: _publish_error,
+            nats.errors.Error: _nats_error,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },

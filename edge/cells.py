@@ -29,10 +29,14 @@ class CellClients:
         self._nc: dict[str, NATS] = {}
         self._failed_at: dict[str, float] = {}
         self._caches: dict[int, tuple[NATS, KvProjectionCache]] = {}
-        self._lock = asyncio.Lock()
+        # One lock per cell: a hung connect to one cell must not stall requests for the others.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _connect(self, cell: Cell) -> NATS:
-        async with self._lock:
+        nc = self._nc.get(cell.name)
+        if nc is not None and not nc.is_closed:
+            return nc  # the common case takes no lock at all
+        async with self._locks.setdefault(cell.name, asyncio.Lock()):
             nc = self._nc.get(cell.name)
             if nc is not None and not nc.is_closed:
                 return nc

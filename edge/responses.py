@@ -24,7 +24,7 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
 async def read_json(request: Request, *, max_bytes: int) -> Any:
     """The request body as JSON; 413 past ``max_bytes`` (checked before and while reading), 400 if not JSON."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"request body is {declared} bytes, over the {max_bytes}-byte limit")
     body = bytearray()
     async for chunk in request.stream():

@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 import msgspec
+from nats.js.errors import NotFoundError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -42,7 +43,8 @@ def _int_param(request: Request, name: str, *, default: int | None = None, low: 
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # isdigit() alone accepts '²' (int() then raises: a 500) and other non-ASCII digits.
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise Unprocessable(f"query parameter {name!r} must be an integer from {low} to {high}, got {raw!r}", field=name)
     return int(raw)
 
@@ -106,11 +108,14 @@ async def _exists(state: EdgeState, shard: int, tenant: str, project: str, execu
     js = await state.cells.js_for_shard(shard)
     with contextlib.suppress(EdgeError):
         entry = await (await state.cells.cache_for_shard(shard)).get(execution_id)
-        if entry is not None:
-            return True
+        # The KV key is the execution id alone: an entry proves existence only if it is this tenant's and
+        # project's (a pointer does not say whose it is, so the WAL below decides).
+        if entry is not None and entry.projection is not None:
+            if (entry.projection.tenant, entry.projection.project) == (tenant, project):
+                return True
     try:
         await js.get_msg(wal_stream(shard), seq=1, next=True, subject=execution_filter(shard, tenant, project, execution_id))
-    except Exception:  # NotFoundError: no event of this execution in the WAL
+    except NotFoundError:  # no event of this execution in the WAL (a timeout is not "unknown": it is a 503)
         return False
     return True
 
@@ -148,6 +153,14 @@ async def publish_events(request: Request) -> Response:
     return json_response({"acks": results}, status=status)
 
 
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether ``If-None-Match`` matches ``etag``: ``*`` or a list of tags, compared weakly (RFC 9110 13.1.2)."""
+    if not header:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
 async def get_projection(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -158,7 +171,7 @@ async def get_projection(request: Request) -> Response:
     result = await state.read.read(tenant, project, affinity, execution_id, min_seq=min_seq, as_of_seq=as_of_seq)
     etag = f'"{result.projection.last_seq}"'
     headers = {"ETag": etag, "X-Noetl-Source": result.source, "Cache-Control": "no-cache"}
-    if request.headers.get("if-none-match") in (etag, "*"):
+    if _none_match(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     return json_response(result.projection, headers=headers)
 

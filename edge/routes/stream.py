@@ -25,7 +25,7 @@ _encoder = msgspec.json.Encoder()
 
 def _resume_after(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("after_seq") or "0"
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise Unprocessable(f"Last-Event-ID / after_seq must be a WAL sequence number, got {raw!r}", field="last-event-id")
     return int(raw)
 
