@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 
+import structlog
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from locator.subjects import cmd_stream, dlq_stream, wal_stream
+
+
+access_log = structlog.get_logger("noetl.edge.access")
 
 
 class EdgeMetrics:
@@ -56,7 +60,11 @@ class EdgeMetrics:
 
 
 class MetricsMiddleware:
-    """Counts and times every HTTP request by its route template (not the raw path)."""
+    """Counts, times and access-logs every HTTP request by its route template (not the raw path).
+
+    The access log is structlog (``http.request``) with ``execution_id`` bound when
+    the route has one; headers, and so tokens, are never logged.
+    """
 
     def __init__(self, app: ASGIApp, metrics: EdgeMetrics) -> None:
         self.app = app
@@ -77,7 +85,18 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, capture)
         finally:
+            elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(scope["method"], template, str(status[0])).inc()
-            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(scope["method"], template).observe(elapsed)
+            params = scope.get("path_params") or {}
+            access_log.info(
+                "http.request",
+                method=scope["method"],
+                route=template,
+                status=status[0],
+                ms=round(elapsed * 1000, 2),
+                execution_id=params.get("execution_id"),
+                tenant=params.get("tenant"),
+            )

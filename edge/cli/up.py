@@ -18,7 +18,7 @@ from kernel.bootstrap import StreamSettings, bootstrap
 from edge.app import create_app
 from edge.auth import TokenSpec, ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
-from edge.serve import serve, wait_listening
+from edge.serve import install_uvloop, serve, wait_listening
 from kernel.connect import close, connect
 from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.start()
         server.topology = topology.with_urls("local", (server.url,))
+        install_uvloop()
         asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, tokens))
     except KeyboardInterrupt:
         log.info("shutdown", reason="interrupted")
