@@ -21,6 +21,7 @@ from edge.metrics import EdgeMetrics, MetricsMiddleware
 from edge.readpath import ReadPath
 from edge.routes import executions, stream, system
 from edge.state import EdgeState
+from kernel.bootstrap import check_topology
 from kernel.errors import PublishError
 from locator.errors import LocatorError
 from locator.ids import Snowflake
@@ -44,6 +45,17 @@ async def _nats_error(request: Request, exc: Exception) -> Response:
     return await handle_edge_error(
         request, Unavailable(f"NATS did not answer: {str(exc) or type(exc).__name__}", headers={"Retry-After": "2"})
     )
+
+
+async def check_cells(cells: CellClients) -> None:
+    """Connect to every cell that answers and check its streams match the topology's shard count.
+
+    A wrong shard count would route reads and writes to the wrong shard: the edge refuses to serve.
+    """
+    await cells.start()
+    for cell in cells.topology.cells:
+        if cells.connected()[cell.name]:
+            await check_topology(await cells.js_for_shard(cell.shards[0]), cells.topology, shard=cell.shards[0])
 
 
 def create_app(
@@ -82,7 +94,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await cells.start()
+        await check_cells(cells)
         log.info("edge.started", cells=cells.connected())
         try:
             yield

@@ -70,7 +70,10 @@ class Authenticator:
         for spec in specs:
             if (spec.token is None) == (spec.sha256 is None):
                 raise ConfigError(f"token {spec.name!r}: give exactly one of 'token' or 'sha256'")
-            digest = _digest(spec.token) if spec.token is not None else bytes.fromhex(spec.sha256 or "")
+            try:
+                digest = _digest(spec.token) if spec.token is not None else bytes.fromhex(spec.sha256 or "")
+            except ValueError as e:
+                raise ConfigError(f"token {spec.name!r}: sha256 must be 64 hex digits") from e
             if len(digest) != 32:
                 raise ConfigError(f"token {spec.name!r}: sha256 must be 64 hex digits")
             if not spec.tenants:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 PROBLEM = "application/problem+json"
+log = structlog.get_logger("noetl.edge")
 
 
 class EdgeError(Exception):
@@ -53,6 +55,10 @@ class Unavailable(EdgeError):
     status, title = 503, "Service Unavailable"
 
 
+class BadGateway(EdgeError):
+    status, title = 502, "Bad Gateway"
+
+
 class GatewayTimeout(EdgeError):
     status, title = 504, "Gateway Timeout"
 
@@ -79,4 +85,12 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    params = request.path_params
+    log.error(
+        "http.unexpected_error",
+        route=request.url.path,
+        execution_id=params.get("execution_id"),
+        error=repr(exc),
+        exc_info=exc,
+    )
     return problem(500, "Internal Server Error", "an unexpected error occurred; it was logged", request.url.path)

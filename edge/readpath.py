@@ -126,6 +126,12 @@ class ReadPath:
             if p is None:
                 raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
             result = ReadResult(p, "replay")
+        elif result.source == "snapshot":
+            # A snapshot may be older than the WAL (the kernel replaces a pointer only when it folds
+            # newer events, and a segment found by scanning has no KV entry at all): add the tail.
+            tail = await self._replay(shard, tenant, project, execution_id, base=result.projection, until=None)
+            if tail is not None and tail.last_seq > result.projection.last_seq:
+                result = ReadResult(tail, "replay")
         if min_seq is None or result.projection.last_seq >= min_seq:
             return result
         # Read-your-writes: fold the WAL tail ourselves rather than wait for the kernel; wait only

@@ -34,11 +34,12 @@ SYNC_RE = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "up",
-        help="run the embedded default (nats-server, bootstrap, kernel) in the foreground",
+        help="run the embedded default (nats-server, bootstrap, kernel, HTTP edge) in the foreground",
         description="Start an embedded nats-server with JetStream on --data-dir, bootstrap every shard's "
         "streams and buckets, run a kernel that folds every shard into projections and Feather snapshots "
-        "(file://<data-dir>/objects unless NOETL_OBJECTS_URL), print 'ready <nats-url>' and run until "
-        "SIGINT/SIGTERM.",
+        "(file://<data-dir>/objects unless NOETL_OBJECTS_URL), serve the HTTP edge on --http-port (creating an "
+        "admin token at <data-dir>/token unless NOETL_TOKENS_FILE is set), print 'ready <nats-url> <http-url>' "
+        "and run until SIGINT/SIGTERM.",
     )
     p.add_argument(
         "--data-dir",

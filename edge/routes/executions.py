@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge.errors import EdgeError, NotFound, PayloadTooLarge, Unprocessable
+from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unprocessable
 from edge.responses import json_response, read_json
 from edge.state import EdgeState, state_of
 from kernel.producer import Ack, Producer
@@ -149,8 +149,14 @@ async def publish_events(request: Request) -> Response:
         raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}; start it first")
     producer = Producer(await state.cells.js_for_shard(shard), state.topology, payload_cap=state.payload_cap)
     results = await producer.publish_many(envelopes)
-    status = 200 if all(isinstance(r, Ack) for r in results) else 502
-    return json_response({"acks": results}, status=status)
+    if not all(isinstance(r, Ack) for r in results):
+        failed = sum(not isinstance(r, Ack) for r in results)
+        raise BadGateway(
+            f"{failed} of {len(results)} event(s) were not acknowledged by NATS; publish them again "
+            "with the same event_id (duplicates are dropped)",
+            acks=msgspec.to_builtins(results),
+        )
+    return json_response({"acks": results})
 
 
 def _none_match(header: str | None, etag: str) -> bool:

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from edge.errors import Unprocessable
-from edge.routes.executions import BASE, _names
+from edge.errors import NotFound, Unprocessable
+from edge.routes.executions import BASE, _exists, _names
 from edge.state import state_of
 from kernel.scrub import scrub
 from locator.envelope import EnvelopeError, decode_wal_message
@@ -37,6 +37,8 @@ async def stream(request: Request) -> Response:
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
     after = _resume_after(request)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
+    if not await _exists(state, shard, tenant, project, execution_id):
+        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
     js = await state.cells.js_for_shard(shard)
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
