@@ -1,0 +1,454 @@
+"""The playbook format: YAML validated into frozen msgspec Structs, with errors that name their path.
+
+A playbook is a list of steps; the first is the start step. Each step runs a
+``tool`` and then follows its ``next`` arcs whose ``when`` guard holds (several
+arcs taken = parallel branches; a step with ``join`` waits for the named
+steps). ``loop`` fans a step out over a list. The graph of ``next`` and
+``on_error`` arcs must be acyclic (repetition is expressed with ``loop`` and
+``retry``) and every step must be reachable from the start step.
+
+Everything a tenant could use to reach beyond its sandbox is checked against
+the operator's :class:`Policy` at load (register) time: a ``python`` tool may
+only name a callable under an allowed module prefix, an ``http`` tool only an
+allowed host. With the default policy both are refused.
+
+Problems are reported one at a time, the first in document order, as
+:class:`PlaybookError` whose message starts with the path of the problem
+(``steps[2].next[0].when: unexpected '(' at column 7``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from locator.names import STEP_PATTERN
+from system_playbooks.orchestrate.errors import ExpressionError, PlaybookError
+from system_playbooks.orchestrate.expressions import FUNCTIONS, LITERALS, ROOTS, compile_expression
+from system_playbooks.orchestrate.templates import compile_template
+
+__all__ = [
+    "MAX_PLAYBOOK_BYTES",
+    "Arc",
+    "CallbackTool",
+    "HttpTool",
+    "Loop",
+    "NoopTool",
+    "Playbook",
+    "PlaybookError",
+    "Policy",
+    "PythonTool",
+    "Retry",
+    "Step",
+    "Tool",
+    "WasmTool",
+    "load_playbook",
+    "parse_playbook",
+]
+
+MAX_PLAYBOOK_BYTES: Final = 1024 * 1024
+PATH_PATTERN: Final = r"^[a-z0-9_-]+(/[a-z0-9_-]+)*$"
+CALL_RE: Final = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z][A-Za-z0-9_]*)$")
+LOOP_VAR_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+StepName = Annotated[str, msgspec.Meta(pattern=STEP_PATTERN)]
+PlaybookPath = Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, max_length=255)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the operator lets tenants' playbooks reach.
+
+    ``python_allow`` holds module prefixes: ``"examples.tools."`` allows
+    ``examples.tools.math:add``; a prefix without a trailing dot allows that
+    module and its submodules. ``http_hosts`` holds hosts: ``"api.example.com"``
+    exactly, or ``"*.example.com"`` for any subdomain (not the apex itself).
+
+    >>> Policy(python_allow=("examples.tools.",)).allows_call("examples.tools.math:add")
+    True
+    >>> Policy().allows_host("example.com")
+    False
+    """
+
+    python_allow: tuple[str, ...] = ()
+    http_hosts: tuple[str, ...] = ()
+
+    def allows_call(self, call: str) -> bool:
+        module = call.partition(":")[0]
+        for prefix in self.python_allow:
+            if prefix.endswith(".") and module.startswith(prefix):
+                return True
+            if not prefix.endswith(".") and (module == prefix or module.startswith(prefix + ".")):
+                return True
+        return False
+
+    def allows_host(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        for allowed in self.http_hosts:
+            allowed = allowed.lower().rstrip(".")
+            if allowed.startswith("*.") and host.endswith(allowed[1:]) and len(host) > len(allowed) - 1:
+                return True
+            if host == allowed:
+                return True
+        return False
+
+
+class _Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Playbooks are written by hand: an unknown field is a typo (``retyr:``), never silently ignored."""
+
+
+class PythonTool(_Struct, frozen=True, tag="python", tag_field="kind"):
+    """Call ``package.module:function`` with the rendered ``args`` as keyword arguments."""
+
+    call: str
+    args: dict[str, Any] = {}
+
+
+class HttpTool(_Struct, frozen=True, tag="http", tag_field="kind"):
+    """One HTTP request to a host the policy allows; ``url``, ``headers`` and ``body`` are templates."""
+
+    url: str
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    headers: dict[str, str] = {}
+    body: Any = None
+    timeout: Seconds = 30.0
+
+
+class WasmTool(_Struct, frozen=True, tag="wasm", tag_field="kind"):
+    """Run a WASM plug-in from the catalog by its path with the rendered ``args``."""
+
+    plugin: PlaybookPath
+    args: dict[str, Any] = {}
+
+
+class NoopTool(_Struct, frozen=True, tag="noop", tag_field="kind"):
+    """Do nothing; the step's result is the rendered ``result`` (None by default)."""
+
+    result: Any = None
+
+
+class CallbackTool(_Struct, frozen=True, tag="callback", tag_field="kind"):
+    """Wait for an external callback, at most ``timeout`` seconds."""
+
+    timeout: Seconds = 300.0
+
+
+Tool = PythonTool | HttpTool | WasmTool | NoopTool | CallbackTool
+TOOL_KINDS: Final = ("callback", "http", "noop", "python", "wasm")
+
+
+class Arc(_Struct, frozen=True):
+    """An arc to ``step``, taken when the ``when`` expression is truthy (always, without one)."""
+
+    step: StepName
+    when: str | None = None
+
+
+class Loop(_Struct, frozen=True):
+    """Fan the step out over the list ``over`` evaluates to; each iteration sees it as ``as`` and ``index``."""
+
+    over: str
+    as_: str = msgspec.field(default="item", name="as")
+
+
+class Retry(_Struct, frozen=True):
+    """Run the step at most ``max_attempts`` times, waiting ``backoff`` seconds before each retry."""
+
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    backoff: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class Step(_Struct, frozen=True):
+    """One step of a playbook."""
+
+    name: StepName
+    tool: Tool
+    next: tuple[Arc, ...] = ()
+    loop: Loop | None = None
+    join: tuple[StepName, ...] = ()
+    retry: Retry | None = None
+    timeout: Seconds | None = None
+    on_error: StepName | None = None
+
+
+class Playbook(_Struct, frozen=True):
+    """A validated playbook; build it with :func:`load_playbook` (or :func:`parse_playbook`).
+
+    >>> pb = load_playbook('''
+    ... path: demo/hello
+    ... version: 1
+    ... steps:
+    ...   - {name: a, tool: {kind: noop}, next: [{step: b}]}
+    ...   - {name: b, tool: {kind: noop}}
+    ... ''', policy=Policy())
+    >>> pb.start, [s.name for s in pb.steps]
+    ('a', ['a', 'b'])
+    >>> load_playbook("path: demo/x\\nversion: 1\\nsteps: [{name: a, tool: {kind: shell}}]", policy=Policy())
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    system_playbooks.orchestrate.errors.PlaybookError: steps[0].tool.kind: unknown tool kind 'shell' (...)
+    """
+
+    path: PlaybookPath
+    version: Annotated[int, msgspec.Meta(ge=1)]
+    steps: Annotated[tuple[Step, ...], msgspec.Meta(min_length=1)]
+    workload: dict[str, Any] = {}
+
+    @property
+    def start(self) -> str:
+        """The name of the start step (the first in the list)."""
+        return self.steps[0].name
+
+    def step(self, name: str) -> Step:
+        """The step called ``name``; ``KeyError`` if there is none."""
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+
+# --- loading --------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without timestamps: ``2026-01-01`` in a workload stays the string it looks like."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _read_yaml(text: str) -> Any:
+    try:
+        # Aliases would let a small document expand into a huge one in every walk that follows.
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+                raise PlaybookError(f"YAML aliases are not supported ({where})")
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PlaybookError(f"invalid YAML: {where}{problem}") from None
+
+
+def load_playbook(source: str | bytes | Path, *, policy: Policy) -> Playbook:
+    """Load and validate a playbook from YAML text (``str``/``bytes``) or a file (``Path``).
+
+    Raises :class:`PlaybookError` naming the path of the first problem.
+    """
+    if isinstance(source, Path):
+        try:
+            raw = source.read_bytes()
+        except OSError as e:
+            raise PlaybookError(f"cannot read playbook {source}: {e}") from e
+    else:
+        raw = source.encode("utf-8") if isinstance(source, str) else source
+    if len(raw) > MAX_PLAYBOOK_BYTES:
+        raise PlaybookError(f"playbook is {len(raw)} bytes, more than {MAX_PLAYBOOK_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlaybookError(f"playbook is not UTF-8: {e}") from None
+    return parse_playbook(_read_yaml(text), policy=policy)
+
+
+def _msgspec_error(e: msgspec.ValidationError) -> PlaybookError:
+    # msgspec says "Expected `int` >= 1 - at `$.steps[0].retry.max_attempts`"; lead with the path instead.
+    message = str(e)
+    match = re.fullmatch(r"(.*) - at `\$(.*)`", message, re.DOTALL)
+    reason, path = match.groups() if match is not None else (message, "")
+    return PlaybookError(reason[:1].lower() + reason[1:], path=path.lstrip("."))
+
+
+def _check_tool_kinds(data: object) -> None:
+    # The tagged union would say "Invalid value 'shell'"; name the tool kinds instead.
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, list):
+        return
+    for i, step in enumerate(steps):
+        tool = step.get("tool") if isinstance(step, dict) else None
+        if not isinstance(tool, dict):
+            continue
+        kinds = ", ".join(TOOL_KINDS)
+        if "kind" not in tool:
+            raise PlaybookError(f"missing tool kind (one of {kinds})", path=f"steps[{i}].tool.kind")
+        if tool["kind"] not in TOOL_KINDS:
+            raise PlaybookError(f"unknown tool kind {tool['kind']!r} (one of {kinds})", path=f"steps[{i}].tool.kind")
+
+
+def parse_playbook(data: object, *, policy: Policy) -> Playbook:
+    """Validate an already-decoded playbook document (a dict, as from YAML or JSON)."""
+    _check_tool_kinds(data)
+    try:
+        playbook = msgspec.convert(data, Playbook)
+    except msgspec.ValidationError as e:
+        raise _msgspec_error(e) from None
+    _check_graph(playbook)
+    for i, step in enumerate(playbook.steps):
+        _check_step(step, f"steps[{i}]", policy)
+    return playbook
+
+
+# --- graph ----------------------------------------------------------------
+
+
+def _edges(step: Step, where: str) -> Iterator[tuple[str, str]]:
+    """(target, path of the arc) for every arc out of ``step``: its ``next`` arcs, then ``on_error``."""
+    for j, arc in enumerate(step.next):
+        yield arc.step, f"{where}.next[{j}].step"
+    if step.on_error is not None:
+        yield step.on_error, f"{where}.on_error"
+
+
+def _check_graph(playbook: Playbook) -> None:
+    index: dict[str, int] = {}
+    for i, step in enumerate(playbook.steps):
+        if step.name in index:
+            raise PlaybookError(
+                f"duplicate step name {step.name!r} (first at steps[{index[step.name]}])", path=f"steps[{i}].name"
+            )
+        index[step.name] = i
+    for i, step in enumerate(playbook.steps):
+        for target, where in _edges(step, f"steps[{i}]"):
+            if target not in index:
+                raise PlaybookError(f"unknown step {target!r}", path=where)
+        for j, name in enumerate(step.join):
+            if name not in index:
+                raise PlaybookError(f"unknown step {name!r}", path=f"steps[{i}].join[{j}]")
+            if all(arc.step != step.name for arc in playbook.steps[index[name]].next):
+                raise PlaybookError(
+                    f"step {name!r} has no arc to {step.name!r}, so {step.name!r} would wait for it forever",
+                    path=f"steps[{i}].join[{j}]",
+                )
+    _check_acyclic(playbook, index)
+    reached = {playbook.start}
+    frontier = [playbook.start]
+    while frontier:
+        step = playbook.steps[index[frontier.pop()]]
+        for target, _ in _edges(step, ""):
+            if target not in reached:
+                reached.add(target)
+                frontier.append(target)
+    for i, step in enumerate(playbook.steps):
+        if step.name not in reached:
+            raise PlaybookError(
+                f"step {step.name!r} is unreachable from the start step {playbook.start!r}", path=f"steps[{i}].name"
+            )
+
+
+def _check_acyclic(playbook: Playbook, index: Mapping[str, int]) -> None:
+    # Iterative DFS in document order, so the reported cycle is deterministic and deep graphs cannot overflow.
+    done: set[str] = set()
+    for root in playbook.steps:
+        if root.name in done:
+            continue
+        trail: list[str] = [root.name]
+        on_trail = {root.name}
+        pending = [iter(list(_edges(root, f"steps[{index[root.name]}]")))]
+        while pending:
+            advanced = False
+            for target, where in pending[-1]:
+                if target in on_trail:
+                    cycle = " -> ".join([*trail[trail.index(target) :], target])
+                    raise PlaybookError(f"cycle {cycle} (repeat work with loop or retry instead)", path=where)
+                if target not in done:
+                    trail.append(target)
+                    on_trail.add(target)
+                    step = playbook.steps[index[target]]
+                    pending.append(iter(list(_edges(step, f"steps[{index[target]}]"))))
+                    advanced = True
+                    break
+            if not advanced:
+                pending.pop()
+                finished = trail.pop()
+                on_trail.discard(finished)
+                done.add(finished)
+
+
+# --- steps ----------------------------------------------------------------
+
+
+def _expression(text: str, path: str, names: frozenset[str] = ROOTS) -> None:
+    try:
+        compile_expression(text, names=names)
+    except ExpressionError as e:
+        raise PlaybookError(str(e), path=path) from None
+
+
+def _template(value: Any, path: str, names: frozenset[str]) -> None:
+    try:
+        compile_template(value, names=names)
+    except ExpressionError as e:
+        raise PlaybookError(str(e), path=path + e.path) from None
+
+
+def _check_step(step: Step, where: str, policy: Policy) -> None:
+    names = ROOTS
+    if step.loop is not None:
+        var = step.loop.as_
+        if LOOP_VAR_RE.fullmatch(var) is None or var in ROOTS - {"item"} or var in LITERALS or var in FUNCTIONS:
+            raise PlaybookError(
+                f"invalid loop variable {var!r}: a lowercase identifier other than "
+                "workload, steps, index, true, false, null and the function names",
+                path=f"{where}.loop.as",
+            )
+        _expression(step.loop.over, f"{where}.loop.over")
+        names = ROOTS | {var}
+    for j, arc in enumerate(step.next):
+        if arc.when is not None:
+            _expression(arc.when, f"{where}.next[{j}].when")
+    tool = f"{where}.tool"
+    match step.tool:
+        case PythonTool(call=call, args=args):
+            if CALL_RE.fullmatch(call) is None:
+                raise PlaybookError(f"invalid call {call!r}: expected 'package.module:function'", path=f"{tool}.call")
+            if not policy.allows_call(call):
+                allowed = ", ".join(policy.python_allow) or "none"
+                raise PlaybookError(
+                    f"call {call!r} is not allowed by the operator policy (allowed module prefixes: {allowed})",
+                    path=f"{tool}.call",
+                )
+            _template(args, f"{tool}.args", names)
+        case HttpTool(url=url, headers=headers, body=body):
+            _check_url(url, f"{tool}.url", policy)
+            _template(url, f"{tool}.url", names)
+            _template(headers, f"{tool}.headers", names)
+            _template(body, f"{tool}.body", names)
+        case WasmTool(args=args):
+            _template(args, f"{tool}.args", names)
+        case NoopTool(result=result):
+            _template(result, f"{tool}.result", names)
+        case CallbackTool():
+            pass
+
+
+def _check_url(url: str, path: str, policy: Policy) -> None:
+    # Only the part before the first template can be checked, so it must hold the whole scheme://host/.
+    static = url.partition("{{")[0]
+    try:
+        parts = urlsplit(static)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as e:
+        raise PlaybookError(f"invalid url {url!r}: {e}", path=path) from None
+    if "{{" in url and len(static) <= len(f"{parts.scheme}://{parts.netloc}"):
+        raise PlaybookError(f"the host of {url!r} must not be templated", path=path)
+    if parts.scheme not in ("http", "https") or not host:
+        raise PlaybookError(f"invalid url {url!r}: expected http(s)://host/...", path=path)
+    if not policy.allows_host(host):
+        allowed = ", ".join(policy.http_hosts) or "none"
+        raise PlaybookError(
+            f"host {host!r} is not allowed by the operator policy (allowed hosts: {allowed})", path=path
+        )
