@@ -172,3 +172,24 @@ async def _pump_until(pumps: list[Any], done: Any, timeout: float = 60.0) -> Non
 @pytest.fixture
 def pump_until() -> object:
     return _pump_until
+
+
+_SPAN_EXPORTER: Any = None
+
+
+@pytest.fixture
+def spans() -> Any:
+    """An in-memory span exporter behind the one global TracerProvider (installed once per session)."""
+    global _SPAN_EXPORTER
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    if _SPAN_EXPORTER is None:
+        _SPAN_EXPORTER = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_SPAN_EXPORTER))
+        trace.set_tracer_provider(provider)
+    _SPAN_EXPORTER.clear()
+    return _SPAN_EXPORTER

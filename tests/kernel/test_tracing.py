@@ -2,27 +2,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from kernel.producer import Producer
 from locator import new_event
 from locator.topology import Topology
 
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans() -> InMemorySpanExporter:
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        trace.set_tracer_provider(provider)
-    _EXPORTER.clear()
-    return _EXPORTER
 
 
 async def test_publish_is_traced_with_execution_id(spans: InMemorySpanExporter, js: Any, topology: Topology) -> None:
