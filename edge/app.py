@@ -19,7 +19,7 @@ from edge.cells import CellClients
 from edge.errors import EdgeError, Unprocessable, Unavailable, handle_edge_error, handle_http_exception, handle_unexpected
 from edge.metrics import EdgeMetrics, MetricsMiddleware
 from edge.readpath import ReadPath
-from edge.routes import executions, stream, system
+from edge.routes import executions, playbooks, stream, system
 from edge.state import EdgeState
 from kernel.bootstrap import check_topology
 from kernel.errors import PublishError
@@ -27,6 +27,7 @@ from locator.errors import LocatorError
 from locator.ids import Snowflake
 from locator.topology import Topology
 from projector.snapshots import SnapshotStore
+from system_playbooks.orchestrate.playbook import Policy
 
 log = structlog.get_logger("noetl.edge")
 
@@ -68,6 +69,7 @@ def create_app(
     min_seq_wait: float = 5.0,
     replay_limit: int = 100_000,
     sse_keepalive: float = 15.0,
+    policy: Policy | None = None,
 ) -> Starlette:
     """Build the edge for a topology; NATS connections open in the lifespan.
 
@@ -76,6 +78,9 @@ def create_app(
     ...                  tokens=[TokenSpec(name="t", role="read", tenants=("*",), token="x")])
     >>> sorted({r.path for r in app.routes})[:2]
     ['/api/v1/locate', '/api/v1/tenants/{tenant}/projects/{project}/executions']
+
+    ``policy`` is what tenants' playbooks may reach (python module prefixes, http hosts);
+    the default allows neither.
     """
     cells = CellClients(topology)
     metrics = EdgeMetrics()
@@ -102,7 +107,7 @@ def create_app(
             await cells.close()
 
     app = Starlette(
-        routes=[*executions.routes, *stream.routes, *system.routes],
+        routes=[*executions.routes, *playbooks.routes, *stream.routes, *system.routes],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         exception_handlers={
             EdgeError: handle_edge_error,
@@ -115,16 +120,21 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.edge = state
+    app.state.policy = policy if policy is not None else Policy()
     return app
 
 
 def app_from_env(data_dir: Path) -> Starlette:
     """The app as ``noetl-edge edge`` and ``up`` build it from the environment."""
+    import os
+
     from edge.auth import load_tokens
     from locator.topology import topology_from_env
+    from system_playbooks.orchestrate.catalog import policy_from_env
 
     return create_app(
         topology=topology_from_env(),
         tokens=load_tokens(data_dir=data_dir),
         snapshots=SnapshotStore.from_env(data_dir=data_dir),
+        policy=policy_from_env(os.environ),
     )

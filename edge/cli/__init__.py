@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edge.cli import edge, kernel, locate, publish, up
+from edge.cli import edge, kernel, locate, playbook, publish, up
 from edge.cli.options import UsageError, add_log_options
 from kernel.errors import ConfigError, KernelError
 from kernel.logs import configure_logging
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (up, kernel, edge, publish, locate):
+    for module in (up, kernel, edge, publish, locate, playbook):
         module.register(sub)
     for p in sub.choices.values():
         add_log_options(p)

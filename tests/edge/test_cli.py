@@ -20,7 +20,10 @@ VECTORS = json.loads((Path(__file__).resolve().parent.parent / "vectors" / "loca
 LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard", "cell", "subject_prefix", "stream"]
 
 
-@pytest.mark.parametrize("command", [[], ["up"], ["kernel"], ["edge"], ["publish"], ["locate"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["up"], ["kernel"], ["edge"], ["publish"], ["locate"], ["playbook"], ["playbook", "register"], ["playbook", "list"], ["playbook", "show"]],
+)
 def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main([*command, "--help"])
@@ -31,7 +34,7 @@ def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture
 def test_every_registered_command_is_covered() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"up", "kernel", "edge", "publish", "locate"}  # type: ignore[arg-type]
+    assert set(sub.choices) == {"up", "kernel", "edge", "publish", "locate", "playbook"}  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("v", VECTORS)

@@ -1,0 +1,138 @@
+"""Playbooks in the catalog: register a version (PUT), read one (GET), list a project's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from nats.js.errors import BucketNotFoundError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edge.errors import BadRequest, EdgeError, NotFound, PayloadTooLarge, Unavailable, Unprocessable
+from edge.responses import json_response
+from edge.state import EdgeState, state_of
+from locator.names import check_name
+from locator.subjects import CATALOG_BUCKET
+from system_playbooks.orchestrate.catalog import Catalog, PlaybookNotFound, VersionConflict
+from system_playbooks.orchestrate.playbook import Playbook, PlaybookError, Policy, load_playbook, parse_playbook
+
+BASE = "/api/v1/tenants/{tenant}/projects/{project}/playbooks"
+YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
+
+
+class Conflict(EdgeError):
+    status, title = 409, "Conflict"
+
+
+def _names(request: Request) -> tuple[str, str]:
+    return check_name("tenant", request.path_params["tenant"]), check_name("project", request.path_params["project"])
+
+
+def policy_of(request: Request) -> Policy:
+    policy: Policy = request.app.state.policy
+    return policy
+
+
+async def _catalog(state: EdgeState) -> Catalog:
+    # The catalog is global: it lives on the first cell, next to the first shard's streams.
+    js = await state.cells.js_for_shard(state.topology.cells[0].shards[0])
+    try:
+        return Catalog(await js.key_value(CATALOG_BUCKET))
+    except BucketNotFoundError as e:
+        raise Unavailable(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap the topology first") from e
+
+
+async def _read_body(request: Request, *, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body is {declared} bytes, over the {max_bytes}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"request body is over the {max_bytes}-byte limit")
+    return bytes(body)
+
+
+def _validate(raw: bytes, content_type: str, policy: Policy) -> tuple[Playbook, bytes | dict[str, Any]]:
+    """The playbook and the source to register: YAML text, or the decoded JSON document."""
+    try:
+        if content_type in YAML_TYPES:
+            return load_playbook(raw, policy=policy), raw
+        try:
+            doc = msgspec.json.decode(raw)
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"request body is not valid JSON (send YAML as application/yaml): {e}") from e
+        if not isinstance(doc, dict):
+            raise PlaybookError("a playbook must be an object")
+        return parse_playbook(doc, policy=policy), doc
+    except PlaybookError as e:
+        raise Unprocessable(f"invalid playbook: {e}", field=e.path) from e
+
+
+def _url(tenant: str, project: str, playbook: Playbook) -> str:
+    return BASE.format(tenant=tenant, project=project) + f"/{playbook.path}?version={playbook.version}"
+
+
+def _version_param(request: Request) -> int | None:
+    raw = request.query_params.get("version")
+    if raw is None or raw == "" or raw == "latest":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 2**53:
+        raise Unprocessable(f"query parameter 'version' must be a positive integer or 'latest', got {raw!r}", field="version")
+    return int(raw)
+
+
+async def put_playbook(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project = _names(request)
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
+    raw = await _read_body(request, max_bytes=state.max_body)
+    if not raw:
+        raise BadRequest("the body must be the playbook, as YAML (application/yaml) or JSON")
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    playbook, source = _validate(raw, content_type, policy_of(request))
+    path = request.path_params["path"]
+    if playbook.path != path:
+        raise Unprocessable(f"the playbook's path {playbook.path!r} disagrees with the URL ({path!r})", field="path")
+    try:
+        registered = await (await _catalog(state)).add(tenant, project, source, policy=policy_of(request))
+    except VersionConflict as e:
+        raise Conflict(str(e)) from e
+    except PlaybookError as e:  # validated above; only a policy change between the two checks lands here
+        raise Unprocessable(f"invalid playbook: {e}", field=e.path) from e
+    pb = registered.playbook
+    return json_response(
+        {"path": pb.path, "version": pb.version, "created": registered.created, "playbook": pb},
+        status=201 if registered.created else 200,
+        headers={"Location": _url(tenant, project, pb)},
+    )
+
+
+async def get_playbook(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project = _names(request)
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
+    version = _version_param(request)
+    try:
+        pb = await (await _catalog(state)).get(tenant, project, request.path_params["path"], version)
+    except PlaybookNotFound as e:
+        raise NotFound(str(e)) from e
+    return json_response({"path": pb.path, "version": pb.version, "playbook": pb})
+
+
+async def list_playbooks(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project = _names(request)
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
+    found = await (await _catalog(state)).list(tenant, project)
+    return json_response({"playbooks": [{"path": path, "version": version} for path, version in found]})
+
+
+routes = [
+    Route(BASE, list_playbooks, methods=["GET"]),
+    Route(BASE + "/{path:path}", put_playbook, methods=["PUT"]),
+    Route(BASE + "/{path:path}", get_playbook, methods=["GET"]),
+]

@@ -1,0 +1,211 @@
+"""The playbook catalog: validated playbooks in the KV bucket ``catalog``, by tenant, project, path and version.
+
+Keys (NATS KV allows ``[-/_=.a-zA-Z0-9]``; tenant, project and path segments
+never contain a dot, so the mapping is reversible):
+
+* ``<tenant>.<project>.<path with '/' as '.'>.v<version>`` holds the playbook;
+* ``<tenant>.<project>.<path with '/' as '.'>.latest`` holds the highest
+  registered version as ASCII decimal.
+
+The last token tells the two apart (``latest`` never looks like ``v<N>``).
+
+The value is the canonical JSON of the validated :class:`Playbook` (msgspec,
+dict keys sorted), not the YAML text: two files that differ only in comments,
+layout or key order are the same content, and a reader decodes it straight
+into the Struct without parsing YAML again.
+
+A version is immutable: it is written with ``create`` (compare-and-set
+against "no such key"), so a second registration of the same version is
+accepted only with the same content. ``latest`` is moved with compare-and-set
+on its revision, and only ever up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from locator.names import check_name
+from system_playbooks.orchestrate.errors import OrchestrateError
+from system_playbooks.orchestrate.playbook import PATH_PATTERN, Playbook, Policy, load_playbook, parse_playbook
+
+__all__ = [
+    "Catalog",
+    "CatalogError",
+    "PlaybookNotFound",
+    "Registered",
+    "VersionConflict",
+    "latest_key",
+    "policy_from_env",
+    "version_key",
+]
+
+LATEST: Final = "latest"
+_PATH_RE: Final = re.compile(PATH_PATTERN)
+_VERSION_RE: Final = re.compile(r"^v([1-9][0-9]{0,17})$")
+_encoder = msgspec.json.Encoder(order="sorted")
+_decoder = msgspec.json.Decoder(Playbook)
+
+
+class CatalogError(OrchestrateError):
+    """Root of the catalog's errors (an invalid playbook is a :class:`PlaybookError` instead)."""
+
+
+class PlaybookNotFound(CatalogError):
+    """No such playbook path, or no such version of it."""
+
+
+class VersionConflict(CatalogError):
+    """This version of the path is already registered with different content; versions are immutable."""
+
+
+class Registered(msgspec.Struct, frozen=True):
+    """The outcome of :meth:`Catalog.add`: the playbook and whether this call created the version."""
+
+    playbook: Playbook
+    created: bool
+
+
+def _prefix(tenant: str, project: str, path: str) -> str:
+    tenant = check_name("tenant", tenant)
+    project = check_name("project", project)
+    if not isinstance(path, str) or not _PATH_RE.match(path) or len(path) > 255:
+        raise PlaybookNotFound(f"invalid playbook path {path!r}: must match {PATH_PATTERN}")
+    return f"{tenant}.{project}.{path.replace('/', '.')}"
+
+
+def version_key(tenant: str, project: str, path: str, version: int) -> str:
+    """``acme.web.etl.daily.v3`` for ``acme``/``web``, path ``etl/daily``, version 3."""
+    return f"{_prefix(tenant, project, path)}.v{version}"
+
+
+def latest_key(tenant: str, project: str, path: str) -> str:
+    """``acme.web.etl.daily.latest``: the highest registered version of the path."""
+    return f"{_prefix(tenant, project, path)}.{LATEST}"
+
+
+class Catalog:
+    """Register and read playbooks in a KV bucket (``catalog``).
+
+    >>> async def demo(kv: KeyValue) -> None:  # doctest: +SKIP
+    ...     catalog = Catalog(kv)
+    ...     pb = await catalog.register("acme", "web", "path: demo/x\\nversion: 1\\nsteps: [{name: a, tool: {kind: noop}}]",
+    ...                                 policy=Policy())
+    ...     assert (await catalog.get("acme", "web", "demo/x")) == pb
+    ...     assert await catalog.list("acme", "web") == [("demo/x", 1)]
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def register(
+        self, tenant: str, project: str, source: str | bytes | Path | Mapping[str, Any], *, policy: Policy
+    ) -> Playbook:
+        """Validate ``source`` (YAML text, a file, or a decoded document) and store it; see :meth:`add`."""
+        return (await self.add(tenant, project, source, policy=policy)).playbook
+
+    async def add(
+        self, tenant: str, project: str, source: str | bytes | Path | Mapping[str, Any], *, policy: Policy
+    ) -> Registered:
+        """Validate, then store the version and raise ``latest`` to it.
+
+        Raises :class:`PlaybookError` (nothing written) for an invalid playbook and
+        :class:`VersionConflict` when the version exists with other content.
+        Registering the same content again is a no-op that answers ``created=False``.
+        """
+        playbook = parse_playbook(source, policy=policy) if isinstance(source, Mapping) else load_playbook(source, policy=policy)
+        key = version_key(tenant, project, playbook.path, playbook.version)
+        data = _encoder.encode(playbook)
+        created = True
+        try:
+            await self.kv.create(key, data)
+        except KeyWrongLastSequenceError:
+            created = False
+            stored = await self._read(key)
+            if stored is None or _encoder.encode(stored) != data:
+                raise VersionConflict(
+                    f"{playbook.path} version {playbook.version} is already registered in {tenant}/{project} "
+                    "with different content; register it under a new version"
+                ) from None
+        # Also on a repeat: a registration that died between the two writes left `latest` behind.
+        await self._raise_latest(latest_key(tenant, project, playbook.path), playbook.version)
+        return Registered(playbook=playbook, created=created)
+
+    async def _raise_latest(self, key: str, version: int) -> None:
+        while True:
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                try:
+                    await self.kv.create(key, str(version).encode())
+                    return
+                except KeyWrongLastSequenceError:
+                    continue  # another registration created it first: compare with theirs
+            if int(entry.value or b"0") >= version:
+                return
+            try:
+                await self.kv.update(key, str(version).encode(), last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue  # moved under us: read it again
+
+    async def _read(self, key: str) -> Playbook | None:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return _decoder.decode(entry.value or b"")
+
+    async def latest_version(self, tenant: str, project: str, path: str) -> int:
+        """The highest registered version of ``path``; :class:`PlaybookNotFound` if none."""
+        try:
+            entry = await self.kv.get(latest_key(tenant, project, path))
+        except KeyNotFoundError:
+            raise PlaybookNotFound(f"no playbook {path} in {tenant}/{project}") from None
+        return int(entry.value or b"0")
+
+    async def get(self, tenant: str, project: str, path: str, version: int | None = None) -> Playbook:
+        """Version ``version`` of ``path`` (the latest when None); :class:`PlaybookNotFound` if there is none."""
+        if version is None:
+            version = await self.latest_version(tenant, project, path)
+        playbook = await self._read(version_key(tenant, project, path, version))
+        if playbook is None:
+            raise PlaybookNotFound(f"no version {version} of playbook {path} in {tenant}/{project}")
+        return playbook
+
+    async def list(self, tenant: str, project: str) -> list[tuple[str, int]]:
+        """Every registered (path, version) of the project, sorted."""
+        prefix = f"{check_name('tenant', tenant)}.{check_name('project', project)}."
+        watcher = await self.kv.watch(prefix + ">", ignore_deletes=True, meta_only=True)
+        found: list[tuple[str, int]] = []
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of the initial values
+                    break
+                head, _, last = entry.key[len(prefix):].rpartition(".")
+                match = _VERSION_RE.match(last)
+                if head and match:
+                    found.append((head.replace(".", "/"), int(match.group(1))))
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+        return sorted(found)
+
+
+def policy_from_env(env: Mapping[str, str]) -> Policy:
+    """The operator's :class:`Policy` from ``NOETL_PYTHON_ALLOW`` (module prefixes) and ``NOETL_HTTP_HOSTS``
+    (hosts), both comma-separated; unset means nothing is allowed.
+
+    >>> policy_from_env({"NOETL_PYTHON_ALLOW": "examples.tools., acme", "NOETL_HTTP_HOSTS": ""})
+    Policy(python_allow=('examples.tools.', 'acme'), http_hosts=())
+    """
+
+    def items(name: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+    return Policy(python_allow=items("NOETL_PYTHON_ALLOW"), http_hosts=items("NOETL_HTTP_HOSTS"))
