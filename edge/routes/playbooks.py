@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge.errors import BadRequest, EdgeError, NotFound, PayloadTooLarge, Unavailable, Unprocessable
-from edge.responses import json_response
+from edge.errors import BadRequest, EdgeError, NotFound, Unavailable, Unprocessable
+from edge.responses import json_response, read_body
 from edge.state import EdgeState, state_of
 from locator.names import check_name
 from locator.subjects import CATALOG_BUCKET
@@ -42,18 +42,6 @@ async def _catalog(state: EdgeState) -> Catalog:
         return Catalog(await js.key_value(CATALOG_BUCKET))
     except BucketNotFoundError as e:
         raise Unavailable(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap the topology first") from e
-
-
-async def _read_body(request: Request, *, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"request body is {declared} bytes, over the {max_bytes}-byte limit")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"request body is over the {max_bytes}-byte limit")
-    return bytes(body)
 
 
 def _validate(raw: bytes, content_type: str, policy: Policy) -> tuple[Playbook, bytes | dict[str, Any]]:
@@ -89,7 +77,7 @@ async def put_playbook(request: Request) -> Response:
     state = state_of(request)
     tenant, project = _names(request)
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
-    raw = await _read_body(request, max_bytes=state.max_body)
+    raw = await read_body(request, max_bytes=state.max_body)
     if not raw:
         raise BadRequest("the body must be the playbook, as YAML (application/yaml) or JSON")
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
