@@ -63,5 +63,6 @@ async def close(nc: NATS) -> None:
     """Close ``nc``; a connection the server already dropped is closed without raising."""
     try:
         await nc.close()
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError, RuntimeError) as e:
+        # RuntimeError: uvloop refuses to flush into a transport the server already closed.
         log.info("nats.close_after_loss", error=str(e) or type(e).__name__)

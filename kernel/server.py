@@ -135,6 +135,9 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                # Its own session: a terminal's Ctrl-C reaches only us, and we stop the server last,
+                # after the kernel and the edge have let go of it.
+                start_new_session=True,
             )
         finally:
             logfile.close()

@@ -159,7 +159,8 @@ class Up:
 
     def __init__(self, cli_command: list[str], env: dict[str, str], *args: str) -> None:
         self.proc = subprocess.Popen(
-            [*cli_command, "up", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            [*cli_command, "up", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,
         )
 
     def ready(self, timeout: float = 30) -> str:
@@ -192,9 +193,11 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    ("sig", "group"), [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)], ids=["term", "int", "ctrl-c"]
+)
 async def test_up_bootstraps_prints_ready_and_stops_cleanly(
-    tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str], sig: signal.Signals
+    tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str], sig: signal.Signals, group: bool
 ) -> None:
     data = tmp_path / "data"
     up = Up(cli_command, cli_environ, "--data-dir", str(data), "--nats-port", "0", "--shards", "3")
@@ -207,8 +210,12 @@ async def test_up_bootstraps_prints_ready_and_stops_cleanly(
     assert {"WAL_0", "WAL_2", "CMD_1", "DLQ_2", "KV_proj_0", "KV_catalog", "KV_leases", "OBJ_plugins"} <= names
     assert "WAL_3" not in names
     pid = up.server_pid(data)
-    up.proc.send_signal(sig)
-    assert up.proc.wait(timeout=30) == 0
+    if group:
+        # A terminal's Ctrl-C signals the whole foreground group; the server must still be stopped last.
+        os.killpg(up.proc.pid, sig)
+    else:
+        up.proc.send_signal(sig)
+    assert up.proc.wait(timeout=30) == 0, up.stop_output()
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
