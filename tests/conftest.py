@@ -18,9 +18,15 @@ from kernel.logs import configure_logging
 from kernel.server import EmbeddedServer
 from locator.topology import Topology, default_topology
 
+
 def pytest_configure(config: pytest.Config) -> None:
     # Library logs go to stderr (never stdout, which carries command output).
     configure_logging(level="info", fmt="console")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Slow tests first: the parallel workers then finish together instead of waiting on one long tail.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -659,6 +659,7 @@ async def test_a_down_cell_fails_only_its_own_shards(nats_server: EmbeddedServer
         hung.close()
 
 
+@pytest.mark.slow
 async def test_a_frozen_server_answers_503_on_every_route(client: httpx.AsyncClient, nats_server: EmbeddedServer) -> None:
     """SIGSTOP the nats-server: the TCP connection stays up but nothing answers, so every NATS call
     times out. Each route must say 503 + Retry-After (not 404, not 500)."""
