@@ -7,7 +7,6 @@ execution. Its columns are a contract read by tools outside the project
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -15,13 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import fsspec.core
 import msgspec
 import pyarrow as pa
 import pyarrow.ipc
-from fsspec.implementations.local import LocalFileSystem
 
 from projector.errors import ProjectorError
+from projector.objects import ObjectRoot
 
 SCHEMA = pa.schema(
     [
@@ -38,8 +36,6 @@ SCHEMA = pa.schema(
 # Rows per record batch: read_row decompresses one batch, not the whole segment.
 BATCH_ROWS = 128
 _BATCH_ROWS_KEY = b"noetl.batch_rows"
-
-_AWS_CREDENTIALS = (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret"), ("AWS_SESSION_TOKEN", "token"))
 
 _SEGMENT_NAME = re.compile(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{32}\.feather")
 
@@ -87,14 +83,6 @@ def _encode(rows: Sequence[SegmentRow]) -> bytes:
     return bytes(sink.getvalue())
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SnapshotStore:
     """Arrow IPC (Feather v2) segments in object storage through fsspec.
 
@@ -120,30 +108,17 @@ class SnapshotStore:
     """
 
     def __init__(self, base_url: str, *, storage_options: dict[str, Any] | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.storage_options = dict(storage_options or {})
-        self._fs, self._base = fsspec.core.url_to_fs(self.base_url, **self.storage_options)
-        self._local = isinstance(self._fs, LocalFileSystem)
-        protocol = self._fs.protocol
-        self._protocols: tuple[str, ...] = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        self._root = ObjectRoot(base_url, storage_options=storage_options)
+        self.base_url = self._root.base_url
+        self.storage_options = self._root.storage_options
+        self._fs, self._base = self._root.fs, self._root.base
 
     @classmethod
     def from_env(cls, *, data_dir: Path, env: Mapping[str, str] | None = None) -> SnapshotStore:
         """``NOETL_OBJECTS_URL`` (default ``file://<data_dir>/objects``); for ``s3://`` also
         ``NOETL_S3_ENDPOINT_URL`` and the usual ``AWS_*`` credentials and region."""
-        env = os.environ if env is None else env
-        url = env.get("NOETL_OBJECTS_URL") or f"file://{data_dir.absolute()}/objects"
-        options: dict[str, Any] = {}
-        if url.startswith(("s3://", "s3a://")):
-            # botocore reads os.environ itself; an explicit mapping must be passed on.
-            if endpoint := env.get("NOETL_S3_ENDPOINT_URL"):
-                options["endpoint_url"] = endpoint
-            for var, option in _AWS_CREDENTIALS:
-                if value := env.get(var):
-                    options[option] = value
-            if region := env.get("AWS_DEFAULT_REGION"):
-                options["client_kwargs"] = {"region_name": region}
-        return cls(url, storage_options=options)
+        root = ObjectRoot.from_env(data_dir=data_dir, env=env)
+        return cls(root.base_url, storage_options=root.storage_options)
 
     def write_segment(self, shard: int, rows: Sequence[SegmentRow]) -> str:
         """Write ``rows`` (in order) as one new segment of ``shard``; return its full URI."""
@@ -153,13 +128,9 @@ class SnapshotStore:
         directory = self._shard_dir(shard)
         path = f"{directory}/{_segment_name()}"
         try:
-            if self._local:
-                self._write_local(directory, path, data)
-            else:
-                self._fs.pipe_file(path, data)
+            return self._root.write(path, data)
         except OSError as e:
-            raise SnapshotError(f"could not write segment {self._fs.unstrip_protocol(path)}: {e}") from e
-        return str(self._fs.unstrip_protocol(path))
+            raise SnapshotError(f"could not write segment {self._root.uri(path)}: {e}") from e
 
     def read_row(self, uri: str, row: int) -> SegmentRow:
         """Row ``row`` (0-based) of the segment at ``uri``, reading only the record batch that holds it."""
@@ -184,7 +155,7 @@ class SnapshotStore:
         """The whole segment at ``uri`` as a table."""
         path = self._path(uri)
         try:
-            data = self._fs.cat_file(path)
+            data = self._root.read(path)
             return pyarrow.ipc.open_file(pa.py_buffer(data)).read_all()
         except FileNotFoundError as e:
             raise SnapshotError(f"segment not found: {uri}") from e
@@ -220,7 +191,7 @@ class SnapshotStore:
         except OSError as e:
             raise SnapshotError(f"could not list segments of shard {shard}: {e}") from e
         names = sorted(p.rsplit("/", 1)[-1] for p in paths)
-        return [str(self._fs.unstrip_protocol(f"{directory}/{n}")) for n in names if _SEGMENT_NAME.fullmatch(n)]
+        return [self._root.uri(f"{directory}/{n}") for n in names if _SEGMENT_NAME.fullmatch(n)]
 
     def delete(self, uri: str) -> None:
         """Delete one segment of this store; a segment already gone is not an error (retries are safe)."""
@@ -241,26 +212,10 @@ class SnapshotStore:
         return f"{self._base}/segments/shard={shard}"
 
     def _path(self, uri: str) -> str:
-        protocol, _ = fsspec.core.split_protocol(uri)
-        if protocol not in self._protocols:
-            raise SnapshotError(f"segment URI {uri!r} is not on this store's filesystem ({self.base_url})")
-        return str(self._fs._strip_protocol(uri))
-
-    def _write_local(self, directory: str, path: str, data: bytes) -> None:
-        self._fs.makedirs(directory, exist_ok=True)
-        temp = f"{directory}/.{path.rsplit('/', 1)[-1]}.tmp"
         try:
-            with self._fs.open(temp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            self._fs.mv(temp, path)
-        except BaseException:
-            if self._fs.exists(temp):
-                self._fs.rm_file(temp)
-            raise
-        # The rename itself must survive a crash, or the KV pointer could outlive the file.
-        _fsync_dir(directory)
+            return self._root.path_of(uri)
+        except ValueError as e:
+            raise SnapshotError(f"segment URI {uri!r} is not on this store's filesystem ({self.base_url})") from e
 
     @staticmethod
     def _locate(reader: pyarrow.ipc.RecordBatchFileReader, row: int, uri: str) -> tuple[pa.RecordBatch, int]:
