@@ -1,0 +1,270 @@
+"""The tools a data worker runs: one rendered playbook tool in, one JSON value (or Arrow table) out.
+
+The playbook was checked against the operator :class:`Policy` when it was
+registered; the checks are made again here, at run time, because the policy
+may have changed since and because a command on ``CMD_<shard>`` can be
+published by anyone who can publish there (defense in depth).
+
+Every failure is a :class:`ToolError` with a short ``type`` and a
+``message``, which the worker reports as the ``call.error`` event's
+``{"type", "message"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+import pyarrow as pa
+
+from locator.command import Command
+from system_playbooks.orchestrate.errors import OrchestrateError
+from system_playbooks.orchestrate.playbook import (
+    CALL_RE,
+    CallbackTool,
+    HttpTool,
+    NoopTool,
+    Policy,
+    PythonTool,
+    Tool,
+    WasmTool,
+)
+
+__all__ = ["MAX_HTTP_BODY", "ToolContext", "ToolError", "ToolRunner", "run_tool"]
+
+MAX_HTTP_BODY: Final = 32 * 1024 * 1024
+_JSON_TYPES: Final = ("application/json", "+json")
+
+
+class ToolError(OrchestrateError):
+    """A tool failed; ``type`` is a short code (``denied``, ``timeout``, ``http_status``…, or the
+    class name of what a Python tool raised) and ``message`` says what happened.
+
+    >>> ToolError("denied", "no").payload()
+    {'type': 'denied', 'message': 'no'}
+    """
+
+    def __init__(self, type: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+
+    def payload(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolContext:
+    """Who runs the tool: the step attempt (a Python tool sees it as its ``noetl`` argument) and the policy."""
+
+    execution_id: str
+    step: str
+    iteration: int | None
+    attempt: int
+    policy: Policy
+
+    def noetl(self) -> dict[str, Any]:
+        return {"execution_id": self.execution_id, "step": self.step, "iteration": self.iteration, "attempt": self.attempt}
+
+
+def _parse(tool: dict[str, Any]) -> Tool:
+    try:
+        parsed: Tool = msgspec.convert(tool, Tool)
+    except msgspec.ValidationError as e:
+        raise ToolError("invalid_tool", f"the command's tool is not a valid playbook tool: {e}") from e
+    return parsed
+
+
+def _builtins(value: Any) -> Any:
+    """The result as plain JSON values (a ``pyarrow.Table`` passes as it is)."""
+    if isinstance(value, pa.Table):
+        return value
+    try:
+        return msgspec.to_builtins(value)
+    except (TypeError, msgspec.EncodeError) as e:
+        raise ToolError("bad_result", f"the tool returned a value that is not JSON-serializable: {e}") from e
+
+
+async def run_tool(tool: dict[str, Any], ctx: ToolContext) -> Any:
+    """Run one rendered tool (``msgspec.to_builtins`` of a playbook :data:`Tool`) and return its result.
+
+    Raises :class:`ToolError` on any failure.
+
+    >>> import asyncio
+    >>> ctx = ToolContext(execution_id="7", step="a", iteration=None, attempt=1, policy=Policy())
+    >>> asyncio.run(run_tool({"kind": "noop", "result": {"x": 1}}, ctx))
+    {'x': 1}
+    >>> asyncio.run(run_tool({"kind": "python", "call": "os:getcwd"}, ctx))
+    Traceback (most recent call last):
+    ...
+    system_playbooks.orchestrate.tools.ToolError: call 'os:getcwd' is not allowed by the operator policy (allowed module prefixes: none)
+    """
+    match _parse(tool):
+        case NoopTool(result=result):
+            return _builtins(result)
+        case PythonTool() as python:
+            return _builtins(await _run_python(python, ctx))
+        case HttpTool() as http:
+            return await _run_http(http, ctx)
+        case WasmTool(plugin=plugin):
+            raise ToolError(
+                "unsupported",
+                f"wasm tool {plugin!r}: the WASM plug-in host is not available yet (issue 6); "
+                "no worker can run this step",
+            )
+        case CallbackTool():
+            raise ToolError(
+                "unsupported", "a callback step waits for an external callback: it never runs on a data worker"
+            )
+    raise AssertionError("unreachable: Tool is a closed union")
+
+
+# --- python ---------------------------------------------------------------------------------------
+
+
+def _resolve(call: str) -> Callable[..., Any]:
+    module_name, _, name = call.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # an import runs arbitrary module code: any failure is the tool's
+        raise ToolError("import_error", f"cannot import {module_name!r} for {call!r}: {e!r}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ToolError("import_error", f"{call!r}: module {module_name!r} has no callable {name!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _arguments(fn: Callable[..., Any], call: str, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+    if "noetl" in args:
+        raise ToolError("bad_args", f"{call!r}: the argument name 'noetl' is reserved for the runtime")
+    kwargs = dict(args)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return kwargs  # a builtin without a signature: let the call itself complain
+    parameter = signature.parameters.get("noetl")
+    if parameter is not None and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        kwargs["noetl"] = ctx.noetl()
+    try:
+        signature.bind(**kwargs)
+    except TypeError as e:
+        raise ToolError("bad_args", f"{call!r} does not accept these arguments: {e}") from e
+    return kwargs
+
+
+def _call_sync(call: str, args: dict[str, Any], ctx: ToolContext) -> tuple[Any, bool]:
+    """Import and call in a worker thread; (result, True) or (coroutine function, False) for async ones."""
+    fn = _resolve(call)
+    if inspect.iscoroutinefunction(fn):
+        return fn, False
+    kwargs = _arguments(fn, call, args, ctx)
+    try:
+        return fn(**kwargs), True
+    except ToolError:
+        raise
+    except BaseException as e:  # SystemExit from a tool must not stop the worker
+        raise ToolError(type(e).__name__, str(e) or type(e).__name__) from e
+
+
+async def _run_python(tool: PythonTool, ctx: ToolContext) -> Any:
+    call = tool.call
+    if CALL_RE.fullmatch(call) is None:
+        raise ToolError("invalid_tool", f"invalid call {call!r}: expected 'package.module:function'")
+    if not ctx.policy.allows_call(call):
+        allowed = ", ".join(ctx.policy.python_allow) or "none"
+        raise ToolError("denied", f"call {call!r} is not allowed by the operator policy (allowed module prefixes: {allowed})")
+    # In a thread: the import and a synchronous tool must not block the loop (heartbeats, other commands).
+    value, done = await asyncio.to_thread(_call_sync, call, tool.args, ctx)
+    if done and not inspect.isawaitable(value):
+        return value
+    awaitable = value if done else value(**_arguments(value, call, tool.args, ctx))
+    try:
+        return await awaitable
+    except ToolError:
+        raise
+    except (Exception, SystemExit) as e:
+        raise ToolError(type(e).__name__, str(e) or type(e).__name__) from e
+
+
+# --- http -----------------------------------------------------------------------------------------
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == _JSON_TYPES[0] or media.endswith(_JSON_TYPES[1])
+
+
+async def _run_http(tool: HttpTool, ctx: ToolContext) -> dict[str, Any]:
+    try:
+        parts = urlsplit(tool.url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as e:
+        raise ToolError("invalid_tool", f"invalid url {tool.url!r}: {e}") from e
+    if parts.scheme not in ("http", "https") or not host:
+        raise ToolError("invalid_tool", f"invalid url {tool.url!r}: expected http(s)://host/...")
+    if not ctx.policy.allows_host(host):
+        allowed = ", ".join(ctx.policy.http_hosts) or "none"
+        raise ToolError("denied", f"host {host!r} is not allowed by the operator policy (allowed hosts: {allowed})")
+    content: dict[str, Any] = {}
+    if isinstance(tool.body, str):
+        content["content"] = tool.body.encode()
+    elif tool.body is not None:
+        content["json"] = tool.body
+    what = f"{tool.method} {tool.url}"
+    try:
+        # The whole exchange is bounded, not only each read: a server that drips bytes still times out.
+        async with asyncio.timeout(tool.timeout):
+            # No redirects: a Location on another host would slip past the host allow-list.
+            async with httpx.AsyncClient(timeout=tool.timeout, follow_redirects=False) as client:
+                async with client.stream(tool.method, tool.url, headers=tool.headers, **content) as response:
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_HTTP_BODY:
+                            raise ToolError("http_too_large", f"{what}: response body over {MAX_HTTP_BODY} bytes")
+    except (httpx.TimeoutException, TimeoutError) as e:
+        raise ToolError("timeout", f"{what}: no complete answer within {tool.timeout} s") from e
+    except httpx.HTTPError as e:
+        raise ToolError("http_error", f"{what}: {type(e).__name__}: {e}") from e
+    text = body.decode(response.encoding or "utf-8", errors="replace")
+    if response.status_code >= 400:
+        snippet = text[:500] + ("…" if len(text) > 500 else "")
+        raise ToolError("http_status", f"{what} answered {response.status_code}: {snippet}")
+    parsed: Any = text if body else None
+    if body and _is_json(response.headers.get("content-type", "")):
+        try:
+            parsed = msgspec.json.decode(body)
+        except msgspec.DecodeError as e:
+            raise ToolError("http_invalid_json", f"{what}: the body says it is JSON but is not: {e}") from e
+    return {"status": response.status_code, "headers": dict(response.headers), "body": parsed}
+
+
+# --- the worker's runner --------------------------------------------------------------------------
+
+
+class ToolRunner:
+    """What ``kernel.worker`` hands each command to: runs its tool under the operator policy.
+
+    >>> # await run_workers(urls, topology, runner=ToolRunner(policy_from_env(os.environ)), ...)
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    async def __call__(self, command: Command, *, attempt: int) -> Any:
+        ctx = ToolContext(
+            execution_id=command.execution_id,
+            step=command.step,
+            iteration=command.iteration,
+            attempt=attempt,
+            policy=self.policy,
+        )
+        return await run_tool(command.tool, ctx)
