@@ -23,19 +23,16 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
+from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT, dead_letter, header_text
 from kernel.host import Plugin, Reject, Retry, ShardContext
 from locator.envelope import EnvelopeError, decode_wal_message, poison_reason
-from locator.subjects import dlq_subject, wal_stream, wal_subjects
+from locator.subjects import wal_stream, wal_subjects
 from projector.fold import WalEvent
+
+__all__ = ["DLQ_CONSUMER", "DLQ_REASON", "DLQ_SEQ", "DLQ_STREAM", "DLQ_SUBJECT", "Pump", "PumpStats", "stream_seq"]
 
 log = structlog.get_logger("noetl.kernel.pump")
 tracer = trace.get_tracer("noetl.kernel.pump")
-
-DLQ_REASON = "Noetl-Dlq-Reason"
-DLQ_STREAM = "Noetl-Dlq-Stream"
-DLQ_SEQ = "Noetl-Dlq-Seq"
-DLQ_SUBJECT = "Noetl-Dlq-Subject"
-DLQ_CONSUMER = "Noetl-Dlq-Consumer"
 
 
 @dataclass
@@ -62,12 +59,6 @@ def stream_seq(msg: Msg) -> int:
     """
     tokens = (msg.reply or "").split(".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-def _header_text(text: str, limit: int = 1000) -> str:
-    # Header values cannot carry newlines; long reasons are cut, never dropped.
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 class Pump:
@@ -158,22 +149,20 @@ class Pump:
 
     async def _dead_letter(self, msg: Msg, reason: str, detail: str, *, per_consumer: bool) -> None:
         seq = stream_seq(msg)
-        # The original's own Nats-* headers (expected stream, msg id…) would misdirect the copy.
-        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
-        headers.update(
-            {
-                DLQ_REASON: _header_text(f"{reason}: {detail}"),
-                DLQ_STREAM: self.stream,
-                DLQ_SEQ: str(seq),
-                DLQ_SUBJECT: msg.subject,
-                DLQ_CONSUMER: self.durable,
-                # Both the project and materialize consumers see the same poison: store it once.
-                "Nats-Msg-Id": f"dlq:{self.stream}:{seq}" + (f":{self.durable}" if per_consumer else ""),
-            }
+        await dead_letter(
+            self.js,
+            msg,
+            shard=self.shard,
+            stream=self.stream,
+            seq=seq,
+            consumer=self.durable,
+            reason=reason,
+            detail=detail,
+            # Both the project and materialize consumers see the same poison: store it once.
+            msg_id=f"dlq:{self.stream}:{seq}" + (f":{self.durable}" if per_consumer else ""),
         )
-        await self.js.publish(dlq_subject(self.shard, reason), msg.data or b"", headers=headers)
         self.stats.dlq += 1
-        self.log.warning("dlq", reason=reason, seq=seq, subject=msg.subject, detail=_header_text(detail, 200))
+        self.log.warning("dlq", reason=reason, seq=seq, subject=msg.subject, detail=header_text(detail, 200))
 
     async def _split(self, msgs: list[Msg]) -> list[WalEvent]:
         events: list[WalEvent] = []
