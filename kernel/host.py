@@ -7,7 +7,7 @@ the host capabilities its manifest grants. The WASM runtime extends this host.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
@@ -15,14 +15,33 @@ from typing import Literal, NamedTuple, Protocol
 import msgspec
 import structlog
 import yaml
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
 from kernel.errors import KernelError
+from kernel.producer import Producer
+from locator.subjects import CATALOG_BUCKET, cmd_subjects, execution_filter, wal_stream
+from locator.topology import Topology
 from projector.cache import ProjectionCache
 from projector.fold import WalEvent
+from projector.replay import history
 from projector.snapshots import SnapshotStore
 
 SYSTEM_PLAYBOOKS = Path(__file__).resolve().parent.parent / "system_playbooks"
-CAPABILITIES = frozenset({"projections.read", "projections.write", "snapshots.read", "snapshots.write"})
+CAPABILITIES = frozenset(
+    {
+        "projections.read",
+        "projections.write",
+        "snapshots.read",
+        "snapshots.write",
+        "events.publish",  # publish envelopes to the WAL (Nats-Msg-Id = event_id)
+        "commands.publish",  # publish to this shard's command stream (cmd.<shard>.>)
+        "history.read",  # read one execution's WAL history
+        "catalog.read",  # read the playbook catalog bucket
+    }
+)
+HISTORY_LIMIT = 1_000_000
 
 
 class PluginError(KernelError):
@@ -67,6 +86,9 @@ class ShardContext:
     granted: frozenset[str]
     _cache: ProjectionCache | None = field(default=None, repr=False)
     _snapshots: SnapshotStore | None = field(default=None, repr=False)
+    _js: JetStreamContext | None = field(default=None, repr=False)
+    _topology: Topology | None = field(default=None, repr=False)
+    duplicate_window_ms: int = 120_000
     log: structlog.typing.FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger("noetl.plugin"))
 
     def _need(self, capability: str) -> None:
@@ -82,6 +104,50 @@ class ShardContext:
         self._need("snapshots.write" if write else "snapshots.read")
         assert self._snapshots is not None
         return self._snapshots
+
+    def producer(self) -> Producer:
+        self._need("events.publish")
+        assert self._js is not None and self._topology is not None
+        return Producer(self._js, self._topology)
+
+    async def publish_command(self, subject: str, data: bytes, *, msg_id: str) -> int:
+        """Publish to this shard's command stream; returns the stream sequence."""
+        self._need("commands.publish")
+        assert self._js is not None
+        if not subject.startswith(cmd_subjects(self.shard)[:-1]):
+            raise PluginError(f"plug-in {self.plugin} may publish commands only to {cmd_subjects(self.shard)}")
+        ack = await self._js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+        return int(ack.seq)
+
+    async def history(self, tenant: str, project: str, execution_id: str) -> AsyncIterator[WalEvent]:
+        """The execution's events on this shard, in WAL order, up to now."""
+        self._need("history.read")
+        assert self._js is not None and self._topology is not None
+        async for event in history(
+            self._js, shard=self.shard, shard_count=self._topology.shard_count, tenant=tenant, project=project,
+            execution_id=execution_id, limit=HISTORY_LIMIT,
+        ):
+            yield event
+
+    async def next_event_seq(
+        self, tenant: str, project: str, execution_id: str, *, after_seq: int, type: str | None = None
+    ) -> int | None:
+        """The WAL sequence of the execution's first event (of ``type``, if given) after ``after_seq``, or None."""
+        self._need("history.read")
+        assert self._js is not None
+        subject = execution_filter(self.shard, tenant, project, execution_id)
+        if type is not None:
+            subject = subject[:-1] + type
+        try:
+            msg = await self._js.get_msg(wal_stream(self.shard), seq=after_seq + 1, next=True, subject=subject)
+        except NotFoundError:
+            return None
+        return msg.seq
+
+    async def catalog_bucket(self) -> KeyValue:
+        self._need("catalog.read")
+        assert self._js is not None
+        return await self._js.key_value(CATALOG_BUCKET)
 
 
 class Plugin(Protocol):
@@ -104,7 +170,7 @@ def load_manifest(path: Path) -> Manifest:
     return manifest
 
 
-def system_manifests(names: Sequence[str] = ("project", "materialize")) -> list[Manifest]:
+def system_manifests(names: Sequence[str] = ("project", "orchestrate", "materialize")) -> list[Manifest]:
     return [load_manifest(SYSTEM_PLAYBOOKS / name / "manifest.yaml") for name in names]
 
 
@@ -120,12 +186,24 @@ def load_plugin(manifest: Manifest) -> Plugin:
     return plugin
 
 
-def context_for(manifest: Manifest, shard: int, *, cache: ProjectionCache, snapshots: SnapshotStore) -> ShardContext:
+def context_for(
+    manifest: Manifest,
+    shard: int,
+    *,
+    cache: ProjectionCache,
+    snapshots: SnapshotStore,
+    js: JetStreamContext | None = None,
+    topology: Topology | None = None,
+    duplicate_window_s: float = 120.0,
+) -> ShardContext:
     return ShardContext(
         shard=shard,
         plugin=manifest.path,
         granted=frozenset(manifest.capabilities),
         _cache=cache,
         _snapshots=snapshots,
+        _js=js,
+        _topology=topology,
+        duplicate_window_ms=int(duplicate_window_s * 1000),
         log=structlog.get_logger("noetl.plugin").bind(plugin=manifest.path, shard=shard),
     )

@@ -15,6 +15,7 @@ from kernel.bootstrap import StreamSettings, check_topology
 from kernel.host import Manifest, Plugin, context_for, load_plugin, system_manifests
 from kernel.leases import ShardLeases
 from kernel.pump import Pump, PumpStats
+from kernel.scheduler import Scheduler
 from locator.topology import Topology
 from projector.cache import KvProjectionCache
 from projector.snapshots import SnapshotStore
@@ -61,6 +62,7 @@ class Kernel:
         self.manifests = list(manifests) if manifests is not None else system_manifests()
         self.plugins: dict[str, Plugin] = {m.path: load_plugin(m) for m in self.manifests}
         self.running: dict[tuple[int, str], _Running] = {}
+        self.timers: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.log = log.bind(holder=self.holder, cell=self.cell.name)
 
     @property
@@ -79,7 +81,10 @@ class Kernel:
                 shard=shard,
                 shard_count=self.topology.shard_count,
                 plugin=self.plugins[manifest.path],
-                ctx=context_for(manifest, shard, cache=cache, snapshots=self.snapshots),
+                ctx=context_for(
+                    manifest, shard, cache=cache, snapshots=self.snapshots, js=self.js, topology=self.topology,
+                    duplicate_window_s=self.settings.duplicate_window_s,
+                ),
                 consumer=manifest.consumer,
                 max_batch=manifest.max_batch,
                 linger=manifest.linger_s,
@@ -87,15 +92,24 @@ class Kernel:
             stop = asyncio.Event()
             task = asyncio.create_task(pump.run(stop), name=f"pump-{manifest.consumer}-{shard}")
             self.running[(shard, manifest.path)] = _Running(pump, stop, task)
+        stop = asyncio.Event()
+        scheduler = Scheduler(self.js, shard=shard)
+        self.timers[shard] = (stop, asyncio.create_task(scheduler.run(stop), name=f"scheduler-{shard}"))
         self.log.info("shard.acquired", shard=shard, revision=revision)
 
     async def _stop_shard(self, shard: int) -> None:
         # Losing a lease stops folding at once; the revision checks fence any write already in flight.
         stopped = [self.running.pop(key) for key in list(self.running) if key[0] == shard]
+        tasks = [r.task for r in stopped]
         for r in stopped:
             r.stop.set()
             r.task.cancel()
-        await asyncio.gather(*(r.task for r in stopped), return_exceptions=True)
+        if shard in self.timers:
+            stop, task = self.timers.pop(shard)
+            stop.set()
+            task.cancel()
+            tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.log.info("shard.released", shard=shard)
 
     async def run(self, stop: asyncio.Event, *, on_ready: Callable[[], None] | None = None) -> None:

@@ -117,7 +117,9 @@ def make_executions(rng: random.Random, count: int, total_events: int, *, node_i
             new_event(
                 **kw,
                 type="execution.requested",
-                payload={"playbook": {"path": f"etl/job_{i % 7}", "version": 1 + i % 3}, "workload": {"n": i}},
+                # No playbook: these histories come from an outside producer, so the orchestrator leaves them be
+                # and every event in the WAL is one this test published.
+                payload={"playbook": None, "workload": {"n": i, "job": f"etl/job_{i % 7}"}},
             ),
             new_event(**kw, type="execution.started"),
         ]
@@ -200,8 +202,13 @@ class Publisher:
                 acked[env.event_id] = result.seq
         self.published += len(chunk)
 
-    async def publish_paced(self, chunks: Sequence[Sequence[Envelope]], pause: float) -> None:
-        for chunk in chunks:
+    async def publish_paced(
+        self, chunks: Sequence[Sequence[Envelope]], pause: float, hold_last: asyncio.Event | None = None
+    ) -> None:
+        """Publish chunk by chunk; with ``hold_last``, the last chunk waits for it (so kills land mid-stream)."""
+        for i, chunk in enumerate(chunks):
+            if hold_last is not None and i == len(chunks) - 1:
+                await hold_last.wait()
             await self.publish(chunk)
             await asyncio.sleep(pause)
 
@@ -483,7 +490,8 @@ async def test_kernel_sigkill_loop_loses_and_doubles_nothing(
 
     kill_log: list[dict[str, Any]] = []
     # ~50 chunks, a pause after each: publishing spans the whole crash loop.
-    publishing = asyncio.create_task(publisher.publish_paced(chunks, pause=0.3))
+    kills_done = asyncio.Event()
+    publishing = asyncio.create_task(publisher.publish_paced(chunks, pause=0.3, hold_last=kills_done))
     try:
         for i in range(kills):
             k = spawn(f"crash{i}")
@@ -499,6 +507,7 @@ async def test_kernel_sigkill_loop_loses_and_doubles_nothing(
             k.kill()
             kill_log.append({"holder": k.holder, "published": publisher.published, **state})
             assert not publishing.done() or publishing.exception() is None
+        kills_done.set()
         final = spawn("final")
         await final.start()
         await asyncio.wait_for(publishing, 120)

@@ -1,0 +1,175 @@
+"""``system/orchestrate``: drive executions step by step off the shard's WAL.
+
+For each execution in a batch: bring its :class:`~.state.ExecState` up to
+date (from memory, or rebuilt from the WAL after a restart), let the
+:mod:`.planner` decide, then make the decision durable in this order: the
+events (``step.enter``, ``command.issued``…) to the WAL, then the commands to
+``CMD_<shard>`` and the timers to ``cmd.<shard>.timer``. Only then is the
+batch acknowledged. A crash anywhere in between re-plans the same state:
+every event and command has a deterministic id, so nothing is issued twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import msgspec
+
+from kernel.host import Reject, ShardContext
+from locator.command import TIMER_POOL, Timer, command_encoder
+from locator.envelope import encode_envelope
+from locator.subjects import cmd_subject, wal_subject
+from projector.fold import WalEvent
+from system_playbooks.orchestrate.catalog import Catalog, CatalogError
+from system_playbooks.orchestrate.planner import Plan, fail_unstartable, plan, resume
+from system_playbooks.orchestrate.playbook import Playbook
+from system_playbooks.orchestrate.state import ExecState, apply, new_state
+
+MAX_CACHED = 10_000
+CONCURRENCY = 16
+
+
+def _ref(value: object) -> tuple[str, int | None] | None:
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        return None
+    version = value.get("version")
+    return value["path"], version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+class OrchestratePlugin:
+    """Keeps every execution with a playbook moving; stateless across restarts (state is the WAL)."""
+
+    def __init__(self) -> None:
+        # Per shard: the context it was built under, and the states of its executions (LRU).
+        self._shards: dict[int, tuple[ShardContext, OrderedDict[str, ExecState]]] = {}
+        self._playbooks: dict[tuple[str, str, str, int], Playbook] = {}
+
+    def _states(self, ctx: ShardContext) -> OrderedDict[str, ExecState]:
+        held = self._shards.get(ctx.shard)
+        if held is None or held[0] is not ctx:
+            # A new lease on the shard: another kernel may have moved its executions on meanwhile.
+            held = self._shards[ctx.shard] = (ctx, OrderedDict())
+        return held[1]
+
+    async def _state(self, ctx: ShardContext, events: list[WalEvent]) -> tuple[ExecState, bool]:
+        """The execution's state before ``events``, and whether it was just rebuilt from the WAL."""
+        states = self._states(ctx)
+        env = events[0].env
+        state = states.get(env.execution_id)
+        if state is not None:
+            states.move_to_end(env.execution_id)
+            return state, False
+        state = new_state(env)
+        rebuilt = await self._needs_history(ctx, events)
+        if rebuilt:
+            async for seq, event in ctx.history(env.tenant, env.project, env.execution_id):
+                if (event.tenant, event.project) == (state.tenant, state.project):
+                    apply(state, seq, event)
+        states[env.execution_id] = state
+        while len(states) > MAX_CACHED:
+            states.popitem(last=False)
+        return state, rebuilt
+
+    @staticmethod
+    async def _needs_history(ctx: ShardContext, events: list[WalEvent]) -> bool:
+        """Must an unknown execution be rebuilt from its history, or do ``events`` tell all that matters?
+
+        Two cheap lookups spare most executions a history read: one that
+        starts in this batch with ``execution.requested`` and has nothing
+        after it in the WAL yet, and one that was never requested (a stream
+        of user events, nothing to orchestrate).
+        """
+        env = events[0].env
+        who = (env.tenant, env.project, env.execution_id)
+        if env.type == "execution.requested":
+            return await ctx.next_event_seq(*who, after_seq=events[-1].seq) is not None
+        return await ctx.next_event_seq(*who, after_seq=0, type="execution.requested") is not None
+
+    async def _playbook(self, ctx: ShardContext, state: ExecState) -> Playbook | str:
+        """The execution's playbook, or why it cannot be had."""
+        ref = _ref(state.pinned) or _ref(state.playbook_ref)
+        if ref is None:
+            return f"invalid playbook reference {state.playbook_ref!r}: expected {{\"path\": ..., \"version\": N}}"
+        path, version = ref
+        if version is not None and (key := (state.tenant, state.project, path, version)) in self._playbooks:
+            return self._playbooks[key]
+        try:
+            playbook = await Catalog(await ctx.catalog_bucket()).get(state.tenant, state.project, path, version)
+        except CatalogError as e:
+            return str(e)
+        self._playbooks[(state.tenant, state.project, path, playbook.version)] = playbook
+        return playbook
+
+    async def _publish(self, ctx: ShardContext, state: ExecState, decided: Plan) -> None:
+        if decided.events:
+            acks = await ctx.producer().publish_many(decided.events)
+            for result in acks:
+                seq = getattr(result, "seq", None)
+                if seq is None:
+                    raise RuntimeError(f"orchestrator event not stored: {result}")
+                if seq > state.last_seq:
+                    state.ahead.add(seq)
+        for command in decided.commands:
+            await ctx.publish_command(
+                cmd_subject(ctx.shard, command_pool(command.tool)), command_encoder.encode(command),
+                msg_id=command.command_id,
+            )
+        for timer in decided.timers:
+            env = timer.event
+            data = encode_envelope(env)
+            subject = wal_subject(ctx.shard, env.tenant, env.project, env.execution_id, env.type)
+            body = msgspec.json.encode(Timer(due_ms=timer.due_ms, subject=subject, msg_id=env.event_id, data=data))
+            await ctx.publish_command(cmd_subject(ctx.shard, TIMER_POOL), body, msg_id=f"timer:{env.event_id}")
+
+    async def _one(self, ctx: ShardContext, events: list[WalEvent]) -> None:
+        state, rebuilt = await self._state(ctx, events)
+        fresh = [e for e in events if (e.env.tenant, e.env.project) == (state.tenant, state.project)]
+        changed = rebuilt
+        for seq, env in fresh:
+            changed = apply(state, seq, env) or changed
+        if not changed or not state.requested or state.playbook_ref is None or state.terminal:
+            return
+        log = ctx.log.bind(execution_id=state.execution_id)
+        playbook = await self._playbook(ctx, state)
+        try:
+            if isinstance(playbook, str):
+                log.warning("orchestrate.unstartable", reason=playbook)
+                decided = fail_unstartable(state, playbook)
+            else:
+                now_ms = int(time.time() * 1000)
+                decided = resume(state, playbook, now_ms=now_ms, window_ms=ctx.duplicate_window_ms) if rebuilt else Plan()
+                more = plan(state, playbook, now_ms=now_ms, new_token=_token)
+                decided = Plan(decided.events + more.events, decided.commands + more.commands, decided.timers + more.timers)
+            if decided:
+                await self._publish(ctx, state, decided)
+                log.debug("orchestrate.planned", events=len(decided.events), commands=len(decided.commands))
+        except BaseException:
+            # The state already holds decisions that may not be stored: rebuild it from the WAL next time.
+            self._states(ctx).pop(state.execution_id, None)
+            raise
+
+    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Reject]:
+        by_execution: dict[str, list[WalEvent]] = {}
+        for event in events:
+            by_execution.setdefault(event.env.execution_id, []).append(event)
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def guarded(evs: list[WalEvent]) -> None:
+            async with gate:
+                await self._one(ctx, evs)
+
+        await asyncio.gather(*(guarded(evs) for evs in by_execution.values()))
+        return []
+
+
+def command_pool(tool: dict[str, object]) -> str:
+    """The worker pool a tool runs in (one shared pool for now)."""
+    return "shared"
+
+
+def _token() -> str:
+    return secrets.token_urlsafe(24)
