@@ -5,28 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from pathlib import Path
 
 from edge.app import check_cells, create_app
 from edge.auth import load_tokens
-from edge.cli.options import UsageError, add_topology_options, resolve_topology
+from edge.cli.options import UsageError, resolve_topology
 from edge.serve import install_uvloop, serve, wait_listening
 from kernel.errors import ServerStartError
 from kernel.server import default_data_dir, port_in_use
 from projector.snapshots import SnapshotStore
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "edge",
-        help="serve the HTTP API (projections on demand, events, SSE, metrics) with Hypercorn",
-        description="Serve the edge API on --bind until SIGINT/SIGTERM. Tokens come from NOETL_TOKENS_FILE, "
-        "else <data-dir>/token (created by `noetl-edge up`); with neither, it refuses to start.",
-    )
-    p.add_argument("--bind", action="append", default=None, metavar="HOST:PORT", help="address to serve on (repeatable; default 127.0.0.1:8080)")
-    p.add_argument("--data-dir", type=Path, default=None, help=f"where <data-dir>/token and the default object store are (default {default_data_dir()})")
-    add_topology_options(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import signal
 from collections.abc import Callable
-from pathlib import Path
 
 import structlog
 
-from edge.cli.options import add_topology_options, connect_urls, resolve_topology
+from edge.cli.options import connect_urls, resolve_topology
 from kernel.bootstrap import StreamSettings
 from kernel.connect import close, connect
 from kernel.runtime import Kernel, default_holder
@@ -19,27 +18,6 @@ from locator.topology import Topology
 from projector.snapshots import SnapshotStore
 
 log = structlog.get_logger("noetl.cli.kernel")
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "kernel",
-        help="run a kernel (fold and materialize the shards it leases) against a NATS server",
-        description="Connect to NATS, take leases on a fair share of the cell's shards and fold them "
-        "(system/project) and write Feather snapshots (system/materialize) until SIGINT/SIGTERM. "
-        "Run several: they share the shards and take over each other's within the lease TTL.",
-    )
-    p.add_argument("--cell", default=None, help="the cell whose shards to fold (default: the topology's first)")
-    p.add_argument("--holder", default=None, help=f"lease holder id (default host-pid, e.g. {default_holder()})")
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help=f"base of the default file:// object store (env NOETL_DATA_DIR; default {default_data_dir()}); "
-        "NOETL_OBJECTS_URL overrides the object store, e.g. s3://bucket/prefix",
-    )
-    add_topology_options(p)
-    p.set_defaults(func=run)
 
 
 async def run_kernel(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+from pathlib import Path
 
 from locator.topology import DEFAULT_NATS_URL, Topology, topology_from_env
 
@@ -20,6 +22,22 @@ def env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise UsageError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def default_data_dir() -> Path:
+    """``NOETL_DATA_DIR``, else ``$XDG_DATA_HOME/noetl-edge`` (``~/.local/share/noetl-edge``)."""
+    # Same as kernel.server.default_data_dir, which would import structlog into `--help` (a test keeps them equal).
+    explicit = os.environ.get("NOETL_DATA_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "noetl-edge"
+
+
+def default_holder() -> str:
+    """The lease holder id a kernel takes by default: ``<host>-<pid>``."""
+    # Same as kernel.runtime.default_holder, which would import nats into `--help` (a test keeps them equal).
+    return f"{socket.gethostname()}-{os.getpid()}".lower().replace(".", "-")
 
 
 def add_log_options(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 from nats.js.errors import BucketNotFoundError
 
-from edge.cli.options import add_log_options, add_topology_options, connect_urls, resolve_topology
+from edge.cli.options import connect_urls, resolve_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
 from locator.names import check_name
@@ -22,46 +22,6 @@ from system_playbooks.orchestrate.catalog import Catalog, CatalogError, Playbook
 from system_playbooks.orchestrate.playbook import PlaybookError, Policy, load_playbook
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "playbook",
-        help="register, list and show playbooks in the catalog",
-        description="The playbook catalog (KV bucket 'catalog'): versions are immutable, 'latest' is the highest.",
-    )
-    commands = p.add_subparsers(dest="playbook_command", required=True, metavar="SUBCOMMAND")
-
-    reg = commands.add_parser(
-        "register",
-        help="validate a playbook file and store its version",
-        description="Validate FILE against the operator policy (env NOETL_PYTHON_ALLOW, NOETL_HTTP_HOSTS, "
-        "comma-separated; or the flags) before connecting: an invalid file exits 2 with the path of "
-        "the error and writes nothing. Registering the same content again is a no-op; a version that "
-        "exists with other content exits 1.",
-    )
-    reg.add_argument("file", metavar="FILE", help="the playbook YAML file")
-    reg.add_argument("--python-allow", action="append", default=None, metavar="PREFIX",
-                     help="module prefix python tools may call (repeatable; default env NOETL_PYTHON_ALLOW)")
-    reg.add_argument("--http-host", action="append", default=None, metavar="HOST",
-                     help="host http tools may reach (repeatable; default env NOETL_HTTP_HOSTS)")
-    reg.set_defaults(func=_run(_register))
-
-    ls = commands.add_parser("list", help="every (path, version) of a project",
-                             description="Print the project's playbooks as JSON, sorted by path and version.")
-    ls.set_defaults(func=_run(_list))
-
-    show = commands.add_parser("show", help="one playbook version as JSON",
-                               description="Print a playbook as JSON: the latest version, or --version N.")
-    show.add_argument("path", metavar="PATH", help="the playbook path, e.g. etl/daily")
-    show.add_argument("--version", type=int, default=None, metavar="N", help="the version (default: latest)")
-    show.set_defaults(func=_run(_show))
-
-    for q in (reg, ls, show):
-        q.add_argument("--tenant", required=True)
-        q.add_argument("--project", required=True)
-        add_topology_options(q)
-        add_log_options(q)
 
 
 def _print(obj: object) -> None:
@@ -92,15 +52,6 @@ async def _with_catalog(args: argparse.Namespace, work: Callable[[Catalog], Awai
         return await work(Catalog(kv))
     finally:
         await close(nc)
-
-
-def _run(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        check_name("tenant", args.tenant)
-        check_name("project", args.project)
-        return command(args)
-
-    return run
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -147,3 +98,10 @@ def _show(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(_with_catalog(args, work))
+
+
+def run(args: argparse.Namespace) -> int:
+    check_name("tenant", args.tenant)
+    check_name("project", args.project)
+    command = {"register": _register, "list": _list, "show": _show}[args.playbook_command]
+    return command(args)

@@ -13,46 +13,15 @@ import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edge.cli.options import UsageError, add_topology_options, connect_urls, resolve_topology
+from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
 from kernel.producer import Ack, Producer, Rejected
-from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, EnvelopeError, encode_envelope, envelope_from_dict
+from locator.envelope import Envelope, EnvelopeError, encode_envelope, envelope_from_dict
 from locator.ids import Snowflake
 from locator.topology import Topology
 
 MAX_SHOWN_ERRORS = 20
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "publish",
-        help="publish one event (flags or --json) or many (--file events.jsonl) to the WAL",
-        description="Publish v1 envelopes straight to their shard's WAL subject with Nats-Msg-Id = event_id. "
-        "A missing event_id or ts is filled in; give event_id yourself to make re-runs idempotent. "
-        "With --file, every line is validated first: an invalid line stops the run before anything "
-        "is published, unless --skip-invalid. Prints acks (one event) or a summary (file) as JSON.",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--json", metavar="ENVELOPE", help="the whole envelope as a JSON object")
-    src.add_argument("--file", metavar="FILE", help="JSON-lines file of envelopes ('-' for stdin)")
-    ev = p.add_argument_group("one event from flags")
-    ev.add_argument("--tenant")
-    ev.add_argument("--project")
-    ev.add_argument("--affinity", default="")
-    ev.add_argument("--execution-id", help="decimal id (default: a new snowflake id)")
-    ev.add_argument("--type", help="event type, e.g. user.note or step.exit")
-    ev.add_argument("--step")
-    ev.add_argument("--attempt", type=int)
-    ev.add_argument("--payload", default="{}", help="payload JSON object (default {})")
-    ev.add_argument("--result-ref")
-    ev.add_argument("--causation-id")
-    ev.add_argument("--event-id", help="default: a new random id")
-    p.add_argument("--payload-cap", type=int, default=DEFAULT_PAYLOAD_CAP, help="payload cap in bytes (default 65536)")
-    p.add_argument("--batch-size", type=int, default=1000, help="events pipelined per batch with --file (default 1000)")
-    p.add_argument("--skip-invalid", action="store_true", help="with --file: publish the valid lines, report the rest")
-    add_topology_options(p)
-    p.set_defaults(func=run)
 
 
 def _event_from_flags(args: argparse.Namespace) -> Envelope:

@@ -31,33 +31,6 @@ log = structlog.get_logger("noetl.cli.up")
 SYNC_RE = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "up",
-        help="run the embedded default (nats-server, bootstrap, kernel, HTTP edge) in the foreground",
-        description="Start an embedded nats-server with JetStream on --data-dir, bootstrap every shard's "
-        "streams and buckets, run a kernel that folds every shard into projections and Feather snapshots "
-        "(file://<data-dir>/objects unless NOETL_OBJECTS_URL), serve the HTTP edge on --http-port (creating an "
-        "admin token at <data-dir>/token unless NOETL_TOKENS_FILE is set), print 'ready <nats-url> <http-url>' "
-        "and run until SIGINT/SIGTERM.",
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help=f"where the WAL and objects live (env NOETL_DATA_DIR; default {default_data_dir()})",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument(
-        "--nats-port", type=int, default=None, help="NATS client port, 0 = any free port (env NOETL_NATS_PORT; default 4222)"
-    )
-    p.add_argument(
-        "--http-port", type=int, default=None, help="the edge's HTTP port (env NOETL_HTTP_PORT; default 8080, 0 = any free port)"
-    )
-    p.add_argument("--shards", type=int, default=None, help="shard count (env NOETL_SHARDS; default 4)")
-    p.set_defaults(func=run)
-
-
 def _check_shard_count(data_dir: Path, shards: int) -> None:
     # Changing the shard count re-routes existing executions: refuse rather than split histories.
     meta = data_dir / "noetl.json"

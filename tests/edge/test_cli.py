@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ from typing import Any
 import nats
 import pytest
 
-from kernel.server import EmbeddedServer, free_port
+from kernel.runtime import default_holder
+from kernel.server import EmbeddedServer, default_data_dir, free_port
 from locator import shard_for
 
-from edge.cli import build_parser, main
+from edge.cli import build_parser, main, options
 
 VECTORS = json.loads((Path(__file__).resolve().parent.parent / "vectors" / "locator.json").read_text())
 LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard", "cell", "subject_prefix", "stream"]
@@ -35,6 +37,37 @@ def test_every_registered_command_is_covered() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {"up", "kernel", "edge", "publish", "locate", "playbook"}  # type: ignore[arg-type]
+
+
+HEAVY = {"nats", "starlette", "hypercorn", "pyarrow", "projector", "system_playbooks"}
+
+
+@pytest.mark.parametrize(
+    ("code", "forbidden"),
+    [
+        ("from edge.cli import build_parser; build_parser()", HEAVY),
+        ("from edge.cli import main; main(['locate', '--tenant', 'acme', '--project', 'web'])", HEAVY),
+        ("import edge.cli.publish", HEAVY - {"nats"}),
+    ],
+)
+def test_a_command_imports_only_what_it_runs(code: str, forbidden: set[str], cli_environ: dict[str, str]) -> None:
+    # Start-up time is checked by what gets imported, never by the clock.
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set(sys.argv[1:]))))"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *sorted(forbidden)], capture_output=True, text=True, env=cli_environ, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("env", [{}, {"XDG_DATA_HOME": "/srv/xdg"}, {"NOETL_DATA_DIR": "/srv/noetl"}])
+def test_help_defaults_are_the_kernels(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parsers use light twins of these so that `--help` imports neither structlog nor nats.
+    monkeypatch.delenv("NOETL_DATA_DIR", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert options.default_data_dir() == default_data_dir()
+    assert options.default_holder() == default_holder()
 
 
 @pytest.mark.parametrize("v", VECTORS)

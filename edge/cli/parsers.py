@@ -1,0 +1,178 @@
+"""Every command's arguments, defined without importing any command.
+
+Each command names the module that runs it (``run="edge.cli.up"``); ``main`` imports
+that module only once the arguments parse, so ``--help`` and usage errors never pay
+for NATS, Starlette or Arrow.
+
+>>> build_parser().parse_args(["locate", "--tenant", "acme", "--project", "web"]).run
+'edge.cli.locate'
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TypeAlias
+
+from edge.cli.options import add_log_options, add_topology_options, default_data_dir, default_holder
+from locator.envelope import DEFAULT_PAYLOAD_CAP
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noetl-edge",
+        description="noetl-edge: a pure event-sourced edge runtime on NATS JetStream. "
+        "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_up, _kernel, _edge, _publish, _locate, _playbook):
+        add(sub)
+    for p in sub.choices.values():
+        add_log_options(p)
+    return parser
+
+
+def _up(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run the embedded default (nats-server, bootstrap, kernel, HTTP edge) in the foreground",
+        description="Start an embedded nats-server with JetStream on --data-dir, bootstrap every shard's "
+        "streams and buckets, run a kernel that folds every shard into projections and Feather snapshots "
+        "(file://<data-dir>/objects unless NOETL_OBJECTS_URL), serve the HTTP edge on --http-port (creating an "
+        "admin token at <data-dir>/token unless NOETL_TOKENS_FILE is set), print 'ready <nats-url> <http-url>' "
+        "and run until SIGINT/SIGTERM.",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"where the WAL and objects live (env NOETL_DATA_DIR; default {default_data_dir()})",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--nats-port", type=int, default=None, help="NATS client port, 0 = any free port (env NOETL_NATS_PORT; default 4222)"
+    )
+    p.add_argument(
+        "--http-port", type=int, default=None, help="the edge's HTTP port (env NOETL_HTTP_PORT; default 8080, 0 = any free port)"
+    )
+    p.add_argument("--shards", type=int, default=None, help="shard count (env NOETL_SHARDS; default 4)")
+    p.set_defaults(run="edge.cli.up")
+
+
+def _kernel(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "kernel",
+        help="run a kernel (fold and materialize the shards it leases) against a NATS server",
+        description="Connect to NATS, take leases on a fair share of the cell's shards and fold them "
+        "(system/project) and write Feather snapshots (system/materialize) until SIGINT/SIGTERM. "
+        "Run several: they share the shards and take over each other's within the lease TTL.",
+    )
+    p.add_argument("--cell", default=None, help="the cell whose shards to fold (default: the topology's first)")
+    p.add_argument("--holder", default=None, help=f"lease holder id (default host-pid, e.g. {default_holder()})")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"base of the default file:// object store (env NOETL_DATA_DIR; default {default_data_dir()}); "
+        "NOETL_OBJECTS_URL overrides the object store, e.g. s3://bucket/prefix",
+    )
+    add_topology_options(p)
+    p.set_defaults(run="edge.cli.kernel")
+
+
+def _edge(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "edge",
+        help="serve the HTTP API (projections on demand, events, SSE, metrics) with Hypercorn",
+        description="Serve the edge API on --bind until SIGINT/SIGTERM. Tokens come from NOETL_TOKENS_FILE, "
+        "else <data-dir>/token (created by `noetl-edge up`); with neither, it refuses to start.",
+    )
+    p.add_argument("--bind", action="append", default=None, metavar="HOST:PORT", help="address to serve on (repeatable; default 127.0.0.1:8080)")
+    p.add_argument("--data-dir", type=Path, default=None, help=f"where <data-dir>/token and the default object store are (default {default_data_dir()})")
+    add_topology_options(p)
+    p.set_defaults(run="edge.cli.edge")
+
+
+def _publish(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="publish one event (flags or --json) or many (--file events.jsonl) to the WAL",
+        description="Publish v1 envelopes straight to their shard's WAL subject with Nats-Msg-Id = event_id. "
+        "A missing event_id or ts is filled in; give event_id yourself to make re-runs idempotent. "
+        "With --file, every line is validated first: an invalid line stops the run before anything "
+        "is published, unless --skip-invalid. Prints acks (one event) or a summary (file) as JSON.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--json", metavar="ENVELOPE", help="the whole envelope as a JSON object")
+    src.add_argument("--file", metavar="FILE", help="JSON-lines file of envelopes ('-' for stdin)")
+    ev = p.add_argument_group("one event from flags")
+    ev.add_argument("--tenant")
+    ev.add_argument("--project")
+    ev.add_argument("--affinity", default="")
+    ev.add_argument("--execution-id", help="decimal id (default: a new snowflake id)")
+    ev.add_argument("--type", help="event type, e.g. user.note or step.exit")
+    ev.add_argument("--step")
+    ev.add_argument("--attempt", type=int)
+    ev.add_argument("--payload", default="{}", help="payload JSON object (default {})")
+    ev.add_argument("--result-ref")
+    ev.add_argument("--causation-id")
+    ev.add_argument("--event-id", help="default: a new random id")
+    p.add_argument("--payload-cap", type=int, default=DEFAULT_PAYLOAD_CAP, help="payload cap in bytes (default 65536)")
+    p.add_argument("--batch-size", type=int, default=1000, help="events pipelined per batch with --file (default 1000)")
+    p.add_argument("--skip-invalid", action="store_true", help="with --file: publish the valid lines, report the rest")
+    add_topology_options(p)
+    p.set_defaults(run="edge.cli.publish")
+
+
+def _locate(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "locate",
+        help="print the shard, cell, subject prefix and stream of a tenant/project",
+        description="Compute where (tenant, project, affinity) lives with the FNV-1a locator. "
+        "Prints one JSON object; events of an execution go to <subject_prefix>.<execution_id>.<type>.",
+    )
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--project", required=True)
+    p.add_argument("--affinity", default="", help="optional affinity key (default empty)")
+    add_topology_options(p, with_url=False)
+    p.set_defaults(run="edge.cli.locate")
+
+
+def _playbook(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "playbook",
+        help="register, list and show playbooks in the catalog",
+        description="The playbook catalog (KV bucket 'catalog'): versions are immutable, 'latest' is the highest.",
+    )
+    p.set_defaults(run="edge.cli.playbook")  # which of register/list/show: args.playbook_command
+    commands = p.add_subparsers(dest="playbook_command", required=True, metavar="SUBCOMMAND")
+
+    reg = commands.add_parser(
+        "register",
+        help="validate a playbook file and store its version",
+        description="Validate FILE against the operator policy (env NOETL_PYTHON_ALLOW, NOETL_HTTP_HOSTS, "
+        "comma-separated; or the flags) before connecting: an invalid file exits 2 with the path of "
+        "the error and writes nothing. Registering the same content again is a no-op; a version that "
+        "exists with other content exits 1.",
+    )
+    reg.add_argument("file", metavar="FILE", help="the playbook YAML file")
+    reg.add_argument("--python-allow", action="append", default=None, metavar="PREFIX",
+                     help="module prefix python tools may call (repeatable; default env NOETL_PYTHON_ALLOW)")
+    reg.add_argument("--http-host", action="append", default=None, metavar="HOST",
+                     help="host http tools may reach (repeatable; default env NOETL_HTTP_HOSTS)")
+
+    ls = commands.add_parser("list", help="every (path, version) of a project",
+                             description="Print the project's playbooks as JSON, sorted by path and version.")
+
+    show = commands.add_parser("show", help="one playbook version as JSON",
+                               description="Print a playbook as JSON: the latest version, or --version N.")
+    show.add_argument("path", metavar="PATH", help="the playbook path, e.g. etl/daily")
+    show.add_argument("--version", type=int, default=None, metavar="N", help="the version (default: latest)")
+
+    for q in (reg, ls, show):
+        q.add_argument("--tenant", required=True)
+        q.add_argument("--project", required=True)
+        add_topology_options(q)
+        add_log_options(q)
