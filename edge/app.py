@@ -19,13 +19,15 @@ from edge.cells import CellClients
 from edge.errors import EdgeError, Unprocessable, Unavailable, handle_edge_error, handle_http_exception, handle_unexpected
 from edge.metrics import EdgeMetrics, MetricsMiddleware
 from edge.readpath import ReadPath
-from edge.routes import executions, playbooks, stream, system
+from edge.routes import control, executions, playbooks, stream, system
+from edge.routes import results as result_routes
 from edge.state import EdgeState
 from kernel.bootstrap import check_topology
 from kernel.errors import PublishError
 from locator.errors import LocatorError
 from locator.ids import Snowflake
 from locator.topology import Topology
+from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
 from system_playbooks.orchestrate.playbook import Policy
 
@@ -70,17 +72,18 @@ def create_app(
     replay_limit: int = 100_000,
     sse_keepalive: float = 15.0,
     policy: Policy | None = None,
+    results: ResultStore | None = None,
 ) -> Starlette:
     """Build the edge for a topology; NATS connections open in the lifespan.
 
     >>> from locator import default_topology
     >>> app = create_app(topology=default_topology(), snapshots=SnapshotStore("file:///tmp/objects"),
     ...                  tokens=[TokenSpec(name="t", role="read", tenants=("*",), token="x")])
-    >>> sorted({r.path for r in app.routes})[:2]
-    ['/api/v1/locate', '/api/v1/tenants/{tenant}/projects/{project}/executions']
+    >>> sorted({r.path for r in app.routes})[:3]
+    ['/api/v1/callbacks/{token}', '/api/v1/locate', '/api/v1/tenants/{tenant}/projects/{project}/executions']
 
     ``policy`` is what tenants' playbooks may reach (python module prefixes, http hosts);
-    the default allows neither.
+    the default allows neither. ``results`` holds large step results (default: beside the snapshots).
     """
     cells = CellClients(topology)
     metrics = EdgeMetrics()
@@ -92,6 +95,7 @@ def create_app(
         snapshots=snapshots,
         metrics=metrics,
         ids=Snowflake(),
+        results=results or ResultStore(snapshots.base_url, storage_options=snapshots.storage_options),
         payload_cap=payload_cap,
         max_body=max_body,
         sse_keepalive=sse_keepalive,
@@ -107,7 +111,7 @@ def create_app(
             await cells.close()
 
     app = Starlette(
-        routes=[*executions.routes, *playbooks.routes, *stream.routes, *system.routes],
+        routes=[*executions.routes, *control.routes, *result_routes.routes, *playbooks.routes, *stream.routes, *system.routes],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         exception_handlers={
             EdgeError: handle_edge_error,
@@ -137,4 +141,5 @@ def app_from_env(data_dir: Path) -> Starlette:
         tokens=load_tokens(data_dir=data_dir),
         snapshots=SnapshotStore.from_env(data_dir=data_dir),
         policy=policy_from_env(os.environ),
+        results=ResultStore.from_env(data_dir=data_dir),
     )

@@ -12,6 +12,7 @@ from edge.metrics import EdgeMetrics
 from edge.readpath import ReadPath
 from locator.ids import Snowflake
 from locator.topology import Topology
+from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
 
 
@@ -24,6 +25,7 @@ class EdgeState:
     snapshots: SnapshotStore
     metrics: EdgeMetrics
     ids: Snowflake
+    results: ResultStore
     payload_cap: int = 64 * 1024
     max_body: int = 1024 * 1024
     sse_keepalive: float = 15.0

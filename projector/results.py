@@ -227,14 +227,18 @@ class ResultStore:
         except (KeyError, IndexError, msgspec.DecodeError) as e:
             raise ResultError(f"result {ref} is damaged: its JSON column cannot be read ({e})") from e
 
-    def _read(self, ref: str) -> tuple[pa.Table, ResultFormat]:
+    def read_bytes(self, ref: str) -> bytes:
+        """The stored Arrow IPC file, as it is."""
         path = self._root.path("results", *_parts(parse_result_ref(ref)))
         try:
-            data = self._root.read(path)
+            return self._root.read(path)
         except FileNotFoundError as e:
             raise ResultNotFound(f"no result stored for {ref} (looked at {self._root.uri(path)})") from e
         except OSError as e:
             raise ResultError(f"could not read result {ref}: {e}") from e
+
+    def _read(self, ref: str) -> tuple[pa.Table, ResultFormat]:
+        data = self.read_bytes(ref)
         try:
             table = pyarrow.ipc.open_file(pa.py_buffer(data)).read_all()
         except pa.ArrowException as e:

@@ -239,8 +239,10 @@ class _Planner:
         if isinstance(step.tool, CallbackTool):
             token = callback_token(st.tenant, st.project, st.affinity, cid, self.new_token())
             self.emit("callback.waiting", f"{cid}:waiting", step=step.name, attempt=attempt, payload={
-                "command_id": cid, "iteration": iteration, "token": token,
-                "timeout_s": step.timeout or step.tool.timeout,
+                # "callback_id", not "token": served bodies mask keys named like credentials, and the
+                # caller needs it (reading the execution's events takes a read token already).
+                "command_id": cid, "iteration": iteration, "callback_id": token,
+                "callback_path": f"/api/v1/callbacks/{token}", "timeout_s": step.timeout or step.tool.timeout,
             })
             self.callback_timer(step, iteration, attempt, self.now_ms)
             return

@@ -177,7 +177,7 @@ def _apply(state: ExecState, env: Envelope) -> None:
         it.issued = max(it.issued, attempt)
         if it.status in (PENDING, RETRYING, ERROR):
             it.status = WAITING
-            it.token = payload.get("token")
+            it.token = payload.get("callback_id")
             it.since_ms = ts_ms(env.ts)
     elif kind == "command.completed" and isinstance(payload.get("timer"), str):
         # A timer the scheduler fired: recorded here, acted on by the planner.
@@ -208,6 +208,12 @@ def _apply(state: ExecState, env: Envelope) -> None:
         it.retry_due = max(it.retry_due, attempt)
     elif kind == "callback.received":
         waiting_for = command_id(state.execution_id, env.step, None if key == NOT_LOOP else key, it.issued)
-        if it.status == WAITING and not it.received and payload.get("command_id") == waiting_for:
+        if (
+            it.status == WAITING
+            and not it.received
+            and payload.get("command_id") == waiting_for
+            and it.token is not None
+            and payload.get("callback_id") == it.token
+        ):
             it.received = True
             it.result = payload.get("payload")

@@ -1,0 +1,139 @@
+"""Steering running executions: cancel one, resume a callback step.
+
+Both only publish an event to the execution's WAL subject with a
+deterministic ``Nats-Msg-Id``; the orchestrator decides what it means. The
+edge interprets nothing but the ids it needs to answer precisely (unknown,
+already used, timed out).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import msgspec
+
+from edge.errors import EdgeError, NotFound
+from edge.responses import json_response, read_json
+from edge.routes.executions import BASE, _exists, _names, _publish_one
+from edge.state import state_of
+from locator.command import parse_callback_token
+from locator.envelope import envelope_from_dict
+from locator.names import check_execution_id
+from locator.shard import shard_for
+from locator.subjects import execution_filter, wal_stream
+
+MAX_SCAN = 1000
+
+
+class Conflict(EdgeError):
+    status, title = 409, "Conflict"
+
+
+async def cancel(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project, affinity = _names(request)
+    execution_id = check_execution_id(request.path_params["execution_id"])
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
+    shard = shard_for(tenant, project, affinity, state.topology.shard_count)
+    if not await _exists(state, shard, tenant, project, execution_id):
+        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+    env = envelope_from_dict(
+        {
+            "tenant": tenant,
+            "project": project,
+            "affinity": affinity,
+            "execution_id": execution_id,
+            "type": "execution.cancel_requested",
+            "event_id": f"{execution_id}:cancel",
+            "payload": {"by": "edge"},
+        },
+        fill=True,
+    )
+    ack = await _publish_one(state, env)
+    return json_response(
+        {"execution_id": execution_id, "seq": ack.seq, "duplicate": ack.duplicate, "status": "CANCEL_REQUESTED"},
+        status=202,
+    )
+
+
+async def _events_of_type(
+    js: JetStreamContext, shard: int, tenant: str, project: str, execution_id: str, type: str
+) -> list[dict[str, Any]]:
+    """The payloads of the execution's events of ``type`` (at most :data:`MAX_SCAN`), oldest first."""
+    subject = execution_filter(shard, tenant, project, execution_id)[:-1] + type
+    found: list[dict[str, Any]] = []
+    seq = 0
+    while len(found) < MAX_SCAN:
+        try:
+            msg = await js.get_msg(wal_stream(shard), seq=seq + 1, next=True, subject=subject)
+        except NotFoundError:
+            break
+        assert msg.seq is not None and msg.data is not None
+        seq = msg.seq
+        try:
+            payload = msgspec.json.decode(msg.data).get("payload")
+        except (msgspec.DecodeError, AttributeError):
+            continue
+        if isinstance(payload, dict):
+            found.append(payload)
+    return found
+
+
+async def callback(request: Request) -> Response:
+    """Resume a waiting ``callback`` step with the request body; the token in the path is the credential."""
+    state = state_of(request)
+    token = request.path_params["token"]
+    try:
+        where = parse_callback_token(token)
+    except ValueError:
+        raise NotFound("unknown callback token") from None
+    shard = shard_for(where.tenant, where.project, where.affinity, state.topology.shard_count)
+    js = await state.cells.js_for_shard(shard)
+    who = (js, shard, where.tenant, where.project, where.execution_id)
+    waiting = [p for p in await _events_of_type(*who, "callback.waiting") if p.get("command_id") == where.command_id]
+    if not waiting or not hmac.compare_digest(str(waiting[-1].get("callback_id", "")), token):
+        raise NotFound("unknown callback token")
+    if any(p.get("command_id") == where.command_id for p in await _events_of_type(*who, "callback.received")):
+        raise Conflict("this callback token was already used")
+    timers = await _events_of_type(*who, "command.completed")
+    if any(p.get("command_id") == where.command_id and p.get("timer") == "callback_timeout" for p in timers):
+        raise Conflict(f"step {where.step!r} stopped waiting: its callback timed out")
+    body = await read_json(request, max_bytes=state.max_body)
+    env = envelope_from_dict(
+        {
+            "tenant": where.tenant,
+            "project": where.project,
+            "affinity": where.affinity,
+            "execution_id": where.execution_id,
+            "type": "callback.received",
+            "step": where.step,
+            "attempt": where.attempt,
+            "event_id": f"{where.command_id}:callback",
+            "payload": {
+                "command_id": where.command_id,
+                "iteration": where.iteration,
+                "callback_id": token,
+                "payload": body,
+            },
+        },
+        fill=True,
+    )
+    ack = await _publish_one(state, env)
+    if ack.duplicate:
+        raise Conflict("this callback token was already used")
+    return json_response(
+        {"execution_id": where.execution_id, "step": where.step, "seq": ack.seq, "status": "RECEIVED"}, status=202
+    )
+
+
+routes = [
+    Route(BASE + "/{execution_id}/cancel", cancel, methods=["POST"]),
+    Route("/api/v1/callbacks/{token}", callback, methods=["POST"]),
+]
