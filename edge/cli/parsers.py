@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _publish, _locate, _playbook):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _run, _cancel, _result):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -37,10 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _up(sub: Subparsers) -> None:
     p = sub.add_parser(
         "up",
-        help="run the embedded default (nats-server, bootstrap, kernel, HTTP edge) in the foreground",
+        help="run the embedded default (nats-server, bootstrap, kernel, data workers, HTTP edge) in the foreground",
         description="Start an embedded nats-server with JetStream on --data-dir, bootstrap every shard's "
         "streams and buckets, run a kernel that folds every shard into projections and Feather snapshots "
-        "(file://<data-dir>/objects unless NOETL_OBJECTS_URL), serve the HTTP edge on --http-port (creating an "
+        "(file://<data-dir>/objects unless NOETL_OBJECTS_URL) and orchestrates playbooks, a pool of data "
+        "workers (NOETL_WORKER_CONCURRENCY, default 4; python tools under NOETL_PYTHON_ALLOW, http tools to "
+        "NOETL_HTTP_HOSTS), serve the HTTP edge on --http-port (creating an "
         "admin token at <data-dir>/token unless NOETL_TOKENS_FILE is set), print 'ready <nats-url> <http-url>' "
         "and run until SIGINT/SIGTERM.",
     )
@@ -176,3 +178,75 @@ def _playbook(sub: Subparsers) -> None:
         q.add_argument("--project", required=True)
         add_topology_options(q)
         add_log_options(q)
+
+
+def _worker(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="a data worker: pull commands, run their tools, report results to the WAL",
+        description="Pull commands from every shard's command stream (CMD_<shard>, subjects cmd.<shard>.<pool>), "
+        "run each tool (python callables under the operator's NOETL_PYTHON_ALLOW prefixes, http to "
+        "NOETL_HTTP_HOSTS, noop), publish command.claimed and step.exit / command.completed / call.error, then "
+        "ack. Results over the payload cap go to object storage (NOETL_OBJECTS_URL, default "
+        "file://<data-dir>/objects). Stateless: run as many as you like; a killed worker's command is "
+        "redelivered after NOETL_WORKER_ACK_WAIT seconds (default 30).",
+    )
+    p.add_argument("--pool", default="shared", help="the worker pool to serve (default shared)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="commands run at once (env NOETL_WORKER_CONCURRENCY; default 4)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"where file:// results go (env NOETL_DATA_DIR; default {default_data_dir()})")
+    add_topology_options(p)
+    p.set_defaults(run="edge.cli.worker")
+
+
+def _execution_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--project", required=True)
+    p.add_argument("--affinity", default="", help="the affinity the execution was started with (default none)")
+    add_topology_options(p)
+
+
+def _run(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "run",
+        help="register a playbook, start an execution, and (--wait) follow it to its end",
+        description="Validate FILE (exit 2 with the path of the error, nothing written), register it in the "
+        "catalog (the same content again is a no-op), publish execution.requested and print "
+        "{execution_id, seq}. With --wait, print a line per finished step and the callback path of a "
+        "waiting step, then the final projection as JSON; exit 0 if it COMPLETED, 1 if it FAILED, was "
+        "CANCELLED or --timeout passed. Needs a running kernel and workers (`noetl-edge up` runs both).",
+    )
+    p.add_argument("file", metavar="PLAYBOOK", help="the playbook YAML file")
+    p.add_argument("--workload", default=None, metavar="JSON", help="a JSON object merged over the playbook's workload")
+    p.add_argument("--wait", action="store_true", help="follow the execution until it ends")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="with --wait, give up after S seconds (default 600)")
+    _execution_options(p)
+    p.set_defaults(run="edge.cli.run")
+
+
+def _cancel(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "cancel",
+        help="cancel an execution: no new commands, steps in flight finish, then CANCELLED",
+        description="Publish execution.cancel_requested for EXECUTION_ID (asking twice stores it once).",
+    )
+    p.add_argument("execution_id", metavar="EXECUTION_ID")
+    _execution_options(p)
+    p.set_defaults(run="edge.cli.cancel")
+
+
+def _result(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "result",
+        help="print a step's result, fetching it from object storage when the event carried a result_ref",
+        description="Print {execution_id, step, status, result_ref, result} as JSON; with --out FILE, write a "
+        "stored result's Arrow IPC (Feather) file instead.",
+    )
+    p.add_argument("execution_id", metavar="EXECUTION_ID")
+    p.add_argument("step", metavar="STEP")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the stored Feather file here")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"where file:// objects live (env NOETL_DATA_DIR; default {default_data_dir()})")
+    _execution_options(p)
+    p.set_defaults(run="edge.cli.result")

@@ -20,6 +20,10 @@ from edge.auth import TokenSpec, ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
 from edge.serve import install_uvloop, serve, wait_listening
 from kernel.connect import close, connect
+from kernel.worker import run_workers
+from projector.results import ResultStore
+from system_playbooks.orchestrate.catalog import policy_from_env
+from system_playbooks.orchestrate.tools import ToolRunner
 from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
 from kernel.errors import ServerStartError
@@ -61,8 +65,17 @@ async def _serve(
         _record_shard_count(server.data_dir, server.topology.shard_count)
     finally:
         await close(nc)
-    app = create_app(topology=server.topology, tokens=tokens, snapshots=snapshots)
+    policy = policy_from_env(os.environ)
+    results = ResultStore.from_env(data_dir=server.data_dir)
+    app = create_app(topology=server.topology, tokens=tokens, snapshots=snapshots, policy=policy, results=results)
     edge = asyncio.create_task(serve(app, [http], stop))
+    # The worker pool: the same loop as `noetl-edge worker`, in this process.
+    workers = asyncio.create_task(
+        run_workers(
+            [server.url], server.topology, runner=ToolRunner(policy), results=results, stop=stop,
+            concurrency=env_int("NOETL_WORKER_CONCURRENCY", 4),
+        )
+    )
     kernel_ready = asyncio.Event()
 
     async def announce() -> None:
@@ -79,6 +92,7 @@ async def _serve(
         stop.set()
         announcer.cancel()
         await edge
+        await workers
     log.info("shutdown", reason="signal")
 
 

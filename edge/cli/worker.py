@@ -1,0 +1,38 @@
+"""``noetl-edge worker``: a data worker in the foreground, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology
+from kernel.worker import run_workers
+from locator.names import check_name
+from projector.results import ResultStore
+from system_playbooks.orchestrate.catalog import policy_from_env
+from system_playbooks.orchestrate.tools import ToolRunner
+
+DEFAULT_CONCURRENCY = 4
+
+
+def run(args: argparse.Namespace) -> int:
+    pool = check_name("pool", args.pool)
+    concurrency = args.concurrency if args.concurrency is not None else env_int("NOETL_WORKER_CONCURRENCY", DEFAULT_CONCURRENCY)
+    topology = resolve_topology(args)
+    results = ResultStore.from_env(data_dir=args.data_dir or default_data_dir())
+    runner = ToolRunner(policy_from_env(os.environ))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_workers(
+            connect_urls(args, topology), topology, runner=runner, results=results, stop=stop, pool=pool,
+            concurrency=concurrency,
+        )
+
+    asyncio.run(main())
+    return 0
