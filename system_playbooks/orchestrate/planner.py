@@ -344,8 +344,10 @@ class _Planner:
             self.emit("execution.started", f"{st.execution_id}:started", payload={
                 "playbook": {"path": pb.path, "version": pb.version}, "workload": pb.workload | st.workload,
             })
-            if not st.cancel_requested:
-                self.enter(pb.steps[0], None)
+        start = st.steps.get(pb.start)
+        if (start is None or start.status == PENDING) and not st.cancel_requested:
+            # Not only right after execution.started: a crash may have stored it but not this step.enter.
+            self.enter(pb.steps[0], None)
         for _ in range(len(pb.steps) * 4 + 4):
             before = len(self.out.events)
             for step in pb.steps:

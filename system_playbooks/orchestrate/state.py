@@ -197,8 +197,10 @@ def _apply(state: ExecState, env: Envelope) -> None:
             run.result = payload.get("result")
             run.result_ref = env.result_ref
     elif kind == "call.error":
-        # An error from an older delivery than the newest one seen does not count.
-        if it.status in (ISSUED, WAITING) and attempt >= it.attempt:
+        # An error from an older delivery than the newest one seen does not count, nor one about an
+        # older command (a redelivery of command 1 reports attempt 2, as the retry command 2 does).
+        issued = command_id(state.execution_id, env.step, None if key == NOT_LOOP else key, it.issued)
+        if it.status in (ISSUED, WAITING) and attempt >= it.attempt and payload.get("command_id", issued) == issued:
             it.status = ERROR
             it.error = payload.get("error", payload or None)
     elif kind == "step.retry":
