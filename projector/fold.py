@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from locator.envelope import Envelope
 from projector.errors import FoldError
-from projector.projection import TERMINAL, USER_EVENTS_KEPT, Projection, StepState, UserEvent, copy_projection
+from projector.projection import STEP_TERMINAL, TERMINAL, USER_EVENTS_KEPT, Projection, StepState, UserEvent, copy_projection
 
 
 class WalEvent(NamedTuple):
@@ -85,7 +85,9 @@ def _apply_step(p: Projection, env: Envelope, kind: str) -> None:
     if env.attempt is not None and env.attempt > step.attempts:
         step.attempts = env.attempt
     status = _STEP_STATUS[kind]
-    if status is None:
+    if status is None or step.status in STEP_TERMINAL:
+        # Like an execution's, a step's end is sticky: a late report (a redelivered command, the other
+        # iterations of a loop that already failed) is counted but never reopens or rewrites the step.
         return
     step.status = status
     payload = env.payload

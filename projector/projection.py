@@ -52,6 +52,7 @@ class Projection(msgspec.Struct, kw_only=True):
 
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+STEP_TERMINAL = frozenset({"COMPLETED", "FAILED"})
 
 _canonical = msgspec.json.Encoder(order="sorted")
 _decoder = msgspec.json.Decoder(Projection)

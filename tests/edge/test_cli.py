@@ -24,7 +24,10 @@ LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["up"], ["kernel"], ["edge"], ["publish"], ["locate"], ["playbook"], ["playbook", "register"], ["playbook", "list"], ["playbook", "show"]],
+    [
+        [], ["up"], ["kernel"], ["edge"], ["worker"], ["publish"], ["locate"], ["playbook"], ["playbook", "register"],
+        ["playbook", "list"], ["playbook", "show"], ["run"], ["cancel"], ["result"],
+    ],
 )
 def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
@@ -36,7 +39,9 @@ def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture
 def test_every_registered_command_is_covered() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"up", "kernel", "edge", "publish", "locate", "playbook"}  # type: ignore[arg-type]
+    assert set(sub.choices) == {  # type: ignore[arg-type]
+        "up", "kernel", "edge", "worker", "publish", "locate", "playbook", "run", "cancel", "result",
+    }
 
 
 HEAVY = {"nats", "starlette", "hypercorn", "pyarrow", "projector", "system_playbooks"}

@@ -110,6 +110,19 @@ def test_command_completed_leaves_step_status_unchanged() -> None:
     assert p.steps["a"].status == "COMPLETED" and p.steps["a"].result == 7
 
 
+@pytest.mark.parametrize("end", ["step.exit", "step.failed"])
+@pytest.mark.parametrize("late", ["step.enter", "command.issued", "command.claimed", "step.exit", "call.error",
+                                  "step.retry", "callback.waiting", "callback.received"])
+def test_a_finished_step_stays_finished(end: str, late: str) -> None:
+    # A late report (a redelivered command, another iteration of a failed loop) is counted, never reopens the step.
+    done = run(ev("step.enter", 1, step="a", attempt=1), ev(end, 2, step="a", attempt=1, result=7, error="e"))
+    after = run(ev("step.enter", 1, step="a", attempt=1), ev(end, 2, step="a", attempt=1, result=7, error="e"),
+                ev(late, 3, step="a", attempt=2, result=8, error="late"))
+    before, now = done.steps["a"], after.steps["a"]
+    assert (now.status, now.result, now.error, now.ended_at) == (before.status, before.result, before.error, before.ended_at)
+    assert now.attempts == 2 and after.event_count == 3
+
+
 def test_step_exit_records_result_and_times() -> None:
     enter = ev("step.enter", 1, step="a", attempt=1, ts="2026-11-22T08:00:01.000Z")
     exit_ = ev("step.exit", 2, step="a", attempt=1, ts="2026-11-22T08:00:09.000Z", result={"rows": 3})
