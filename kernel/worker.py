@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -47,6 +46,7 @@ from kernel.connect import close, connect
 from kernel.dlq import dead_letter
 from kernel.errors import ConfigError
 from kernel.producer import Producer
+from kernel.runtime import default_holder
 from locator.command import COMMAND_VERSION, DEFAULT_POOL, TIMER_POOL, Command, command_decoder
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, new_event
 from locator.errors import LocatorError
@@ -54,7 +54,7 @@ from locator.subjects import cmd_stream, cmd_subject
 from locator.topology import Topology
 from projector.results import ResultError, ResultKey, ResultStore
 
-__all__ = ["CommandRunner", "Worker", "WorkerSettings", "default_worker_id", "error_payload", "run_workers"]
+__all__ = ["CommandRunner", "Worker", "WorkerSettings", "error_payload", "run_workers"]
 
 log = structlog.get_logger("noetl.kernel.worker")
 tracer = trace.get_tracer("noetl.kernel.worker")
@@ -102,11 +102,6 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
         if not 1 <= self.max_deliver <= 1000:
             raise ConfigError(f"NOETL_WORKER_MAX_DELIVER must be between 1 and 1000, got {self.max_deliver}")
         return self
-
-
-def default_worker_id() -> str:
-    """``<hostname>-<pid>``, like a kernel's lease holder (not imported from kernel.runtime, which may run workers)."""
-    return f"{socket.gethostname()}-{os.getpid()}".lower().replace(".", "-")
 
 
 def error_payload(error: BaseException) -> dict[str, str]:
@@ -187,7 +182,7 @@ class Worker:
         self.pool = pool
         self.concurrency = concurrency
         self.shards = sorted(set(range(topology.shard_count) if shards is None else shards))
-        self.worker_id = worker_id or default_worker_id()
+        self.worker_id = worker_id or default_holder()
         self.settings = (settings or WorkerSettings()).checked()
         self.durable = f"workers_{pool}"
         self.producer = Producer(js, topology, payload_cap=self.settings.payload_cap)
@@ -441,7 +436,7 @@ async def run_workers(
     server's topology differs, :class:`~kernel.errors.ConfigError` for a bad setting.
     """
     settings = settings or WorkerSettings.from_env()
-    worker_id = worker_id or default_worker_id()
+    worker_id = worker_id or default_holder()
     nc = await connect(urls, name=f"noetl-worker-{worker_id}")
     try:
         worker = Worker(
