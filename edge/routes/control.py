@@ -64,13 +64,13 @@ async def cancel(request: Request) -> Response:
 
 
 async def _events_of_type(
-    js: JetStreamContext, shard: int, tenant: str, project: str, execution_id: str, type: str
+    js: JetStreamContext, shard: int, tenant: str, project: str, execution_id: str, type: str, *, limit: int = MAX_SCAN
 ) -> list[dict[str, Any]]:
-    """The payloads of the execution's events of ``type`` (at most :data:`MAX_SCAN`), oldest first."""
+    """The payloads of the execution's events of ``type`` (at most ``limit``), oldest first."""
     subject = execution_filter(shard, tenant, project, execution_id)[:-1] + type
     found: list[dict[str, Any]] = []
     seq = 0
-    while len(found) < MAX_SCAN:
+    while len(found) < limit:
         try:
             msg = await js.get_msg(wal_stream(shard), seq=seq + 1, next=True, subject=subject)
         except NotFoundError:
@@ -102,6 +102,14 @@ async def callback(request: Request) -> Response:
         raise NotFound("unknown callback token")
     if any(p.get("command_id") == where.command_id for p in await _events_of_type(*who, "callback.received")):
         raise Conflict("this callback token was already used")
+    for type, why in (
+        ("execution.cancel_requested", "was cancelled"),
+        ("execution.cancelled", "was cancelled"),
+        ("execution.completed", "has completed"),
+        ("execution.failed", "has failed"),
+    ):
+        if await _events_of_type(*who, type, limit=1):
+            raise Conflict(f"execution {where.execution_id} {why}: the callback would resume nothing")
     timers = await _events_of_type(*who, "command.completed")
     if any(p.get("command_id") == where.command_id and p.get("timer") == "callback_timeout" for p in timers):
         raise Conflict(f"step {where.step!r} stopped waiting: its callback timed out")
