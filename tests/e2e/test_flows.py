@@ -205,7 +205,7 @@ async def test_cancel_stops_new_commands_and_lets_the_step_in_flight_finish(
 # --------------------------------------------------------------------------- bad playbooks
 
 
-@pytest.mark.parametrize("name", ["unknown_tool", "missing_step", "cycle", "bad_when", "bad_template"])
+@pytest.mark.parametrize("name", ["unknown_tool", "missing_step", "cycle", "bad_when"])
 async def test_run_refuses_a_bad_playbook_with_its_path_and_writes_nothing(
     stack: Stack, stack_js: JetStreamContext, edge: httpx.AsyncClient, name: str
 ) -> None:
