@@ -26,6 +26,7 @@ from locator.topology import Topology
 from projector.cache import ProjectionCache
 from projector.fold import WalEvent
 from projector.replay import history
+from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
 
 SYSTEM_PLAYBOOKS = Path(__file__).resolve().parent.parent / "system_playbooks"
@@ -39,6 +40,7 @@ CAPABILITIES = frozenset(
         "commands.publish",  # publish to this shard's command stream (cmd.<shard>.>)
         "history.read",  # read one execution's WAL history
         "catalog.read",  # read the playbook catalog bucket
+        "results.write",  # store large step results in object storage
     }
 )
 HISTORY_LIMIT = 1_000_000
@@ -89,6 +91,7 @@ class ShardContext:
     _js: JetStreamContext | None = field(default=None, repr=False)
     _topology: Topology | None = field(default=None, repr=False)
     duplicate_window_ms: int = 120_000
+    _results: ResultStore | None = field(default=None, repr=False)
     log: structlog.typing.FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger("noetl.plugin"))
 
     def _need(self, capability: str) -> None:
@@ -104,6 +107,13 @@ class ShardContext:
         self._need("snapshots.write" if write else "snapshots.read")
         assert self._snapshots is not None
         return self._snapshots
+
+    def results(self) -> ResultStore:
+        self._need("results.write")
+        if self._results is None:
+            assert self._snapshots is not None
+            self._results = ResultStore(self._snapshots.base_url, storage_options=self._snapshots.storage_options)
+        return self._results
 
     def producer(self) -> Producer:
         self._need("events.publish")

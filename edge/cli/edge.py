@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 
 from edge.app import check_cells, create_app
@@ -12,13 +13,21 @@ from edge.cli.options import UsageError, resolve_topology
 from edge.serve import install_uvloop, serve, wait_listening
 from kernel.errors import ServerStartError
 from kernel.server import default_data_dir, port_in_use
+from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
+from system_playbooks.orchestrate.catalog import policy_from_env
 
 
 def run(args: argparse.Namespace) -> int:
     topology = resolve_topology(args)
     data_dir = args.data_dir or default_data_dir()
-    app = create_app(topology=topology, tokens=load_tokens(data_dir=data_dir), snapshots=SnapshotStore.from_env(data_dir=data_dir))
+    app = create_app(
+        topology=topology,
+        tokens=load_tokens(data_dir=data_dir),
+        snapshots=SnapshotStore.from_env(data_dir=data_dir),
+        policy=policy_from_env(os.environ),
+        results=ResultStore.from_env(data_dir=data_dir),
+    )
     bind = args.bind or ["127.0.0.1:8080"]
     for address in bind:
         host, _, port = address.rpartition(":")

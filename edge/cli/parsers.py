@@ -66,9 +66,10 @@ def _up(sub: Subparsers) -> None:
 def _kernel(sub: Subparsers) -> None:
     p = sub.add_parser(
         "kernel",
-        help="run a kernel (fold and materialize the shards it leases) against a NATS server",
-        description="Connect to NATS, take leases on a fair share of the cell's shards and fold them "
-        "(system/project) and write Feather snapshots (system/materialize) until SIGINT/SIGTERM. "
+        help="run a kernel (fold, orchestrate and materialize the shards it leases) against a NATS server",
+        description="Connect to NATS, take leases on a fair share of the cell's shards, fold them "
+        "(system/project), drive executions that name a playbook (system/orchestrate, with its durable "
+        "timers on cmd.<shard>.timer) and write Feather snapshots (system/materialize) until SIGINT/SIGTERM. "
         "Run several: they share the shards and take over each other's within the lease TTL.",
     )
     p.add_argument("--cell", default=None, help="the cell whose shards to fold (default: the topology's first)")
@@ -191,7 +192,8 @@ def _worker(sub: Subparsers) -> None:
         "file://<data-dir>/objects). Stateless: run as many as you like; a killed worker's command is "
         "redelivered after NOETL_WORKER_ACK_WAIT seconds (default 30).",
     )
-    p.add_argument("--pool", default="shared", help="the worker pool to serve (default shared)")
+    p.add_argument("--pool", default="shared",
+                   help="the worker pool to serve (default shared; the orchestrator sends every command to shared for now)")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="commands run at once (env NOETL_WORKER_CONCURRENCY; default 4)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -211,9 +213,9 @@ def _run(sub: Subparsers) -> None:
     p = sub.add_parser(
         "run",
         help="register a playbook, start an execution, and (--wait) follow it to its end",
-        description="Validate FILE (exit 2 with the path of the error, nothing written), register it in the "
+        description="Validate PLAYBOOK (exit 2 with the path of the error, nothing written), register it in the "
         "catalog (the same content again is a no-op), publish execution.requested and print "
-        "{execution_id, seq}. With --wait, print a line per finished step and the callback path of a "
+        "{execution_id, playbook, version, seq, shard}. With --wait, print a line per finished step and the callback path of a "
         "waiting step, then the final projection as JSON; exit 0 if it COMPLETED, 1 if it FAILED, was "
         "CANCELLED or --timeout passed. Needs a running kernel and workers (`noetl-edge up` runs both).",
     )
@@ -241,7 +243,8 @@ def _result(sub: Subparsers) -> None:
         "result",
         help="print a step's result, fetching it from object storage when the event carried a result_ref",
         description="Print {execution_id, step, status, result_ref, result} as JSON; with --out FILE, write a "
-        "stored result's Arrow IPC (Feather) file instead.",
+        "stored result's Arrow IPC (Feather) file instead (a result carried in the event itself is always "
+        "printed as JSON).",
     )
     p.add_argument("execution_id", metavar="EXECUTION_ID")
     p.add_argument("step", metavar="STEP")

@@ -20,7 +20,7 @@ from edge.auth import TokenSpec, ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
 from edge.serve import install_uvloop, serve, wait_listening
 from kernel.connect import close, connect
-from kernel.worker import run_workers
+from kernel.worker import WorkerSettings, run_workers
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
 from system_playbooks.orchestrate.tools import ToolRunner
@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     port = args.nats_port if args.nats_port is not None else env_int("NOETL_NATS_PORT", 4222)
     args.http_port = args.http_port if args.http_port is not None else env_int("NOETL_HTTP_PORT", 8080)
     settings = StreamSettings.from_env()
+    # The worker pool's settings are checked now: a bad one must stop `up` before it says ready.
+    WorkerSettings.from_env()
+    if env_int("NOETL_WORKER_CONCURRENCY", 4) < 1:
+        raise UsageError(f"NOETL_WORKER_CONCURRENCY must be at least 1, got {env_int('NOETL_WORKER_CONCURRENCY', 4)}")
     topology = default_topology(shard_count=shards)
     _check_shard_count(data_dir, shards)
     sync = os.environ.get("NOETL_NATS_SYNC") or None

@@ -72,9 +72,16 @@ class Plan:
     events: list[Envelope] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
     timers: list[PlannedTimer] = field(default_factory=list)
+    # A step.exit whose result is over the payload cap: planning paused before it (it is not in
+    # ``events`` nor applied); store the result, apply the event with its result_ref, plan again.
+    oversized: Envelope | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.commands or self.timers)
+        return bool(self.events or self.commands or self.timers or self.oversized)
+
+
+class _Pause(Exception):
+    """Planning stops at an event that must go by reference first."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -96,7 +103,10 @@ def _render(value: Any, context: dict[str, Any], names: frozenset[str]) -> Any:
 
 
 class _Planner:
-    def __init__(self, state: ExecState, playbook: Playbook, now_ms: int, new_token: Callable[[], str]) -> None:
+    def __init__(
+        self, state: ExecState, playbook: Playbook, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0
+    ) -> None:
+        self.payload_cap = payload_cap
         self.st = state
         self.pb = playbook
         self.now_ms = now_ms
@@ -116,6 +126,9 @@ class _Planner:
             tenant=st.tenant, project=st.project, affinity=st.affinity, execution_id=st.execution_id,
             type=type, step=step, attempt=attempt, payload=payload or {}, event_id=event_id, ts=now_ts(),
         )
+        if type == "step.exit" and self.payload_cap and len(msgspec.json.encode(env.payload)) > self.payload_cap:
+            self.out.oversized = env
+            raise _Pause
         apply(st, 0, env, own=True)
         self.out.events.append(env)
         return env
@@ -339,6 +352,12 @@ class _Planner:
         return entered
 
     def plan(self) -> Plan:
+        try:
+            return self._plan()
+        except _Pause:
+            return self.out
+
+    def _plan(self) -> Plan:
         st, pb = self.st, self.pb
         if st.pinned is None:
             self.emit("execution.started", f"{st.execution_id}:started", payload={
@@ -407,11 +426,16 @@ class _RouteError(Exception):
     pass
 
 
-def plan(state: ExecState, playbook: Playbook, *, now_ms: int, new_token: Callable[[], str]) -> Plan:
-    """What ``state`` needs next under ``playbook``; the returned events are already applied to ``state``."""
+def plan(
+    state: ExecState, playbook: Playbook, *, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0
+) -> Plan:
+    """What ``state`` needs next under ``playbook``; the returned events are already applied to ``state``.
+
+    With ``payload_cap``, planning pauses at a step result too big for an event (``Plan.oversized``).
+    """
     if not state.requested or state.terminal:
         return Plan()
-    return _Planner(state, playbook, now_ms, new_token).plan()
+    return _Planner(state, playbook, now_ms, new_token, payload_cap).plan()
 
 
 def resume(state: ExecState, playbook: Playbook, *, now_ms: int, window_ms: int) -> Plan:

@@ -21,9 +21,10 @@ import msgspec
 
 from kernel.host import Reject, ShardContext
 from locator.command import TIMER_POOL, Timer, command_encoder
-from locator.envelope import encode_envelope
+from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, PayloadTooLarge, encode_envelope, new_event
 from locator.subjects import cmd_subject, wal_subject
 from projector.fold import WalEvent
+from projector.results import ResultKey
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError
 from system_playbooks.orchestrate.planner import Plan, fail_unstartable, plan, resume
 from system_playbooks.orchestrate.playbook import Playbook
@@ -104,6 +105,53 @@ class OrchestratePlugin:
         self._playbooks[(state.tenant, state.project, path, playbook.version)] = playbook
         return playbook
 
+    async def _by_reference(self, ctx: ShardContext, state: ExecState, env: Envelope) -> Envelope:
+        """``env`` (a step.exit too big for an event) with its result stored and referenced, applied to the state."""
+        step = env.step or ""
+        key = ResultKey(state.tenant, state.project, state.execution_id, step, None, env.attempt or 1)
+        stored = await asyncio.to_thread(ctx.results().put, key, env.payload.get("result"))
+        env = msgspec.structs.replace(
+            env, payload=env.payload | {"result": None, "result_bytes": stored.size}, result_ref=stored.ref
+        )
+        apply(state, 0, env, own=True)
+        return env
+
+    async def _plan(self, ctx: ShardContext, state: ExecState, playbook: Playbook, now_ms: int) -> Plan:
+        decided = Plan()
+        while True:
+            more = plan(state, playbook, now_ms=now_ms, new_token=_token, payload_cap=DEFAULT_PAYLOAD_CAP)
+            decided.events += more.events
+            decided.commands += more.commands
+            decided.timers += more.timers
+            if more.oversized is None:
+                return decided
+            # A loop's aggregate or a callback's payload: stored first, so what is planned next
+            # (templates reading steps.<name>.result_ref) sees the state a rebuild would see.
+            decided.events.append(await self._by_reference(ctx, state, more.oversized))
+
+    def _fit(self, ctx: ShardContext, state: ExecState, decided: Plan) -> Plan:
+        """Anything else too big for an event (a huge loop list, workload or error) fails the execution.
+
+        It must never stall the shard: the refused event would be retried and dead-lettered, and every
+        other execution on the shard would wait meanwhile.
+        """
+        for i, env in enumerate(decided.events):
+            try:
+                encode_envelope(env)
+            except PayloadTooLarge as e:
+                # The state holds the refused decision: rebuild it from the WAL next time.
+                self._states(ctx).pop(state.execution_id, None)
+                failed = new_event(
+                    tenant=state.tenant, project=state.project, affinity=state.affinity,
+                    execution_id=state.execution_id, type="execution.failed",
+                    event_id=f"{state.execution_id}:failed", payload={"error": {
+                        "type": "payload_too_large", "step": env.step,
+                        "message": f"the orchestrator's {env.type} event would be too large: {e}",
+                    }},
+                )
+                return Plan(events=[*decided.events[:i], failed])
+        return decided
+
     async def _publish(self, ctx: ShardContext, state: ExecState, decided: Plan) -> None:
         if decided.events:
             acks = await ctx.producer().publish_many(decided.events)
@@ -142,10 +190,10 @@ class OrchestratePlugin:
             else:
                 now_ms = int(time.time() * 1000)
                 decided = resume(state, playbook, now_ms=now_ms, window_ms=ctx.duplicate_window_ms) if rebuilt else Plan()
-                more = plan(state, playbook, now_ms=now_ms, new_token=_token)
+                more = await self._plan(ctx, state, playbook, now_ms)
                 decided = Plan(decided.events + more.events, decided.commands + more.commands, decided.timers + more.timers)
             if decided:
-                await self._publish(ctx, state, decided)
+                await self._publish(ctx, state, self._fit(ctx, state, decided))
                 log.debug("orchestrate.planned", events=len(decided.events), commands=len(decided.commands))
         except BaseException:
             # The state already holds decisions that may not be stored: rebuild it from the WAL next time.

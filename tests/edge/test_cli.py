@@ -288,6 +288,8 @@ async def test_up_takes_settings_from_env(tmp_path: Path, cli_command: list[str]
         ({"NOETL_DUPLICATE_WINDOW": "5"}, "at least 120"),
         ({"NOETL_LEASE_TTL": "0"}, "NOETL_LEASE_TTL"),
         ({"NOETL_NATS_SYNC": "sometimes"}, "NOETL_NATS_SYNC"),
+        ({"NOETL_WORKER_CONCURRENCY": "0"}, "NOETL_WORKER_CONCURRENCY must be at least 1"),
+        ({"NOETL_WORKER_ACK_WAIT": "0"}, "NOETL_WORKER_ACK_WAIT must be between"),
     ],
 )
 def test_up_rejects_bad_settings(tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str], env: dict[str, str], message: str) -> None:
