@@ -12,6 +12,7 @@ from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.producer import Producer
 from kernel.server import EmbeddedServer
+from locator.ids import Snowflake
 from locator import default_topology, new_event, shard_for
 from projector.cache import KvProjectionCache
 from projector.projection import decode_projection
@@ -24,7 +25,9 @@ async def test_read_stages_are_spans_and_requests_are_logged(
     nats_server: EmbeddedServer, js: Any, tmp_path: Path, spans: InMemorySpanExporter, capsys: Any
 ) -> None:
     topology = default_topology(nats_url=nats_server.url)
-    await Producer(js, topology).publish(new_event(tenant="acme", project="web", execution_id="5", type="execution.started"))
+    # An id no other test uses: spans and log lines left by earlier tests in this process are told apart by it.
+    xid = Snowflake().next_str()
+    await Producer(js, topology).publish(new_event(tenant="acme", project="web", execution_id=xid, type="execution.started"))
     app = create_app(
         topology=topology,
         tokens=[TokenSpec(name="t", role="read", tenants=("*",), token=TOKEN)],
@@ -34,24 +37,23 @@ async def test_read_stages_are_spans_and_requests_are_logged(
     capsys.readouterr()
     # Loggers may be cached from earlier tests (structlog caches on first use): read stderr.
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
-        resp = await client.get("/api/v1/tenants/acme/projects/web/executions/5", headers=headers)
+        resp = await client.get(f"/api/v1/tenants/acme/projects/web/executions/{xid}", headers=headers)
         assert resp.status_code == 200 and resp.headers["x-noetl-source"] == "replay"
         cache = await KvProjectionCache.open(js, shard_for("acme", "web", "", 4))
-        await cache.put("5", decode_projection(resp.content), revision=None)
-        warm = await client.get("/api/v1/tenants/acme/projects/web/executions/5", headers=headers)
+        await cache.put(xid, decode_projection(resp.content), revision=None)
+        warm = await client.get(f"/api/v1/tenants/acme/projects/web/executions/{xid}", headers=headers)
         assert warm.headers["x-noetl-source"] == "cache"
     await app.state.edge.cells.close()
-    names = [s.name for s in spans.get_finished_spans()]
+    mine = [s for s in spans.get_finished_spans() if (s.attributes or {}).get("noetl.execution_id") == xid]
+    names = [s.name for s in mine]
     # Cold: cache miss -> snapshot scan -> replay; warm: cache only.
     assert names.count("edge.read.cache") == 2 and "edge.read.snapshot" in names and names.count("edge.read.replay") == 1
-    for s in spans.get_finished_spans():
-        if s.name.startswith("edge.read."):
-            assert s.attributes is not None and s.attributes["noetl.execution_id"] == "5"
+    assert all(s.name.startswith("edge.read.") or s.name.startswith("wal.") for s in mine), names
     err = capsys.readouterr().err
-    access = [line for line in err.splitlines() if "http.request" in line]
+    access = [line for line in err.splitlines() if "http.request" in line and xid in line]
     assert len(access) == 2, err
     for line in access:  # console or JSON rendering, depending on the configuration in force
-        assert "execution_id=5" in line or '"execution_id": "5"' in line
+        assert f"execution_id={xid}" in line or f'"execution_id": "{xid}"' in line
         assert "status=200" in line or '"status": 200' in line
         assert "/api/v1/tenants/{tenant}/projects/{project}/executions/{execution_id}" in line
     assert TOKEN not in err
