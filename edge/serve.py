@@ -9,6 +9,8 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from starlette.applications import Starlette
 
+from kernel.connect import install_uvloop as install_uvloop
+
 
 def hypercorn_config(bind: Sequence[str], *, access_log: bool = False) -> Config:
     config = Config()
@@ -42,11 +44,3 @@ async def wait_listening(bind: str, *, timeout: float = 30.0) -> None:
         return
 
 
-def install_uvloop() -> bool:
-    """Use uvloop when it is installed (it is optional)."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    uvloop.install()
-    return True

@@ -66,3 +66,13 @@ async def close(nc: NATS) -> None:
     except (ConnectionError, OSError, RuntimeError) as e:
         # RuntimeError: uvloop refuses to flush into a transport the server already closed.
         log.info("nats.close_after_loss", error=str(e) or type(e).__name__)
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop when it is installed (a dependency everywhere but Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    uvloop.install()
+    return True

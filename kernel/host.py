@@ -77,6 +77,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     capabilities: tuple[str, ...] = ()
     max_batch: int = 1000
     linger_s: float = 0.0
+    # The event types the plug-in is delivered (empty: every event). Its consumer filters on them,
+    # so events it has no use for (its own, user.*) cost it no fetch and no ack.
+    types: tuple[str, ...] = ()
 
 
 @dataclass

@@ -90,6 +90,7 @@ class Pump:
         ack_wait: float = 60.0,
         fetch_wait: float = 1.0,
         isolate_after: int = 3,
+        types: Sequence[str] = (),
     ) -> None:
         self.js = js
         self.shard = shard
@@ -104,6 +105,8 @@ class Pump:
         self.ack_wait = ack_wait
         self.fetch_wait = fetch_wait
         self.isolate_after = isolate_after
+        # wal.<shard>.<tenant>.<project>.<execution>.<type>: one filter per wanted type.
+        self.filters = [f"wal.{shard}.*.*.*.{t}" for t in types]
         self.stats = PumpStats(consumer=self.durable, shard=shard)
         self.log = log.bind(shard=shard, consumer=self.durable)
         self._failing_seq = 0  # first sequence of the batch that failed last
@@ -128,7 +131,8 @@ class Pump:
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_batch,
             max_deliver=-1,
-            filter_subject=wal_subjects(self.shard),
+            filter_subject=None if self.filters else wal_subjects(self.shard),
+            filter_subjects=self.filters or None,
         )
         return await self.js.pull_subscribe(
             wal_subjects(self.shard), durable=self.durable, stream=self.stream, config=config
@@ -206,6 +210,8 @@ class Pump:
     def _size(self, next_seq: int, lag: int) -> int:
         if next_seq <= self._isolate_until:
             return 1
+        if self.linger:
+            return self.max_batch  # a lingering plug-in waits to fill its batch: ask for all of it
         return max(1, min(self.max_batch, lag + 1))
 
     async def run_once(self, sub: JetStreamContext.PullSubscription, size: int) -> tuple[int, int | None]:
@@ -237,7 +243,9 @@ class Pump:
                 by_seq = {stream_seq(m): m for m in msgs}
                 for r in rejected:
                     await self._dead_letter(by_seq[r.seq], r.reason, r.detail, per_consumer=True)
-        await msgs[-1].ack_sync()
+        # Not waited for: the next fetch follows on the same connection, so the server has the ack first;
+        # an ack lost with the connection only redelivers a batch, which every plug-in handles idempotently.
+        await msgs[-1].ack()
         last = stream_seq(msgs[-1])
         if last >= self._failing_seq:
             self._failures = 0  # the message that failed has now been handled (or dead-lettered)

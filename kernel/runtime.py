@@ -88,6 +88,7 @@ class Kernel:
                 consumer=manifest.consumer,
                 max_batch=manifest.max_batch,
                 linger=manifest.linger_s,
+                types=manifest.types,
             )
             stop = asyncio.Event()
             task = asyncio.create_task(pump.run(stop), name=f"pump-{manifest.consumer}-{shard}")

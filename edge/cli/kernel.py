@@ -11,7 +11,7 @@ import structlog
 
 from edge.cli.options import connect_urls, resolve_topology
 from kernel.bootstrap import StreamSettings
-from kernel.connect import close, connect
+from kernel.connect import close, connect, install_uvloop
 from kernel.runtime import Kernel, default_holder
 from kernel.server import default_data_dir
 from locator.topology import Topology
@@ -55,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
             on_ready=lambda: print(f"ready kernel {args.holder or default_holder()} {urls[0]}", flush=True),
         )
 
+    install_uvloop()
     asyncio.run(main())
     return 0

@@ -8,6 +8,7 @@ import os
 import signal
 
 from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology
+from kernel.connect import install_uvloop
 from kernel.worker import run_workers
 from locator.names import check_name
 from projector.results import ResultStore
@@ -34,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
             concurrency=concurrency,
         )
 
+    install_uvloop()
     asyncio.run(main())
     return 0

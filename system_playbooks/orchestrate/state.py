@@ -117,6 +117,9 @@ def apply(state: ExecState, seq: int, env: Envelope, *, own: bool = False) -> bo
         return False
     else:
         state.last_seq = seq
+        if state.ahead:
+            # Own events the consumer never delivers (it filters them out) are behind us now.
+            state.ahead = {s for s in state.ahead if s > seq}
     _apply(state, env)
     return True
 
