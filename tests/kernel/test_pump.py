@@ -111,6 +111,7 @@ class FailOnceAfterWriting(ProjectPlugin):
     """Writes the batch, then 'crashes' before the ack: the batch is redelivered."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls = 0
 
     async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> None:
@@ -151,6 +152,7 @@ class FailOn(ProjectPlugin):
     """Raises whenever a batch holds the event ``bad_id`` — ``times`` times, or forever (None)."""
 
     def __init__(self, bad_id: str, times: int | None, on_fail: Any = None) -> None:
+        super().__init__()
         self.bad_id, self.times, self.failed, self.on_fail = bad_id, times, 0, on_fail
 
     async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> Any:
