@@ -239,15 +239,20 @@ class Parts:
     kernel: Proc
     workers: list[Proc]
     responder: Proc
+    fold_kernel: Proc | None = None  # with --split-kernels: the project+materialize kernel
+
+    @property
+    def kernels(self) -> list[Proc]:
+        return [self.kernel] + ([self.fold_kernel] if self.fold_kernel else [])
 
     def check(self) -> None:
-        for p in (self.kernel, *self.workers, self.responder):
+        for p in (*self.kernels, *self.workers, self.responder):
             p.check()
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of each process that takes part in a step."""
         return {
-            "kernel": cpu_seconds(self.kernel.proc.pid),
+            "kernel": sum(cpu_seconds(k.proc.pid) for k in self.kernels),
             "workers": sum(cpu_seconds(w.proc.pid) for w in self.workers),
             "nats_server": cpu_seconds(self.nats_pid),
             "client": time.process_time(),
@@ -302,19 +307,25 @@ def processes(server: EmbeddedServer, work: Path, args: argparse.Namespace) -> I
     try:
         responder = Proc("responder", [sys.executable, this, "--serve-responder", url], work)
         started.append(responder)
-        kernel = Proc("kernel", command("kernel", "kernel", ["kernel", "--data-dir", data, *common]), work)
+        split = ["--plugins", "orchestrate"] if args.split_kernels else []
+        kernel = Proc("kernel", command("kernel", "kernel", ["kernel", "--data-dir", data, *split, *common]), work)
         started.append(kernel)
+        fold_kernel = None
+        if args.split_kernels:
+            argv = ["kernel", "--data-dir", data, "--plugins", "project,materialize", *common]
+            fold_kernel = Proc("kernel-fold", command("kernel-fold", "kernel", argv), work)
+            started.append(fold_kernel)
         workers = []
         for i in range(args.workers):
             argv = ["worker", "--pool", POOL, "--concurrency", str(args.concurrency), "--data-dir", data, *common]
             w = Proc(f"worker{i}", command(f"worker{i}", "worker", argv), work)
             started.append(w)
             workers.append(w)
-        for p in (responder, kernel):
+        for p in (responder, kernel, *([fold_kernel] if fold_kernel else [])):
             if not p.line().startswith("ready"):
                 raise RuntimeError(f"{p.name}: no ready line; stderr:\n{p.tail()}")
         nats_pid = server.process.pid if server.process else None
-        yield Parts(url, nats_pid, f"http://{server.host}:{server.monitor_port}", kernel, workers, responder)
+        yield Parts(url, nats_pid, f"http://{server.host}:{server.monitor_port}", kernel, workers, responder, fold_kernel)
     finally:
         for p in reversed(started):
             p.stop()
@@ -801,7 +812,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "shards": args.shards,
         "floor_requests": args.floor_requests,
         "floor_body_bytes": len(FLOOR_BODY),
-        "processes": "nats-server, `noetl-edge kernel`, 2 x `noetl-edge worker`, responder, this client",
+        "processes": "nats-server, "
+        + ("`noetl-edge kernel --plugins orchestrate` + `--plugins project,materialize`" if args.split_kernels
+           else "`noetl-edge kernel`")
+        + f", {args.workers} x `noetl-edge worker`, responder, this client",
         "plugins": manifests,
         "log_level": args.log_level,
         "quick": args.quick,
@@ -831,6 +845,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--floor-requests", type=int, default=2000, help="request-reply round trips of the floor (default 2000)")
     p.add_argument("--floor-warmup", type=int, default=200, help="uncounted round trips before each half (default 200)")
     p.add_argument("--log-level", default="warning", help="log level of the kernel and workers (default warning)")
+    p.add_argument(
+        "--split-kernels", action="store_true",
+        help="run the orchestrator in a kernel process of its own (`kernel --plugins orchestrate`) beside a "
+        "`kernel --plugins project,materialize`, instead of one kernel running all three",
+    )
     p.add_argument(
         "--profile", action="store_true",
         help="run the kernel and workers with timing hooks (bench/steps_profile.py) and add a per-segment "

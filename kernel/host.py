@@ -183,7 +183,10 @@ def load_manifest(path: Path) -> Manifest:
     return manifest
 
 
-def system_manifests(names: Sequence[str] = ("project", "orchestrate", "materialize")) -> list[Manifest]:
+SYSTEM_PLUGINS = ("project", "orchestrate", "materialize")  # in the order their pumps start
+
+
+def system_manifests(names: Sequence[str] = SYSTEM_PLUGINS) -> list[Manifest]:
     return [load_manifest(SYSTEM_PLAYBOOKS / name / "manifest.yaml") for name in names]
 
 

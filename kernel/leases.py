@@ -62,18 +62,19 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(LeaseValue).decode
 
 
-def shard_key(shard: int) -> str:
-    return f"shard.{shard}"
+def shard_key(shard: int, group: str = "") -> str:
+    """``shard.<n>``; a kernel running only some plug-ins leases in its own group: ``<group>.shard.<n>``."""
+    return f"{group}.shard.{shard}" if group else f"shard.{shard}"
 
 
-def member_key(holder: str) -> str:
-    return f"member.{holder}"
+def member_key(holder: str, group: str = "") -> str:
+    return f"{group}.member.{holder}" if group else f"member.{holder}"
 
 
-async def lease_holder(kv: KeyValue, shard: int) -> LeaseValue | None:
+async def lease_holder(kv: KeyValue, shard: int, group: str = "") -> LeaseValue | None:
     """Who holds ``shard`` right now, or ``None`` (for status pages and tests; not a fence)."""
     try:
-        entry = await kv.get(shard_key(shard))
+        entry = await kv.get(shard_key(shard, group))
     except KeyNotFoundError:
         return None
     return _decode(entry.value or b"")
@@ -133,7 +134,11 @@ class ShardLeases:
         interval: float | None = None,
         call_timeout: float | None = None,
         clock: Clock = time.monotonic,
+        group: str = "",
     ) -> None:
+        if group and not re.fullmatch(r"[a-z0-9_-]{1,64}", group):
+            raise ConfigError(f"lease group {group!r} must be 1-64 of a-z, 0-9, '_' or '-'")
+        self.group = group
         if not (len(holder) <= 128 and _HOLDER.fullmatch(holder)):
             raise ConfigError(f"lease holder id {holder!r} must be letters, digits, '-', '_', '=' or inner dots")
         if ttl <= 0:
@@ -225,7 +230,7 @@ class ShardLeases:
             return
         try:
             # Purge, not delete: a delete marker would still count as a member until it aged out.
-            await self._call(self._js.purge_stream(self._stream, subject=self._prefix + member_key(self.holder)))
+            await self._call(self._js.purge_stream(self._stream, subject=self._prefix + member_key(self.holder, self.group)))
         except _TRANSIENT as e:
             self._log.warning("leases.leave_failed", error=_describe(e))
 
@@ -249,7 +254,7 @@ class ShardLeases:
         value = _encode(LeaseValue(holder=self.holder, acquired_at=self._joined_at, renewed_at=_utc_now()))
         try:
             # Only this process writes its member key, so a plain put is enough.
-            await self._call(kv.put(member_key(self.holder), value))
+            await self._call(kv.put(member_key(self.holder, self.group), value))
         except _TRANSIENT as e:
             self._log.warning("leases.membership_failed", error=_describe(e))
 
@@ -262,7 +267,7 @@ class ShardLeases:
         try:
             # Never wait past the deadline: an answer after it could not make the lease ours again.
             timeout = min(self._call_timeout, lease.deadline - sent)
-            revision = await self._call(kv.update(shard_key(shard), value, last=lease.revision), timeout)
+            revision = await self._call(kv.update(shard_key(shard, self.group), value, last=lease.revision), timeout)
         except KeyWrongLastSequenceError:
             await self._drop(shard, reason="taken", delete=False)
             return
@@ -275,10 +280,10 @@ class ShardLeases:
 
     async def _count_members(self) -> int | None:
         assert self._js is not None  # open() succeeded before any tick gets here
-        own = self._prefix + member_key(self.holder)
+        own = self._prefix + member_key(self.holder, self.group)
         try:
             info = await asyncio.wait_for(
-                self._js.stream_info(self._stream, subjects_filter=self._prefix + member_key(">")), self._call_timeout
+                self._js.stream_info(self._stream, subjects_filter=self._prefix + member_key(">", self.group)), self._call_timeout
             )
         except _TRANSIENT as e:
             self._log.warning("leases.members_unknown", error=_describe(e))
@@ -300,7 +305,7 @@ class ShardLeases:
             sent = self._clock()
             try:
                 revision = await self._call(
-                    kv.create(shard_key(shard), _encode(LeaseValue(holder=self.holder, acquired_at=now, renewed_at=now)))
+                    kv.create(shard_key(shard, self.group), _encode(LeaseValue(holder=self.holder, acquired_at=now, renewed_at=now)))
                 )
             except (KeyWrongLastSequenceError, KeyNotFoundError):
                 continue  # held by someone else (or aged out between create's two steps): try the next
@@ -335,7 +340,7 @@ class ShardLeases:
 
     async def _delete(self, kv: KeyValue, shard: int, revision: int) -> None:
         try:
-            await self._call(kv.delete(shard_key(shard), last=revision))
+            await self._call(kv.delete(shard_key(shard, self.group), last=revision))
         except APIError as e:
             if e.err_code != _WRONG_LAST_SEQUENCE:
                 self._log.warning("leases.release_failed", shard=shard, error=_describe(e))

@@ -60,6 +60,11 @@ class Kernel:
         self.cell = topology.cell(cell) if cell else topology.cells[0]
         self.holder = holder or default_holder()
         self.manifests = list(manifests) if manifests is not None else system_manifests()
+        # All the system plug-ins lease `shard.<n>`; a kernel running only some of them leases in a group
+        # of its own, so e.g. an orchestrate-only kernel and a fold-only kernel both hold every shard.
+        every = {m.consumer for m in system_manifests()}
+        mine = {m.consumer for m in self.manifests}
+        self.lease_group = "" if mine == every else "-".join(sorted(mine))
         self.plugins: dict[str, Plugin] = {m.path: load_plugin(m) for m in self.manifests}
         self.running: dict[tuple[int, str], _Running] = {}
         self.timers: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
@@ -123,6 +128,7 @@ class Kernel:
             ttl=self.settings.lease_ttl_s,
             on_acquired=self._start_shard,
             on_lost=self._stop_shard,
+            group=self.lease_group,
         )
         self.log.info("kernel.started", shards=list(self.cell.shards), plugins=list(self.plugins))
         if on_ready:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
-from edge.cli.options import connect_urls, resolve_topology
+from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.bootstrap import StreamSettings
 from kernel.connect import close, connect, install_uvloop
+from kernel.host import SYSTEM_PLUGINS, system_manifests
 from kernel.runtime import Kernel, default_holder
 from kernel.server import default_data_dir
 from locator.topology import Topology
@@ -29,18 +30,31 @@ async def run_kernel(
     holder: str | None,
     stop: asyncio.Event,
     on_ready: Callable[[], None] | None = None,
+    plugins: Sequence[str] | None = None,
 ) -> None:
     nc = await connect(urls, name=f"noetl-kernel-{holder or default_holder()}")
     try:
         kernel = Kernel(
-            nc, topology=topology, snapshots=snapshots, settings=StreamSettings.from_env(), cell=cell, holder=holder
+            nc, topology=topology, snapshots=snapshots, settings=StreamSettings.from_env(), cell=cell, holder=holder,
+            manifests=None if plugins is None else system_manifests(plugins),
         )
         await kernel.run(stop, on_ready=on_ready)
     finally:
         await close(nc)
 
 
+def _plugins(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SYSTEM_PLUGINS))
+    if not names or unknown:
+        raise UsageError(f"--plugins takes a comma-separated subset of {', '.join(SYSTEM_PLUGINS)}, got {text!r}")
+    return [n for n in SYSTEM_PLUGINS if n in names]  # in the order the pumps start
+
+
 def run(args: argparse.Namespace) -> int:
+    plugins = _plugins(args.plugins)
     topology = resolve_topology(args)
     snapshots = SnapshotStore.from_env(data_dir=args.data_dir or default_data_dir())
 
@@ -52,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         urls = connect_urls(args, topology)
         await run_kernel(
             urls, topology, snapshots, cell=args.cell, holder=args.holder, stop=stop,
+            plugins=plugins,
             on_ready=lambda: print(f"ready kernel {args.holder or default_holder()} {urls[0]}", flush=True),
         )
 

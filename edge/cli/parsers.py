@@ -73,6 +73,12 @@ def _kernel(sub: Subparsers) -> None:
         "Run several: they share the shards and take over each other's within the lease TTL.",
     )
     p.add_argument("--cell", default=None, help="the cell whose shards to fold (default: the topology's first)")
+    p.add_argument(
+        "--plugins", default=None, metavar="LIST",
+        help="comma-separated system plug-ins to run: project, orchestrate, materialize (default all). A kernel "
+        "running some of them leases shards in a group of its own, so e.g. `--plugins orchestrate` and "
+        "`--plugins project,materialize` in two processes each hold every shard",
+    )
     p.add_argument("--holder", default=None, help=f"lease holder id (default host-pid, e.g. {default_holder()})")
     p.add_argument(
         "--data-dir",

@@ -327,3 +327,12 @@ def test_up_http_port_in_use(tmp_path: Path, cli_command: list[str], cli_environ
             capture_output=True, text=True, env=cli_environ, timeout=60,
         )
     assert proc.returncode == 1 and f"HTTP port 127.0.0.1:{port} is already in use" in proc.stderr
+
+
+@pytest.mark.parametrize("plugins", ["bogus", "project,nope", ","])
+def test_kernel_refuses_unknown_plugins(plugins: str, cli_command: list[str], cli_environ: dict[str, str]) -> None:
+    proc = subprocess.run(
+        [*cli_command, "kernel", "--plugins", plugins, "--nats-url", "nats://127.0.0.1:1"],
+        capture_output=True, text=True, env=cli_environ, timeout=60,
+    )
+    assert proc.returncode == 2 and "--plugins takes a comma-separated subset of project, orchestrate, materialize" in proc.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
+from typing import Any
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -302,3 +304,34 @@ async def test_missing_bucket_is_refused(nc: NATS) -> None:
     leases = ShardLeases(nc.jetstream(), holder="k", shards=SHARDS, ttl=TTL, on_acquired=noop, on_lost=noop)
     with pytest.raises(LeaseBucketError, match="bootstrap"):
         await leases.run(asyncio.Event())
+
+
+async def test_kernels_running_different_plugins_each_hold_every_shard(
+    nc: NATS, js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    # An orchestrate-only kernel and a fold-only kernel lease in groups of their own: both hold all shards.
+    from kernel.host import system_manifests
+    from kernel.runtime import Kernel
+    from projector.snapshots import SnapshotStore
+
+    store = SnapshotStore(f"file://{tmp_path}/objects")
+    orchestrate = Kernel(nc, topology=topology, snapshots=store, holder="k-orch", manifests=system_manifests(["orchestrate"]))
+    fold = Kernel(nc, topology=topology, snapshots=store, holder="k-fold", manifests=system_manifests(["project", "materialize"]))
+    everything = Kernel(nc, topology=topology, snapshots=store, holder="k-all")
+    assert (orchestrate.lease_group, fold.lease_group, everything.lease_group) == ("orchestrate", "materialize-project", "")
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(k.run(stop)) for k in (orchestrate, fold)]
+    try:
+        for _ in range(200):
+            if orchestrate.shards == fold.shards == list(range(topology.shard_count)):
+                break
+            await asyncio.sleep(0.05)
+        assert orchestrate.shards == fold.shards == list(range(topology.shard_count))
+        kv = await js.key_value(LEASES_BUCKET)
+        for shard in range(topology.shard_count):
+            assert (await lease_holder(kv, shard, "orchestrate")).holder == "k-orch"  # type: ignore[union-attr]
+            assert (await lease_holder(kv, shard, "materialize-project")).holder == "k-fold"  # type: ignore[union-attr]
+            assert await lease_holder(kv, shard) is None
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
