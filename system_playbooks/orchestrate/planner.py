@@ -121,19 +121,19 @@ class _Planner:
 
     def emit(self, type: str, event_id: str, *, step: str | None = None, attempt: int | None = None,
              payload: dict[str, Any] | None = None) -> Envelope:
-        st = self.st
-        env = new_event(
-            tenant=st.tenant, project=st.project, affinity=st.affinity, execution_id=st.execution_id,
-            type=type, step=step, attempt=attempt, payload=payload or {}, event_id=event_id, ts=now_ts(),
-        )
+        """Decide an event: applied to the state at once, published by the plug-in."""
+        env = self._event(type, event_id, step=step, attempt=attempt, payload=payload or {})
         if type == "step.exit" and self.payload_cap and len(msgspec.json.encode(env.payload)) > self.payload_cap:
             self.out.oversized = env
             raise _Pause
-        apply(st, 0, env, own=True)
+        apply(self.st, 0, env, own=True)
         self.out.events.append(env)
         return env
 
-    def _event(self, type: str, event_id: str, *, step: str, attempt: int, payload: dict[str, Any]) -> Envelope:
+    def _event(
+        self, type: str, event_id: str, *, step: str | None, attempt: int | None, payload: dict[str, Any]
+    ) -> Envelope:
+        """An event of this execution, not applied (a timer's, to be published later)."""
         st = self.st
         return new_event(
             tenant=st.tenant, project=st.project, affinity=st.affinity, execution_id=st.execution_id,
