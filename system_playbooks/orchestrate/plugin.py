@@ -31,6 +31,7 @@ from system_playbooks.orchestrate.playbook import Playbook
 from system_playbooks.orchestrate.state import ExecState, apply, new_state
 
 MAX_CACHED = 10_000
+PASSIVE = frozenset({"command.claimed"})  # event types that never change what the planner decides
 CONCURRENCY = 16
 
 
@@ -178,7 +179,8 @@ class OrchestratePlugin:
         fresh = [e for e in events if (e.env.tenant, e.env.project) == (state.tenant, state.project)]
         changed = rebuilt
         for seq, env in fresh:
-            changed = apply(state, seq, env) or changed
+            # A claim is recorded (resume reads it) but decides nothing: it alone is no reason to plan.
+            changed = (apply(state, seq, env) and env.type not in PASSIVE) or changed
         if not changed or not state.requested or state.playbook_ref is None or state.terminal:
             return
         log = ctx.log.bind(execution_id=state.execution_id)
