@@ -56,14 +56,12 @@ import importlib.util
 import json
 import os
 import platform
-import queue
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +79,7 @@ if importlib.util.find_spec("sniffio") is None:
 
 import httpx  # noqa: E402
 
+from bench.common import Proc, cpu_seconds, dist_version  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
 from kernel.server import free_port  # noqa: E402
 from locator.shard import shard_for  # noqa: E402
@@ -130,66 +129,6 @@ def serve_baseline(bind: str) -> int:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
-
-
-class Proc:
-    """A child process: stdout lines through a reader thread, stderr to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.stderr"
-        self._err = self.log_path.open("w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err, text=True, env=_env())
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put("")
-
-    def tail(self) -> str:
-        self._err.flush()
-        return self.log_path.read_text()[-3000:]
-
-    def line(self, timeout: float = 30.0) -> str:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"{self.name}: no output within {timeout}s; stderr:\n{self.tail()}") from None
-        if not line:
-            raise RuntimeError(f"{self.name} exited ({self.proc.wait()}); stderr:\n{self.tail()}")
-        return line.strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-        self._reader.join(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._err.close()
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of ``pid`` so far (Linux /proc; 0.0 elsewhere)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def child_pid(pid: int) -> int | None:
@@ -601,15 +540,6 @@ async def run(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark warm projection GETs through Hypercorn (`noetl-edge edge`) against a trivial "
@@ -652,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["client_loop"] = loop_name
     result["cpus"] = os.cpu_count()
     for dist in ("hypercorn", "starlette", "httpx", "uvloop", "nats-py"):
-        result[dist.replace("-", "_")] = _dist_version(dist)
+        result[dist.replace("-", "_")] = dist_version(dist)
     result["python"] = platform.python_version()
     print(json.dumps(result))
     return 0

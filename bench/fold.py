@@ -65,7 +65,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,11 +82,11 @@ from nats.aio.client import Client as NATS  # noqa: E402
 from nats.js import JetStreamContext  # noqa: E402
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: E402
 
+from bench.common import dist_version, nats_server_version  # noqa: E402
 from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import connect  # noqa: E402
 from kernel.host import Manifest, Plugin, context_for, load_plugin, system_manifests  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
-from kernel.natsbin import find_nats_server  # noqa: E402
 from kernel.producer import Ack, Producer  # noqa: E402
 from kernel.pump import Pump  # noqa: E402
 from kernel.server import EmbeddedServer  # noqa: E402
@@ -541,25 +540,6 @@ def pure_fold(args: argparse.Namespace, batch: int, shards: int) -> dict[str, An
 # --------------------------------------------------------------------------- main
 
 
-def nats_server_version() -> str:
-    try:
-        text = subprocess.run(
-            [str(find_nats_server()), "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return text.strip().rsplit(" ", 1)[-1].lstrip("v") or "unknown"
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark the kernel's fold (pump + system/project plug-in, publish to folded-in-KV) against "
@@ -610,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["meets_goal_pure_fold"] = result["pure_fold_eps"]["grouped"]["median"] >= GOAL_PURE_FOLD_EPS
     result["loop"] = loop_name
     result["nats_server"] = nats_server_version()
-    result["nats_py"] = _dist_version("nats-py")
+    result["nats_py"] = dist_version("nats-py")
     result["python"] = platform.python_version()
     print(json.dumps(result))
     return 0

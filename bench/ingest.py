@@ -39,7 +39,6 @@ import itertools
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,10 +56,10 @@ from nats.aio.client import Client as NATS  # noqa: E402
 from nats.js import JetStreamContext  # noqa: E402
 from nats.js.api import PubAck  # noqa: E402
 
+from bench.common import dist_version, nats_server_version  # noqa: E402
 from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import connect  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
-from kernel.natsbin import find_nats_server  # noqa: E402
 from kernel.producer import MSG_ID, Ack, Producer  # noqa: E402
 from kernel.server import EmbeddedServer  # noqa: E402
 from locator import default_topology  # noqa: E402
@@ -304,16 +303,6 @@ async def run(url: str, topology: Topology, args: argparse.Namespace) -> dict[st
         await nc.close()
 
 
-def nats_server_version() -> str:
-    try:
-        text = subprocess.run(
-            [str(find_nats_server()), "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return text.strip().rsplit(" ", 1)[-1].lstrip("v") or "unknown"
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark Producer.publish_many / Producer.publish against raw nats-py publishing "
@@ -355,19 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = asyncio.run(run(server.url, topology, args))
     result["loop"] = loop_name
     result["nats_server"] = nats_server_version()
-    result["nats_py"] = _dist_version("nats-py")
+    result["nats_py"] = dist_version("nats-py")
     result["python"] = platform.python_version()
     print(json.dumps(result))
     return 0
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 if __name__ == "__main__":

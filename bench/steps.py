@@ -74,14 +74,11 @@ import itertools
 import json
 import os
 import platform
-import queue
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -100,11 +97,11 @@ from nats.js import JetStreamContext  # noqa: E402
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
 
+from bench.common import Proc, cpu_seconds, dist_version, nats_server_version  # noqa: E402
 from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
 from kernel.host import system_manifests  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
-from kernel.natsbin import find_nats_server  # noqa: E402
 from kernel.producer import Ack, Producer  # noqa: E402
 from kernel.server import EmbeddedServer  # noqa: E402
 from locator import default_topology  # noqa: E402
@@ -162,73 +159,9 @@ def dist(samples_ms: Sequence[float]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- processes
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
-
-
 def _cli() -> str:
     found = Path(sys.executable).parent / "noetl-edge"
     return str(found) if found.exists() else shutil.which("noetl-edge") or "noetl-edge"
-
-
-class Proc:
-    """A child process: stdout lines through a reader thread, stderr to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.stderr"
-        self._err = self.log_path.open("w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err, text=True, env=_env())
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put("")
-
-    def tail(self) -> str:
-        self._err.flush()
-        return self.log_path.read_text()[-3000:]
-
-    def line(self, timeout: float = 30.0) -> str:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"{self.name}: no output within {timeout}s; stderr:\n{self.tail()}") from None
-        if not line:
-            raise RuntimeError(f"{self.name} exited ({self.proc.wait()}); stderr:\n{self.tail()}")
-        return line.strip()
-
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); stderr:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-        self._reader.join(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._err.close()
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of ``pid`` so far (Linux /proc; 0.0 elsewhere)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -775,27 +708,8 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "nats_server": nats_server_version(),
-        "nats_py": _dist_version("nats-py"),
+        "nats_py": dist_version("nats-py"),
     }
-
-
-def nats_server_version() -> str:
-    try:
-        text = subprocess.run(
-            [str(find_nats_server()), "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return text.strip().rsplit(" ", 1)[-1].lstrip("v") or "unknown"
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
