@@ -6,6 +6,7 @@ the host capabilities its manifest grants. The WASM runtime extends this host.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 import msgspec
+import nats.errors
 import structlog
 import yaml
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
@@ -82,6 +85,15 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     types: tuple[str, ...] = ()
 
 
+class SentCommand(NamedTuple):
+    """A command queued on the connection whose ack is not waited for yet."""
+
+    subject: str
+    data: bytes
+    msg_id: str
+    future: asyncio.Future[PubAck] | None
+
+
 @dataclass
 class ShardContext:
     """The granted capabilities of one plug-in on one shard."""
@@ -131,6 +143,28 @@ class ShardContext:
             raise PluginError(f"plug-in {self.plugin} may publish commands only to {cmd_subjects(self.shard)}")
         ack = await self._js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
         return int(ack.seq)
+
+    async def send_command(self, subject: str, data: bytes, *, msg_id: str) -> SentCommand:
+        """Queue a command without waiting for its ack (ordered after what was sent before); see :meth:`confirm_command`."""
+        self._need("commands.publish")
+        assert self._js is not None
+        if not subject.startswith(cmd_subjects(self.shard)[:-1]):
+            raise PluginError(f"plug-in {self.plugin} may publish commands only to {cmd_subjects(self.shard)}")
+        try:
+            future = await self._js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
+        except (nats.errors.Error, TimeoutError):
+            return SentCommand(subject, data, msg_id, None)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return SentCommand(subject, data, msg_id, future)
+
+    async def confirm_command(self, sent: SentCommand, *, timeout: float = 5.0) -> int:
+        """The stream sequence of a sent command, published again (same ``Nats-Msg-Id``) if its ack does not come."""
+        if sent.future is not None:
+            try:
+                return int((await asyncio.wait_for(sent.future, timeout)).seq)
+            except (nats.errors.Error, TimeoutError):
+                pass  # the server's answer went missing: the retry is deduplicated by the id
+        return await self.publish_command(sent.subject, sent.data, msg_id=sent.msg_id)
 
     async def history(self, tenant: str, project: str, execution_id: str) -> AsyncIterator[WalEvent]:
         """The execution's events on this shard, in WAL order, up to now."""

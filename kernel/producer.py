@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import msgspec
 import nats.errors
@@ -63,6 +64,18 @@ class _Prepared(msgspec.Struct, frozen=True):
 
 
 _RETRYABLE = (asyncio.TimeoutError, nats.errors.Error)
+
+
+def _retrieved(fut: asyncio.Future[PubAck]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class Sent(NamedTuple):
+    """An event queued on the connection whose ack is not waited for yet (see :meth:`Producer.send`)."""
+
+    prepared: _Prepared
+    future: asyncio.Future[PubAck] | None
 
 
 class Producer:
@@ -158,6 +171,33 @@ class Producer:
             "publish.ack", execution_id=env.execution_id, stream=ack.stream, seq=ack.seq, duplicate=ack.duplicate
         )
         return ack
+
+    async def send(self, env: Envelope) -> Sent:
+        """Send one event without waiting for its ack; :meth:`confirm` waits for it.
+
+        Once this returns, the event is queued on the connection ahead of anything published after it,
+        so a later event to the same stream is stored after this one (one publisher, one stream: FIFO).
+        Raises :class:`EnvelopeError` (invalid, nothing sent).
+        """
+        p = self.prepare(env)
+        try:
+            fut = await self.js.publish_async(p.subject, p.data, headers=self._headers(p))
+        except _RETRYABLE:
+            return Sent(p, None)  # not even queued: confirm() publishes it the slow way
+        fut.add_done_callback(_retrieved)  # confirm() may never come (its caller failed first)
+        return Sent(p, fut)
+
+    async def confirm(self, sent: Sent) -> Ack:
+        """The ack of a :meth:`send`: waited for, and re-published (same ``Nats-Msg-Id``) if it does not come."""
+        if sent.future is not None:
+            try:
+                return self._ack(sent.prepared, await asyncio.wait_for(sent.future, self.ack_timeout))
+            except APIError as e:
+                p = sent.prepared
+                raise PublishError(f"server refused event {p.env.event_id} on {p.subject}: {e.description}") from e
+            except _RETRYABLE:
+                pass
+        return await self._publish_prepared(sent.prepared)
 
     async def publish_many(
         self, envs: Sequence[Envelope], *, on_progress: Callable[[int], None] | None = None

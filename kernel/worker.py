@@ -358,9 +358,12 @@ class Worker:
                 await self._dead_letter(d, "max_deliver", error["message"])
                 span.set_status(Status(StatusCode.ERROR, "max_deliver"))
             else:
-                await self.producer.publish(claimed)
+                # The claim is not waited for before the run: it and the outcome go to the same stream on
+                # one connection, so the WAL stores them in this order; both acks are checked before the ack.
+                claim = await self.producer.send(claimed)
                 event = await self._run(command, d, attempt)
                 await self.producer.publish(event)
+                await self.producer.confirm(claim)
                 if event.type == "call.error":
                     span.set_status(Status(StatusCode.ERROR, event.payload["error"]["type"]))
             await d.msg.ack_sync()

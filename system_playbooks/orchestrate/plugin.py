@@ -2,9 +2,11 @@
 
 For each execution in a batch: bring its :class:`~.state.ExecState` up to
 date (from memory, or rebuilt from the WAL after a restart), let the
-:mod:`.planner` decide, then make the decision durable in this order: the
-events (``step.enter``, ``command.issued``…) to the WAL, then the commands to
-``CMD_<shard>`` and the timers to ``cmd.<shard>.timer``. Only then is the
+:mod:`.planner` decide, then make the decision durable: the events
+(``step.enter``, ``command.issued``…) to the WAL, the commands to
+``CMD_<shard>`` and the timers to ``cmd.<shard>.timer``, sent in that order on
+one connection and only then waited for (a worker can start a step while its
+``command.issued`` ack is on its way back). Only once every ack is back is the
 batch acknowledged. A crash anywhere in between re-plans the same state:
 every event and command has a deterministic id, so nothing is issued twice.
 """
@@ -154,25 +156,29 @@ class OrchestratePlugin:
         return decided
 
     async def _publish(self, ctx: ShardContext, state: ExecState, decided: Plan) -> None:
-        if decided.events:
-            acks = await ctx.producer().publish_many(decided.events)
-            for result in acks:
-                seq = getattr(result, "seq", None)
-                if seq is None:
-                    raise RuntimeError(f"orchestrator event not stored: {result}")
-                if seq > state.last_seq:
-                    state.ahead.add(seq)
-        for command in decided.commands:
-            await ctx.publish_command(
+        # Events, then commands and timers, all queued before any ack is waited for: one connection,
+        # so the server reads the events first; the batch is acked only once every ack came back.
+        producer = ctx.producer()
+        events = [await producer.send(env) for env in decided.events]
+        commands = [
+            await ctx.send_command(
                 cmd_subject(ctx.shard, command_pool(command.tool)), command_encoder.encode(command),
                 msg_id=command.command_id,
             )
+            for command in decided.commands
+        ]
         for timer in decided.timers:
             env = timer.event
             data = encode_envelope(env)
             subject = wal_subject(ctx.shard, env.tenant, env.project, env.execution_id, env.type)
             body = msgspec.json.encode(Timer(due_ms=timer.due_ms, subject=subject, msg_id=env.event_id, data=data))
-            await ctx.publish_command(cmd_subject(ctx.shard, TIMER_POOL), body, msg_id=f"timer:{env.event_id}")
+            commands.append(await ctx.send_command(cmd_subject(ctx.shard, TIMER_POOL), body, msg_id=f"timer:{env.event_id}"))
+        for sent in events:
+            ack = await producer.confirm(sent)
+            if ack.seq > state.last_seq:
+                state.ahead.add(ack.seq)
+        for sent_command in commands:
+            await ctx.confirm_command(sent_command)
 
     async def _one(self, ctx: ShardContext, events: list[WalEvent]) -> None:
         state, rebuilt = await self._state(ctx, events)
