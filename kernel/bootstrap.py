@@ -228,7 +228,8 @@ async def bootstrap(
         for name, want in asset.expected.items():
             have = getattr(info.config, name)
             if _norm(have) != _norm(want):
-                problems.append(f"{asset.stream}.{name} is {_norm(have)!r}, topology wants {_norm(want)!r}")
+                hint = f" (change it explicitly: `noetl-edge cluster replicas {want}`)" if name == "num_replicas" else ""
+                problems.append(f"{asset.stream}.{name} is {_norm(have)!r}, topology wants {_norm(want)!r}{hint}")
     if problems:
         raise BootstrapMismatch(problems)
     for asset in missing:

@@ -1,17 +1,24 @@
 """Rendering nats-server configuration files from the topology.
 
-The same renderer writes the embedded server's config and the files under
-``nats/``, so the ingest subject mappings can never drift from the locator.
+The same renderer writes the embedded server's config, the local cluster's
+node configs (``noetl-edge cluster up``) and the files under ``nats/``, so the
+ingest subject mappings can never drift from the locator. ``python -m
+kernel.natsconf [DIR]`` rewrites the committed files (a test fails when they
+drift).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import msgspec
+import yaml
+
 from locator.subjects import ingest_mappings
-from locator.topology import Topology
+from locator.topology import Cell, Topology, default_topology, make_topology
 
 
 def _q(value: str) -> str:
@@ -32,8 +39,14 @@ def render_server_config(
     cluster_name: str | None = None,
     cluster_port: int | None = None,
     routes: Sequence[str] = (),
+    gateway_port: int | None = None,
+    gateways: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """A complete nats-server config with JetStream and the ingest mappings.
+
+    With ``cluster_name`` and ``cluster_port`` the server joins a cluster over
+    ``routes``; with ``gateway_port`` and ``gateways`` (cluster name -> gateway
+    URLs, its own included) the cluster joins a supercluster.
 
     >>> "partition(4,1,2)" in render_server_config(topology=__import__("locator").default_topology(),
     ...     server_name="n1", host="127.0.0.1", port=4222, monitor_port=8222, store_dir="/tmp/js")
@@ -62,8 +75,156 @@ def render_server_config(
             "  ]",
             "}",
         ]
+    if cluster_name is not None and gateway_port is not None and gateways:
+        lines += [
+            "",
+            "# Supercluster: one gateway per cell; the gateway name is the cluster (cell) name.",
+            "gateway {",
+            f"  name: {_q(cluster_name)}",
+            f"  listen: {_q(f'{host}:{gateway_port}')}",
+            "  gateways: [",
+            *[f"    {{name: {_q(name)}, urls: [{', '.join(_q(u) for u in urls)}]}}" for name, urls in gateways.items()],
+            "  ]",
+            "}",
+        ]
     lines += ["", "# Topology-free ingest: FNV-1a partition() onto the shard's WAL subject.", "mappings = {"]
     for source, dest in ingest_mappings(topology.shard_count).items():
         lines.append(f"  {_q(source)}: {_q(dest)}")
     lines += ["}", ""]
     return "\n".join(lines)
+
+
+class NodeSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One server of a cluster: its name, the host others reach it by, the address it binds, its ports.
+
+    >>> NodeSpec(name="nats-1", host="nats-1").route_url
+    'nats://nats-1:6222'
+    """
+
+    name: str
+    host: str
+    bind: str = "0.0.0.0"
+    port: int = 4222
+    monitor_port: int = 8222
+    cluster_port: int = 6222
+    gateway_port: int | None = None
+    store_dir: str = "/data/jetstream"
+
+    @property
+    def client_url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def route_url(self) -> str:
+        return f"nats://{self.host}:{self.cluster_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"nats://{self.host}:{self.gateway_port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{self.host}:{self.monitor_port}"
+
+
+def render_cluster_configs(
+    *,
+    topology: Topology,
+    cluster_name: str,
+    nodes: Sequence[NodeSpec],
+    max_payload: int = 1024 * 1024,
+    sync_interval: str | None = None,
+    gateways: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, str]:
+    """Node name -> config of every server of one cluster (each routes to all, itself included).
+
+    >>> confs = render_cluster_configs(topology=default_topology(), cluster_name="c",
+    ...     nodes=[NodeSpec(name=f"n{i}", host=f"n{i}") for i in (1, 2, 3)])
+    >>> sorted(confs), '"nats://n3:6222"' in confs["n1"]
+    (['n1', 'n2', 'n3'], True)
+    """
+    routes = [n.route_url for n in nodes]
+    return {
+        node.name: render_server_config(
+            topology=topology,
+            server_name=node.name,
+            host=node.bind,
+            port=node.port,
+            monitor_port=node.monitor_port,
+            store_dir=node.store_dir,
+            max_payload=max_payload,
+            sync_interval=sync_interval,
+            cluster_name=cluster_name,
+            cluster_port=node.cluster_port,
+            routes=routes,
+            gateway_port=node.gateway_port,
+            gateways=gateways,
+        )
+        for node in nodes
+    }
+
+
+COMPOSE_CLUSTER = "noetl"
+COMPOSE_NODES = tuple(NodeSpec(name=f"nats-{i}", host=f"nats-{i}") for i in (1, 2, 3))
+SUPERCLUSTER_CELLS: Mapping[str, tuple[int, ...]] = {"east": (0, 1), "west": (2, 3)}
+
+
+def supercluster_nodes(cell: str) -> tuple[NodeSpec, ...]:
+    """The example supercluster's three servers of ``cell`` (hosts ``<cell>-1`` … ``<cell>-3``)."""
+    return tuple(NodeSpec(name=f"{cell}-{i}", host=f"{cell}-{i}", gateway_port=7222) for i in (1, 2, 3))
+
+
+def supercluster_topology() -> Topology:
+    """Two cells of the example supercluster; a shard's streams are placed in its owning cell."""
+    return make_topology(
+        shard_count=4,
+        replicas=3,
+        cells=[
+            Cell(name=cell, urls=tuple(n.client_url for n in supercluster_nodes(cell)), shards=shards)
+            for cell, shards in SUPERCLUSTER_CELLS.items()
+        ],
+    )
+
+
+def committed_configs() -> dict[str, str]:
+    """Path under ``nats/`` -> content of every committed config (the drift guard compares them)."""
+    topology = default_topology()
+    files = {
+        "single-node.conf": render_server_config(
+            topology=topology, server_name="noetl-local", host="127.0.0.1", port=4222, monitor_port=8222,
+            store_dir="./data/jetstream",
+        ),
+    }
+    for name, text in render_cluster_configs(
+        topology=default_topology(replicas=3), cluster_name=COMPOSE_CLUSTER, nodes=COMPOSE_NODES
+    ).items():
+        files[f"cluster/{name}.conf"] = text
+    sc = supercluster_topology()
+    gateways = {cell: [n.gateway_url for n in supercluster_nodes(cell)] for cell in SUPERCLUSTER_CELLS}
+    for cell in SUPERCLUSTER_CELLS:
+        for name, text in render_cluster_configs(
+            topology=sc, cluster_name=cell, nodes=supercluster_nodes(cell), gateways=gateways
+        ).items():
+            files[f"supercluster/{name}.conf"] = text
+    cells = [{"name": c.name, "urls": list(c.urls), "shards": list(c.shards)} for c in sc.cells]
+    files["supercluster/topology.yaml"] = (
+        "# The example supercluster's topology: shards 0-1 live in cell east, 2-3 in west.\n"
+        + yaml.safe_dump({"shard_count": sc.shard_count, "replicas": sc.replicas, "cells": cells}, sort_keys=False)
+    )
+    return files
+
+
+def write_committed(root: Path) -> list[Path]:
+    """Write :func:`committed_configs` under ``root``; the paths written."""
+    written = []
+    for rel, text in committed_configs().items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_committed(Path(sys.argv[1] if len(sys.argv) > 1 else "nats")):
+        print(p)

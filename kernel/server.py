@@ -88,6 +88,8 @@ class EmbeddedServer:
         self.max_payload = max_payload
         self.sync_interval = sync_interval
         self.process: subprocess.Popen[bytes] | None = None
+        # False for servers meant to outlive their starter (`noetl-edge cluster up`).
+        self.die_with_parent = True
 
     @property
     def url(self) -> str:
@@ -114,19 +116,7 @@ class EmbeddedServer:
         if self.monitor_port == 0:
             self.monitor_port = free_port(self.host)
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            render_server_config(
-                topology=self.topology,
-                server_name=self.server_name,
-                host=self.host,
-                port=self.port,
-                monitor_port=self.monitor_port,
-                store_dir=self.data_dir / "jetstream",
-                max_payload=self.max_payload,
-                sync_interval=self.sync_interval,
-            ),
-            encoding="utf-8",
-        )
+        self.config_path.write_text(self.render_config(), encoding="utf-8")
         logfile = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(
@@ -134,7 +124,7 @@ class EmbeddedServer:
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_die_with_parent if self.die_with_parent and sys.platform.startswith("linux") else None,
                 # Its own session: a terminal's Ctrl-C reaches only us, and we stop the server last,
                 # after the kernel and the edge have let go of it.
                 start_new_session=True,
@@ -144,6 +134,19 @@ class EmbeddedServer:
         log.info("nats.starting", pid=self.process.pid, url=self.url, config=str(self.config_path))
         self._wait_healthy(timeout)
         log.info("nats.ready", url=self.url, monitor=f"http://{self.host}:{self.monitor_port}")
+
+    def render_config(self) -> str:
+        """The config ``start`` writes (a subclass adds a cluster block)."""
+        return render_server_config(
+            topology=self.topology,
+            server_name=self.server_name,
+            host=self.host,
+            port=self.port,
+            monitor_port=self.monitor_port,
+            store_dir=self.data_dir / "jetstream",
+            max_payload=self.max_payload,
+            sync_interval=self.sync_interval,
+        )
 
     def _wait_healthy(self, timeout: float) -> None:
         assert self.process is not None

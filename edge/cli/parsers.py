@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _run, _cancel, _result):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _run, _cancel, _result, _cluster):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -259,3 +259,55 @@ def _result(sub: Subparsers) -> None:
                    help=f"where file:// objects live (env NOETL_DATA_DIR; default {default_data_dir()})")
     _execution_options(p)
     p.set_defaults(run="edge.cli.result")
+
+
+def _cluster(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "cluster",
+        help="a local N-node NATS cluster (up, status, down) and replica counts (bootstrap, replicas)",
+        description="Run a real nats-server cluster on this machine from the same configs as nats/cluster/ "
+        "(no docker), bootstrap a topology on any cluster, change a deployment's replica count. "
+        "What `up` starts is recorded in <data-dir>/cluster.json; `status` and `down` read it.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    data_dir_help = "the cluster's directory: node stores, cluster.json, topology.yaml (default <NOETL_DATA_DIR>/cluster)"
+    up = actions.add_parser(
+        "up",
+        help="start the nodes, wait for a JetStream meta leader, bootstrap, print URLs and a ready line",
+        description="Start N nats-server nodes on free 127.0.0.1 ports (detached: they outlive this command), wait "
+        "for a JetStream meta leader, bootstrap every shard's streams and buckets with the replica count, write "
+        "<data-dir>/topology.yaml and print 'node <name> <nats-url> <monitor-url>' lines, then "
+        "'ready <url,url,...> <topology file>'. On an existing directory, only the nodes not running are "
+        "restarted, on their recorded ports and stores.",
+    )
+    up.add_argument("--nodes", type=int, default=3, help="number of servers (default 3)")
+    up.add_argument("--shards", type=int, default=4, help="shard count (default 4)")
+    up.add_argument("--replicas", type=int, default=None,
+                    help="replicas of every stream and bucket: 1, 3 or 5 (default 3, or 1 with fewer than 3 nodes); "
+                    "an existing cluster keeps its own (see `cluster replicas`)")  # fmt: skip
+    status = actions.add_parser(
+        "status", help="nodes, stream leaders and followers, consumer lag",
+        description="Print tables of the nodes (pid, health, meta leader), every stream's leader and followers "
+        "(current or behind, lag) and every consumer's lag. Exit code 1 when a node is down.",
+    )  # fmt: skip
+    status.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    actions.add_parser("down", help="stop the nodes `up` started (SIGTERM, SIGKILL after --timeout)",
+                       description="Stop every running node recorded in <data-dir>/cluster.json; the stores stay.")
+    boot = actions.add_parser(
+        "bootstrap", help="create missing streams and buckets with the topology's replica count (idempotent)",
+        description="Bootstrap a topology on any NATS deployment (the local cluster of --data-dir unless "
+        "--topology or --nats-url is given). Existing assets that differ are reported, never changed.",
+    )  # fmt: skip
+    replicas = actions.add_parser(
+        "replicas", help="change the replica count of every stream and bucket of an existing deployment",
+        description="The one explicit way to change replicas: JetStream updates each stream in place (peers are "
+        "added or removed by the servers). Needs at least COUNT servers.",
+    )  # fmt: skip
+    replicas.add_argument("count", type=int, metavar="COUNT", help="1, 3 or 5")
+    for a in (boot, replicas):
+        add_topology_options(a)
+    for a in actions.choices.values():
+        a.add_argument("--data-dir", type=Path, default=None, help=data_dir_help)
+        a.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds (default 30)")
+        add_log_options(a)
+    p.set_defaults(run="edge.cli.cluster")
