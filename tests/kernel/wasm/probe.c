@@ -4,6 +4,7 @@
  *   'r' result_put(rest)        'o' object_put(rest)       'x' call the host with an out-of-bounds range
  *   't' trap (unreachable)      'l' loop forever           'm' grow memory until refused, then trap
  *   'd' divide by zero          'b' return an output range outside memory
+ *   'v' answer VERSION (-DVERSION=N at build time, 0 by default)
  *
  * Host calls answer the return code as decimal text. Built with -DPURE it imports
  * nothing (and 'p', 'g', 'r', 'o', 'x' answer "none"); with -DSNEAKY it also imports WASI's fd_write.
@@ -49,6 +50,10 @@ static unsigned long long code(int c) {
     return out(buf, n);
 }
 
+#ifndef VERSION
+#define VERSION 0
+#endif
+
 static volatile int zero = 0;
 
 __attribute__((export_name("run"))) unsigned long long run(const unsigned char *in, int len) {
@@ -57,6 +62,7 @@ __attribute__((export_name("run"))) unsigned long long run(const unsigned char *
     int n = len - 1;
     switch (in[0]) {
     case 'e': return out(rest, n);
+    case 'v': return code(VERSION);
 #ifndef PURE
     case 'p': return code(event_publish(rest, n));
     case 'g': return code(log_line(rest, n));
