@@ -83,6 +83,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The event types the plug-in is delivered (empty: every event). Its consumer filters on them,
     # so events it has no use for (its own, user.*) cost it no fetch and no ack.
     types: tuple[str, ...] = ()
+    # runtime wasm: the guest source (.c/.zig, relative to the repository root) the entry's Python shell runs.
+    module: str = ""
 
 
 class SentCommand(NamedTuple):
@@ -225,14 +227,15 @@ def system_manifests(names: Sequence[str] = SYSTEM_PLUGINS) -> list[Manifest]:
 
 
 def load_plugin(manifest: Manifest) -> Plugin:
-    if manifest.runtime != "python":
-        raise PluginError(f"{manifest.path}: runtime {manifest.runtime!r} is not available in this host yet")
+    if manifest.runtime == "wasm" and not manifest.module:
+        raise PluginError(f"{manifest.path}: runtime 'wasm' needs a module (the guest source the entry runs)")
     module_name, _, attr = manifest.entry.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise PluginError(f"{manifest.path}: cannot load entry {manifest.entry!r}: {e}") from e
-    plugin: Plugin = factory()
+    # A wasm plug-in's entry is its Python I/O shell; it gets the manifest to find its module.
+    plugin: Plugin = factory(manifest) if manifest.runtime == "wasm" else factory()
     return plugin
 
 
