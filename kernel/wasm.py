@@ -52,6 +52,7 @@ __all__ = [
     "WasmImportDenied",
     "WasmMemoryLimit",
     "WasmModule",
+    "WasmRefused",
     "WasmTimeout",
     "WasmTrap",
 ]
@@ -102,6 +103,12 @@ class WasmTimeout(WasmError):
     """The guest ran past the wall-clock bound (epoch deadline)."""
 
     type = "wasm_timeout"
+
+
+class WasmRefused(WasmError):
+    """``run`` returned a negative value: the guest refused its input (``code`` is what it returned)."""
+
+    type = "wasm_refused"
 
 
 class WasmAbiError(WasmError):
@@ -296,7 +303,9 @@ class WasmHost:
                 raise WasmAbiError(f"plug-in {plugin}: alloc({len(data)}) returned an unusable pointer {ptr}", plugin=plugin)
             if data:
                 memory.write(store, data, ptr)
-            packed = run(store, ptr, len(data)) & 0xFFFFFFFFFFFFFFFF
+            packed = run(store, ptr, len(data))
+            if packed < 0:
+                raise WasmRefused(f"plug-in {plugin} refused its input: run returned error code {packed}", plugin=plugin)
             out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
             if out_ptr + out_len > memory.data_len(store):
                 raise WasmAbiError(

@@ -54,7 +54,7 @@ from locator.subjects import cmd_stream, cmd_subject
 from locator.topology import Topology
 from projector.results import ResultError, ResultKey, ResultStore
 
-__all__ = ["CommandRunner", "Worker", "WorkerSettings", "error_payload", "run_workers"]
+__all__ = ["CommandRunner", "Reported", "Worker", "WorkerSettings", "error_payload", "run_workers"]
 
 log = structlog.get_logger("noetl.kernel.worker")
 tracer = trace.get_tracer("noetl.kernel.worker")
@@ -71,6 +71,14 @@ class CommandRunner(Protocol):
     """
 
     async def __call__(self, command: Command, *, attempt: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A runner's result with extra fields for its success event's payload (e.g. which plug-in version ran)."""
+
+    value: Any
+    payload: Mapping[str, Any]
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -214,6 +222,9 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then let the commands in hand finish (at most ``grace`` seconds)."""
         await check_topology(self.js, self.topology, shard=self.shards[0] if self.shards else None)
+        bind = getattr(self.runner, "bind", None)
+        if callable(bind):  # a runner that needs NATS itself (WASM tools: the plug-in registry) shares this connection
+            bind(self.js, self.topology)
         subs = {shard: await self._subscribe(shard) for shard in self.shards}
         loops = [asyncio.create_task(self._consume(shard, sub, stop)) for shard, sub in subs.items()]
         self.log.info("worker.started", shards=self.shards, concurrency=self.concurrency)
@@ -400,14 +411,18 @@ class Worker:
         iteration = command.iteration
         kind = "step.exit" if iteration is None else "command.completed"
         event_id = f"{command.execution_id}:{command.step}:{'-' if iteration is None else iteration}:result"
-        payload: dict[str, Any] = {"result": value, "iteration": iteration, "command_id": command.command_id}
+        extra: Mapping[str, Any] = {}
+        if isinstance(value, Reported):
+            value, extra = value.value, value.payload
+        payload: dict[str, Any] = {"result": value, "iteration": iteration, "command_id": command.command_id, **extra}
         if not isinstance(value, pa.Table) and len(_payload_encoder.encode(payload)) <= self.settings.payload_cap:
             self.log.debug("command.done", attempt=attempt)
             return self._event(command, kind, event_id, attempt, payload=payload)
         key = ResultKey(command.tenant, command.project, command.execution_id, command.step, iteration, attempt)
         stored = await asyncio.to_thread(self.results.put, key, value)
         self.log.info("command.done", attempt=attempt, result_ref=stored.ref, result_bytes=stored.size)
-        payload = {"result": None, "iteration": iteration, "command_id": command.command_id, "result_bytes": stored.size}
+        payload = {"result": None, "iteration": iteration, "command_id": command.command_id, "result_bytes": stored.size,
+                   **extra}  # fmt: skip
         return self._event(command, kind, event_id, attempt, payload=payload, result_ref=stored.ref)
 
     async def _dead_letter(self, d: _Delivery, reason: str, detail: str) -> None:

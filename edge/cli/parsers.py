@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _run, _cancel, _result, _cluster):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _cluster):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -184,6 +184,52 @@ def _playbook(sub: Subparsers) -> None:
         q.add_argument("--tenant", required=True)
         q.add_argument("--project", required=True)
         add_topology_options(q)
+        add_log_options(q)
+
+
+def _plugin(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "plugin",
+        help="build WASM plug-ins and register, list and show them in the plug-in registry",
+        description="WASM plug-ins: sources (C or Zig) compiled to wasm32 with the ziglang wheel; modules kept in "
+        "the Object Store 'plugins' with their sha256, versions in KV 'catalog'. See docs/plugins.md.",
+    )
+    p.set_defaults(run="edge.cli.plugin")  # which subcommand: args.plugin_command
+    commands = p.add_subparsers(dest="plugin_command", required=True, metavar="SUBCOMMAND")
+
+    bld = commands.add_parser(
+        "build", help="compile a .c or .zig source to a wasm32 module",
+        description="Compile SRC to wasm32 (freestanding, exports memory/alloc/run; C sources get the guest SDK "
+        "system_playbooks/wasm_sdk on the include path). Prints {wasm, size, sha256}; a compile error exits 2 "
+        "with the compiler's output on stderr.",
+    )  # fmt: skip
+    bld.add_argument("src", metavar="SRC", help="the source file (.c or .zig)")
+    bld.add_argument("-o", "--output", default=None, metavar="OUT", help="the module to write (default: SRC with .wasm)")
+    bld.add_argument("-D", "--define", action="append", default=None, metavar="NAME[=VALUE]",
+                     help="a C preprocessor definition (repeatable)")
+
+    reg = commands.add_parser(
+        "register", help="upload a module as the plug-in's next version and make it active",
+        description="Compile and ABI-check WASM, upload it, and bump the plug-in's version (the next dispatch "
+        "uses it, no restart). The same bytes as the active version are a no-op (created=false).",
+    )  # fmt: skip
+    reg.add_argument("wasm", metavar="WASM", help="the compiled module")
+    reg.add_argument("--path", required=True, help="the plug-in path, e.g. tools/score")
+
+    ls = commands.add_parser("list", help="every registered version of the owner's plug-ins",
+                             description="Print the owner's plug-in versions as JSON, sorted by path and version.")
+
+    show = commands.add_parser("show", help="one plug-in version as JSON",
+                               description="Print a plug-in version's record (the active one, or --version N).")
+    show.add_argument("path", metavar="PATH", help="the plug-in path, e.g. tools/score")
+    show.add_argument("--version", type=int, default=None, metavar="N", help="the version (default: the active one)")
+
+    for q in (reg, ls, show):
+        q.add_argument("--tenant", default=None, help="the owning tenant (with --project)")
+        q.add_argument("--project", default=None, help="the owning project (with --tenant)")
+        q.add_argument("--system", action="store_true", help="a system plug-in (the project's own)")
+        add_topology_options(q)
+    for q in (bld, reg, ls, show):
         add_log_options(q)
 
 

@@ -121,10 +121,11 @@ class HttpTool(_Struct, frozen=True, tag="http", tag_field="kind"):
 
 
 class WasmTool(_Struct, frozen=True, tag="wasm", tag_field="kind"):
-    """Run a WASM plug-in from the catalog by its path with the rendered ``args``."""
+    """Run the project's WASM plug-in ``plugin`` (its active version, or ``version``) with the rendered ``args``."""
 
     plugin: PlaybookPath
     args: dict[str, Any] = {}
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class NoopTool(_Struct, frozen=True, tag="noop", tag_field="kind"):

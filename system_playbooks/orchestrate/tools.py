@@ -23,8 +23,11 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 import pyarrow as pa
+from nats.js import JetStreamContext
 
+from kernel.wasm import WasmHost
 from locator.command import Command
+from locator.topology import Topology
 from system_playbooks.orchestrate.errors import OrchestrateError
 from system_playbooks.orchestrate.playbook import (
     CALL_RE,
@@ -36,6 +39,7 @@ from system_playbooks.orchestrate.playbook import (
     Tool,
     WasmTool,
 )
+from system_playbooks.orchestrate.wasm_tool import WasmTools
 
 __all__ = ["MAX_HTTP_BODY", "ToolContext", "ToolError", "ToolRunner", "run_tool"]
 
@@ -69,6 +73,10 @@ class ToolContext:
     iteration: int | None
     attempt: int
     policy: Policy
+    tenant: str = ""
+    project: str = ""
+    affinity: str = ""
+    wasm: WasmTools | None = None  # set once the worker bound the runner to its NATS connection
 
     def noetl(self) -> dict[str, Any]:
         return {"execution_id": self.execution_id, "step": self.step, "iteration": self.iteration, "attempt": self.attempt}
@@ -113,12 +121,10 @@ async def run_tool(tool: dict[str, Any], ctx: ToolContext) -> Any:
             return _builtins(await _run_python(python, ctx))
         case HttpTool() as http:
             return await _run_http(http, ctx)
-        case WasmTool(plugin=plugin):
-            raise ToolError(
-                "unsupported",
-                f"wasm tool {plugin!r}: the WASM plug-in host is not available yet (issue 6); "
-                "no worker can run this step",
-            )
+        case WasmTool(plugin=plugin) as wasm:
+            if ctx.wasm is None or not ctx.tenant:
+                raise ToolError("unsupported", f"wasm tool {plugin!r}: this runner is not bound to a plug-in registry")
+            return await ctx.wasm.run(wasm, ctx)
         case CallbackTool():
             raise ToolError(
                 "unsupported", "a callback step waits for an external callback: it never runs on a data worker"
@@ -256,8 +262,14 @@ class ToolRunner:
     >>> # await run_workers(urls, topology, runner=ToolRunner(policy_from_env(os.environ)), ...)
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, *, wasm_host: WasmHost | None = None) -> None:
         self.policy = policy
+        self.wasm_host = wasm_host
+        self.wasm: WasmTools | None = None
+
+    def bind(self, js: JetStreamContext, topology: Topology) -> None:
+        """Called by the worker with its connection: ``wasm`` tools then load modules from the plug-in registry."""
+        self.wasm = WasmTools(js, topology, host=self.wasm_host)
 
     async def __call__(self, command: Command, *, attempt: int) -> Any:
         ctx = ToolContext(
@@ -266,5 +278,9 @@ class ToolRunner:
             iteration=command.iteration,
             attempt=attempt,
             policy=self.policy,
+            tenant=command.tenant,
+            project=command.project,
+            affinity=command.affinity,
+            wasm=self.wasm,
         )
         return await run_tool(command.tool, ctx)

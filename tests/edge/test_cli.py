@@ -42,7 +42,7 @@ def test_every_registered_command_is_covered() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {  # type: ignore[arg-type]
-        "up", "kernel", "edge", "worker", "publish", "locate", "playbook", "run", "cancel", "result", "cluster",
+        "up", "kernel", "edge", "worker", "publish", "locate", "playbook", "plugin", "run", "cancel", "result", "cluster",
     }
 
 

@@ -20,6 +20,7 @@ from kernel.wasm import (
     WasmImportDenied,
     WasmMemoryLimit,
     WasmModule,
+    WasmRefused,
     WasmTimeout,
     WasmTrap,
 )
@@ -205,3 +206,8 @@ def test_concurrent_calls_keep_their_intents_apart(host: WasmHost, wasm_dir: Pat
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert list(pool.map(call, range(40))) == [[str(i)] for i in range(40)]
+
+
+def test_a_negative_run_result_is_a_refusal(host: WasmHost, wasm_dir: Path) -> None:
+    with pytest.raises(WasmRefused, match="run returned error code -5"):
+        host.invoke(module(host, wasm_dir, "PURE"), b"f", grants=user(frozenset()))

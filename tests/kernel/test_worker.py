@@ -169,7 +169,7 @@ async def test_failures_become_call_errors(
         "error": {"type": "FlakyError", "message": "boom"}, "iteration": None, "command_id": "201:risky:-:2",
     }  # fmt: skip
     assert errors["202"].payload["error"]["type"] == "denied"
-    assert errors["203"].payload["error"]["type"] == "unsupported"
+    assert errors["203"].payload["error"]["type"] == "plugin_not_found"  # no such plug-in registered
     assert errors["204"].payload["error"] == {
         "type": "FlakyError", "message": "attempt 2 fails on purpose (succeeds from attempt 3)",
     }  # fmt: skip
@@ -413,7 +413,7 @@ async def test_each_command_runs_in_a_span(
     ok, failed = by_execution["1001"], by_execution["1002"]
     assert ok.attributes["noetl.step"] == "traced" and ok.attributes["noetl.attempt"] == 1
     assert ok.attributes["noetl.command_id"] == "1001:traced:-:1" and ok.attributes["noetl.shard"] == SHARD
-    assert not failed.status.is_ok and failed.status.description == "unsupported"
+    assert not failed.status.is_ok and failed.status.description == "plugin_not_found"
     publishes = [s for s in spans.get_finished_spans() if s.name == "wal.publish" and s.parent is not None]
     assert any(s.parent.span_id == ok.context.span_id for s in publishes)  # the WAL publishes are its children
 

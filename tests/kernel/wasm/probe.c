@@ -4,6 +4,7 @@
  *   'r' result_put(rest)        'o' object_put(rest)       'x' call the host with an out-of-bounds range
  *   't' trap (unreachable)      'l' loop forever           'm' grow memory until refused, then trap
  *   'd' divide by zero          'b' return an output range outside memory
+ *   'f' return -5 (refuse the input)
  *   'v' answer VERSION (-DVERSION=N at build time, 0 by default)
  *
  * Host calls answer the return code as decimal text. Built with -DPURE it imports
@@ -60,7 +61,11 @@ __attribute__((export_name("run"))) unsigned long long run(const unsigned char *
     if (len < 1) return out(in, 0);
     const unsigned char *rest = in + 1;
     int n = len - 1;
+#ifdef ALWAYS
+    switch (ALWAYS) { /* -DALWAYS="'t'": the same action whatever the input (an Arrow stream, in a tool) */
+#else
     switch (in[0]) {
+#endif
     case 'e': return out(rest, n);
     case 'v': return code(VERSION);
 #ifndef PURE
@@ -80,6 +85,7 @@ __attribute__((export_name("run"))) unsigned long long run(const unsigned char *
             if (__builtin_wasm_memory_grow(0, 16) == (unsigned long)-1) __builtin_trap();
         }
     case 'd': return code(10 / zero);
+    case 'f': return (unsigned long long)-5ll;
     case 'b': return out((const unsigned char *)0x7FFFFFF0ul, 4096);
     }
     static const unsigned char none[] = "none";

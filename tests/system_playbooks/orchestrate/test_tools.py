@@ -45,7 +45,7 @@ async def test_noop_returns_its_rendered_result() -> None:
 
 async def test_wasm_and_callback_never_run_on_a_worker() -> None:
     wasm = await fails({"kind": "wasm", "plugin": "acme/score", "args": {}}, ctx())
-    assert wasm.type == "unsupported" and "issue 6" in wasm.message
+    assert wasm.type == "unsupported" and "not bound to a plug-in registry" in wasm.message
     callback = await fails({"kind": "callback", "timeout": 5}, ctx())
     assert callback.type == "unsupported" and "never runs on a data worker" in callback.message
 
