@@ -3,25 +3,48 @@
 Crash-safe by order: the segment is written first; a finished execution's KV
 entry is swapped for a pointer only afterwards, with compare-and-set, so a
 crash in between loses nothing and the redelivered batch simply redoes it.
+
+The I/O (KV reads, the segment write, the pointers) is here; the pure core —
+projections in, segment rows and pointer decisions out — is the row builder:
+:func:`rows.build_rows` (Python), or with ``runtime: wasm`` in the manifest the
+compiled ``wasm/rows.c`` (:class:`wasm_rows.WasmRows`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from kernel.host import Retry, ShardContext
+import pyarrow as pa
+
+from kernel.host import Manifest, Retry, ShardContext
 from projector.cache import CacheEntry, Pointer, ProjectionCache, SegmentPointer
 from projector.errors import ProjectorError
 from projector.fold import WalEvent
-from projector.projection import TERMINAL, Projection, canonical
+from projector.projection import canonical
 from projector.snapshots import SegmentRow
+from system_playbooks.materialize.rows import build_rows, input_table
 
 CATCH_UP_WAIT = 5.0
 
 
 class MaterializePlugin:
-    """Writes the projections a batch touched to a segment of its shard."""
+    """Writes the projections a batch touched to a segment of its shard.
+
+    ``rows`` overrides the row builder; otherwise ``manifest`` chooses it
+    (``runtime: wasm`` → its ``module``, compiled on first use; else Python).
+    """
+
+    rows: Callable[[pa.Table], pa.Table] = staticmethod(build_rows)
+
+    def __init__(self, manifest: Manifest | None = None, *, rows: Callable[[pa.Table], pa.Table] | None = None) -> None:
+        if rows is None and manifest is not None and manifest.runtime == "wasm":
+            # wasmtime is loaded only when a manifest asks for it
+            from system_playbooks.materialize.wasm_rows import WasmRows
+
+            rows = WasmRows(manifest.module)
+        if rows is not None:
+            self.rows = rows
 
     async def _caught_up(self, cache: ProjectionCache, want: dict[str, int]) -> dict[str, CacheEntry]:
         # The project plug-in folds the same events on its own consumer: wait (bounded) for it.
@@ -46,33 +69,24 @@ class MaterializePlugin:
             want[event.env.execution_id] = event.seq
         cache = ctx.cache(write=True)
         entries = await self._caught_up(cache, want)
-        rows: list[SegmentRow] = []
-        inline: list[tuple[str, Projection, int]] = []
-        for execution_id, entry in sorted(entries.items()):
-            if entry.projection is None:
-                continue  # already materialized and pointed at
-            p = entry.projection
-            rows.append(
-                SegmentRow(
-                    execution_id=p.execution_id,
-                    tenant=p.tenant,
-                    project=p.project,
-                    status=p.status,
-                    last_seq=p.last_seq,
-                    event_count=p.event_count,
-                    projection=canonical(p).decode(),
-                )
-            )
-            inline.append((execution_id, p, entry.revision))
-        if not rows:
+        ordered = sorted(entries.items())
+        table = input_table(
+            (execution_id, entry.revision, None if entry.projection is None else canonical(entry.projection))
+            for execution_id, entry in ordered
+        )  # an entry without a projection is already materialized and pointed at: no row
+        built = (await asyncio.to_thread(self.rows, table)).to_pylist()
+        if not built:
             return
+        rows = [SegmentRow(execution_id=r["execution_id"], tenant=r["tenant"], project=r["project"], status=r["status"],
+                           last_seq=r["last_seq"], event_count=r["event_count"], projection=r["projection"])
+                for r in built]  # fmt: skip
         segment = await asyncio.to_thread(ctx.snapshots(write=True).write_segment, ctx.shard, rows)
-        for row, (execution_id, p, revision) in enumerate(inline):
-            if p.status not in TERMINAL:
+        for index, r in enumerate(built):
+            if not r["pointer"]:
                 continue
-            pointer = Pointer(pointer=SegmentPointer(segment=segment, row=row), last_seq=p.last_seq, status=p.status)
+            pointer = Pointer(pointer=SegmentPointer(segment=segment, row=index), last_seq=r["last_seq"], status=r["status"])
             try:
-                await cache.put_pointer(execution_id, pointer, revision=revision)
+                await cache.put_pointer(r["key"], pointer, revision=r["revision"])
             except ProjectorError:
                 pass  # folded further meanwhile: the newer projection stays inline, a later batch takes it
         ctx.log.info("segment.written", segment=segment, rows=len(rows))

@@ -85,8 +85,25 @@ NOETL_WEAK size_t noetl_strlen(const char *s) {
     return n;
 }
 
-/* The few libc memory functions a freestanding module needs (the compiler may emit calls to them);
- * no_builtin stops clang from turning the loops back into calls to themselves. */
+/* The few libc memory functions a freestanding module needs (the compiler may emit calls to them).
+ * With bulk memory (zig's wasm32 default) they are single memory.copy / memory.fill instructions;
+ * otherwise byte loops, which no_builtin keeps from being turned back into calls to themselves. */
+#if defined(__wasm_bulk_memory__)
+NOETL_WEAK void *memcpy(void *dst, const void *src, size_t n) {
+    __builtin_wasm_memory_copy(0, 0, dst, src, n);
+    return dst;
+}
+
+NOETL_WEAK void *memmove(void *dst, const void *src, size_t n) {
+    __builtin_wasm_memory_copy(0, 0, dst, src, n); /* memory.copy handles overlap */
+    return dst;
+}
+
+NOETL_WEAK void *memset(void *dst, int c, size_t n) {
+    __builtin_wasm_memory_fill(0, dst, (unsigned char)c, n);
+    return dst;
+}
+#else
 NOETL_WEAK __attribute__((no_builtin)) void *memcpy(void *dst, const void *src, size_t n) {
     unsigned char *d = dst;
     const unsigned char *s = src;
@@ -118,6 +135,7 @@ NOETL_WEAK __attribute__((no_builtin)) void *memset(void *dst, int c, size_t n) 
     }
     return dst;
 }
+#endif
 
 NOETL_WEAK __attribute__((no_builtin)) int memcmp(const void *a, const void *b, size_t n) {
     const unsigned char *x = a;

@@ -1,0 +1,1 @@
+"""The guest SDK (C headers and sources for ``wasm32`` plug-ins) and the cached build of the project's own guests."""
