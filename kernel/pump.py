@@ -33,6 +33,8 @@ __all__ = ["DLQ_CONSUMER", "DLQ_REASON", "DLQ_SEQ", "DLQ_STREAM", "DLQ_SUBJECT",
 
 log = structlog.get_logger("noetl.kernel.pump")
 tracer = trace.get_tracer("noetl.kernel.pump")
+# After a linger, the longest wait for what has arrived meanwhile (if nothing has, the batch goes as it is).
+LINGER_TAKE = 0.02
 
 
 @dataclass
@@ -143,12 +145,13 @@ class Pump:
             msgs = await sub.fetch(size, timeout=self.fetch_wait)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             return []
-        deadline = time.monotonic() + self.linger
-        while self.linger and len(msgs) < size and (left := deadline - time.monotonic()) > 0.01:
+        if self.linger and msgs and len(msgs) < self.max_batch and stream_seq(msgs[0]) > self._isolate_until:
+            # Let more arrive, then take them with one request: one fetch, one ack and one write for all.
+            await asyncio.sleep(self.linger)
             try:
-                msgs += await sub.fetch(size - len(msgs), timeout=left)
+                msgs += await sub.fetch(self.max_batch - len(msgs), timeout=LINGER_TAKE)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                break
+                pass
         return msgs
 
     async def _dead_letter(self, msg: Msg, reason: str, detail: str, *, per_consumer: bool) -> None:
@@ -210,8 +213,6 @@ class Pump:
     def _size(self, next_seq: int, lag: int) -> int:
         if next_seq <= self._isolate_until:
             return 1
-        if self.linger:
-            return self.max_batch  # a lingering plug-in waits to fill its batch: ask for all of it
         return max(1, min(self.max_batch, lag + 1))
 
     async def run_once(self, sub: JetStreamContext.PullSubscription, size: int) -> tuple[int, int | None]:
