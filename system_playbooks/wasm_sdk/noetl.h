@@ -88,19 +88,19 @@ NOETL_WEAK size_t noetl_strlen(const char *s) {
 /* The few libc memory functions a freestanding module needs (the compiler may emit calls to them).
  * With bulk memory (zig's wasm32 default) they are single memory.copy / memory.fill instructions;
  * otherwise byte loops, which no_builtin keeps from being turned back into calls to themselves. */
-#if defined(__wasm_bulk_memory__)
+#if defined(__wasm_bulk_memory__) || defined(__wasm_bulk_memory_opt__)
 NOETL_WEAK void *memcpy(void *dst, const void *src, size_t n) {
-    __builtin_wasm_memory_copy(0, 0, dst, src, n);
+    __builtin_memcpy(dst, src, n); /* lowered to memory.copy, not to a call */
     return dst;
 }
 
 NOETL_WEAK void *memmove(void *dst, const void *src, size_t n) {
-    __builtin_wasm_memory_copy(0, 0, dst, src, n); /* memory.copy handles overlap */
+    __builtin_memmove(dst, src, n); /* memory.copy handles overlap */
     return dst;
 }
 
 NOETL_WEAK void *memset(void *dst, int c, size_t n) {
-    __builtin_wasm_memory_fill(0, dst, (unsigned char)c, n);
+    __builtin_memset(dst, c, n);
     return dst;
 }
 #else

@@ -163,6 +163,21 @@ def test_hand_written_json_reads_the_same(wasm_rows: WasmRows, text: str) -> Non
     assert {k: row[k] for k in HEAD} == HEAD and row["projection"] == text and row["pointer"] is True
 
 
+def test_special_bytes_at_every_position_of_a_word(wasm_rows: WasmRows) -> None:
+    # The guest scans plain string bytes eight at a time: put each kind of special byte at each offset.
+    entries = []
+    for special in ['\\"', "\\\\", "\\n", "\\u00e9", "é", "日", "🦀", "\x7f", "\\ud83e\\udd80"]:
+        for before in range(17):
+            value = "A" * before + special + "B" * (17 - before)
+            text = (f'{{"execution_id":"1","tenant":"t","project":"p","status":"{value}","last_seq":1,"event_count":1,'
+                    f'"skipped":["{value}",{{"{value}":"{value}"}}]}}')  # fmt: skip
+            entries.append((str(len(entries)), len(entries), text.encode()))
+    table = input_table(entries)
+    python = build_rows(table)
+    assert wasm_rows(table).equals(python) and python.num_rows == len(entries)
+    assert "A" * 5 + '"' + "B" * 12 in python.column("status").to_pylist()
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -177,6 +192,8 @@ def test_hand_written_json_reads_the_same(wasm_rows: WasmRows, text: str) -> Non
         '{"execution_id":"42","tenant":"t","project":"p","status":"S","last_seq":7,"event_count":3,"x":[1,}',
         '{"execution_id":"42","tenant":"t","project":"p","status":"S","last_seq":07,"event_count":3}',
         '{"execution_id":"42","tenant":"t","project":"p","status":"a\tb","last_seq":7,"event_count":3}',
+        '{"execution_id":"42","tenant":"t","project":"p","status":"S","last_seq":7,"event_count":3,"x":"' + "a" * 21
+        + '\n' + "b" * 20 + '"}',
     ],
 )  # fmt: skip
 def test_malformed_projections_are_refused_by_both(wasm_rows: WasmRows, text: str) -> None:

@@ -86,6 +86,22 @@ static uint32_t put_utf8(uint8_t *out, uint32_t cp) {
     return 4;
 }
 
+/* plain[c]: byte c stands for itself inside a JSON string (ASCII, not a control, quote or backslash). */
+static uint8_t plain[256];
+
+static void init_plain(void) {
+    for (int c = 0x20; c < 0x80; c++) {
+        plain[c] = c != '"' && c != '\\';
+    }
+}
+
+/* Whether any of the 8 bytes in v is not plain (a quote, a backslash, a control or a non-ASCII byte). */
+static inline bool special8(uint64_t v) {
+    const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    uint64_t q = v ^ (ones * '"'), b = v ^ (ones * '\\');
+    return (((v - ones * 0x20) & ~v) | ((q - ones) & ~q) | ((b - ones) & ~b) | v) & highs;
+}
+
 /* The JSON string at p: returns the position after its closing quote, or NULL if malformed. When out is
  * not NULL its unescaped bytes are written there (never more than the raw length) and counted in *n. */
 static const uint8_t *string(const uint8_t *p, const uint8_t *end, uint8_t *out, uint32_t *n) {
@@ -96,6 +112,20 @@ static const uint8_t *string(const uint8_t *p, const uint8_t *end, uint8_t *out,
     }
     p++;
     while (p < end) {
+        const uint8_t *run = p;
+        while (end - p >= 8 && !special8(na_u64(p))) { /* eight plain bytes at a time */
+            p += 8;
+        }
+        while (p < end && plain[*p]) { /* the common case, a byte at a time without further tests */
+            p++;
+        }
+        if (out != NULL) {
+            memcpy(out + k, run, (uint32_t)(p - run));
+        }
+        k += (uint32_t)(p - run);
+        if (p >= end) {
+            break;
+        }
         uint8_t c = *p;
         if (c == '"') {
             if (n != NULL) {
@@ -157,7 +187,7 @@ static const uint8_t *string(const uint8_t *p, const uint8_t *end, uint8_t *out,
 /* A JSON number; *integral and *value describe it when it is an integer within int64. */
 static const uint8_t *number(const uint8_t *p, const uint8_t *end, bool *integral, int64_t *value) {
     bool negative = p < end && *p == '-', fits = true;
-    uint64_t magnitude = 0, limit = negative ? (uint64_t)1 << 63 : ((uint64_t)1 << 63) - 1;
+    uint64_t magnitude = 0, last = negative ? 8 : 7; /* the last digit of 2^63 (negative) or 2^63 - 1 */
     p += negative;
     if (p >= end || *p < '0' || *p > '9') {
         return NULL;
@@ -167,8 +197,8 @@ static const uint8_t *number(const uint8_t *p, const uint8_t *end, bool *integra
     } else {
         while (p < end && *p >= '0' && *p <= '9') {
             uint64_t d = (uint64_t)(*p++ - '0');
-            fits = fits && magnitude <= (limit - d) / 10;
-            magnitude = fits ? magnitude * 10 + d : magnitude;
+            fits = fits && (magnitude < 922337203685477580ull || (magnitude == 922337203685477580ull && d <= last));
+            magnitude = magnitude * 10 + d; /* meaningless once !fits, and then unused */
         }
     }
     *integral = fits;
@@ -270,9 +300,11 @@ static const uint8_t *skip_value(const uint8_t *p, const uint8_t *end) {
     }
 }
 
+static const uint32_t HEAD_LEN[NHEAD] = {12, 6, 7, 6, 8, 11};
+
 static int which_field(const uint8_t *key, uint32_t n) {
     for (int f = 0; f < NHEAD; f++) {
-        if (noetl_strlen(HEAD[f]) == n && memcmp(HEAD[f], key, n) == 0) {
+        if (HEAD_LEN[f] == n && key[0] == (uint8_t)HEAD[f][0] && memcmp(HEAD[f], key, n) == 0) {
             return f;
         }
     }
@@ -359,6 +391,7 @@ int64_t run(int32_t ptr, int32_t len) {
     uint32_t scratch_cap = 0, result_len;
     head_t h;
 
+    init_plain();
     TRY(na_read_schema(&reader, (const uint8_t *)(uintptr_t)ptr, (uint32_t)len));
     TRY(na_expect(&reader, in_names, in_types, 3));
     if (reader.fields[0].nullable || reader.fields[1].nullable || !reader.fields[2].nullable) {
