@@ -6,7 +6,7 @@ The ``Linker`` of a grant set defines only those functions and no WASI, so a
 module importing anything else cannot be instantiated: :class:`WasmImportDenied`
 names the import and the plug-in. Every call runs in a new ``Store`` with fuel,
 a memory limit and an epoch deadline (one ticker thread per host advances the
-epoch), and each way a guest can misbehave becomes a typed :class:`WasmError`
+epoch while calls run), and each way a guest can misbehave becomes a typed :class:`WasmError`
 whose ``type`` the data worker reports in its ``call.error`` event.
 
 ABI: the module exports ``memory``, ``alloc(size: i32) -> i32`` and
@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -202,20 +203,50 @@ def _host_function(name: str) -> Any:
 
 
 class _Ticker:
-    """One thread advancing the engine's epoch every ``tick`` seconds, so epoch deadlines measure wall-clock time."""
+    """Advances the engine's epoch every ``tick`` seconds while a call runs, so epoch deadlines measure wall-clock time.
+
+    Its thread starts with the first call and sleeps while no call runs: a process that never
+    (or rarely) runs a guest pays no wake-ups and no GIL hand-offs for it. A deadline counts ticks
+    from the epoch at the call's start, so the epoch standing still meanwhile changes nothing.
+    """
 
     def __init__(self, engine: wasmtime.Engine, tick: float) -> None:
-        self._engine, self._tick, self._stop = engine, tick, threading.Event()
-        self._thread = threading.Thread(target=self._run, name="noetl-wasm-epoch", daemon=True)
-        self._thread.start()
+        self._engine, self._tick = engine, tick
+        self._cond = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def begin(self) -> None:
+        """A call starts: tick (from now on, if no other call runs)."""
+        with self._cond:
+            self._running += 1
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="noetl-wasm-epoch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def end(self) -> None:
+        with self._cond:
+            self._running -= 1
 
     def _run(self) -> None:
-        while not self._stop.wait(self._tick):
+        while True:
+            with self._cond:
+                while not self._running and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            time.sleep(self._tick)
             self._engine.increment_epoch()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 class WasmHost:
@@ -286,6 +317,7 @@ class WasmHost:
         state = Call(grants)
         _local.call = state
         memory: wasmtime.Memory | None = None
+        self._ticker.begin()
         try:
             instance = self._linker(grants.functions).instantiate(store, module.module)
             exports = instance.exports(store)
@@ -318,6 +350,7 @@ class WasmHost:
         except wasmtime.WasmtimeError as e:
             raise self._setup_error(e, plugin, module) from e
         finally:
+            self._ticker.end()
             _local.call = None
         return Invocation(output=output, intents=state.intents, fuel_used=self.fuel - store.get_fuel())
 
