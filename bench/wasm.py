@@ -60,17 +60,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import wasmtime  # noqa: E402
+import wasmtime
 
-from bench.common import dist_version  # noqa: E402
-from bench.fold import pure_events  # noqa: E402
-from kernel.toolchain import build  # noqa: E402
-from kernel.wasm import Grants, WasmHost  # noqa: E402
-from projector.fold import WalEvent, fold  # noqa: E402
-from projector.projection import canonical  # noqa: E402
-from system_playbooks.materialize.rows import build_rows, input_table  # noqa: E402
-from system_playbooks.materialize.wasm_rows import WasmRows  # noqa: E402
-from system_playbooks.wasm_sdk.cache import built  # noqa: E402
+from bench.common import dist_version
+from bench.fold import pure_events
+from kernel.toolchain import build
+from kernel.wasm import Grants, WasmHost
+from projector.fold import WalEvent, fold
+from projector.projection import canonical
+from system_playbooks.materialize.rows import build_rows, input_table
+from system_playbooks.materialize.wasm_rows import WasmRows
+from system_playbooks.wasm_sdk.cache import built
 
 ROUNDTRIP_C = r"""
 #include "noetl.h"

@@ -21,12 +21,12 @@ from typing import Final
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc
 
 from kernel.toolchain import BuildError
 from kernel.wasm import Grants, WasmError, WasmHost, WasmModule
 from system_playbooks.materialize.rows import INPUT, OUTPUT, RowError, input_table
 from system_playbooks.wasm_sdk.cache import built
+from system_playbooks.wasm_sdk.framing import from_stream, to_stream
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 SOURCE: Final = Path(__file__).resolve().parent / "wasm" / "rows.c"
@@ -35,13 +35,6 @@ CHUNK_BYTES: Final = 8 * 1024 * 1024
 MEMORY_LIMIT: Final = 256 * 1024 * 1024
 
 __all__ = ["SOURCE", "WasmRows", "input_table"]
-
-
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pyarrow.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
 
 
 class WasmRows:
@@ -90,7 +83,7 @@ class WasmRows:
         outputs = []
         for chunk in self._chunks(table):
             try:
-                out = pyarrow.ipc.open_stream(self.invoke(_ipc(chunk))).read_all()
+                out = from_stream(self.invoke(to_stream(chunk)))
             except pa.ArrowInvalid as e:
                 raise RowError(f"{PLUGIN}: the compiled row builder wrote an unreadable stream: {e}") from e
             if not out.schema.equals(OUTPUT):

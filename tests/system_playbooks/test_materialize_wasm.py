@@ -15,7 +15,6 @@ from typing import Any
 
 import msgspec
 import pyarrow as pa
-import pyarrow.ipc
 import pytest
 from nats.js import JetStreamContext
 
@@ -32,6 +31,7 @@ from projector.snapshots import SnapshotStore
 from system_playbooks.materialize.plugin import MaterializePlugin
 from system_playbooks.materialize.rows import OUTPUT, RowError, build_rows, input_table
 from system_playbooks.materialize.wasm_rows import WasmRows
+from system_playbooks.wasm_sdk.framing import to_stream
 from tests.system_playbooks.test_materialize import (
     SHARD,
     caught_up,
@@ -98,13 +98,6 @@ def random_projections(seed: int, events: int) -> dict[str, Projection]:
     return {k: p for k, p in projections.items() if p is not None}
 
 
-def ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pyarrow.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
-
-
 def test_compiled_row_builder_equals_the_python_twin_on_10000_random_events(wasm_rows: WasmRows) -> None:
     projections = random_projections(SEED, EVENTS)
     rng = random.Random(SEED + 1)
@@ -115,7 +108,7 @@ def test_compiled_row_builder_equals_the_python_twin_on_10000_random_events(wasm
     wasm = wasm_rows(table)
     assert wasm.schema.equals(OUTPUT) and python.schema.equals(OUTPUT)
     assert wasm.equals(python)
-    assert ipc(wasm) == ipc(python)
+    assert to_stream(wasm) == to_stream(python)
     # The comparison is not vacuous: many rows, every terminal status, both pointer decisions, escapes in the JSON.
     statuses = set(python.column("status").to_pylist())
     assert python.num_rows > 200 and TERMINAL < statuses and "RUNNING" in statuses
@@ -211,7 +204,7 @@ def test_a_wrong_input_schema_is_refused(wasm_rows: WasmRows) -> None:
             builder(wrong)
     # The guest checks the schema itself too, not only its Python wrapper.
     with pytest.raises(RowError, match="compiled row builder failed"):
-        wasm_rows.invoke(ipc(wrong))
+        wasm_rows.invoke(to_stream(wrong))
 
 
 async def test_a_kernel_with_runtime_wasm_writes_the_rows_the_python_twin_would(

@@ -77,6 +77,7 @@ def transform(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 def stream(table: pa.Table, *, max_chunksize: int | None = None, options: pyarrow.ipc.IpcWriteOptions | None = None) -> bytes:
+    """Like wasm_sdk.framing.to_stream, with pyarrow's batch size and options (several batches, compression)."""
     sink = pa.BufferOutputStream()
     with pyarrow.ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_table(table, max_chunksize=max_chunksize)
