@@ -52,9 +52,12 @@ far more than one round trip: read the figures with ``loadavg_1m``.
 
 With ``--profile`` the kernel and the workers run the same ``noetl-edge``
 entry point through this file with timing hooks (``bench/steps_profile.py``),
-and a ``profile`` section tells where a step goes inside them (the orchestrate
-pump's wait, delivery, plan, publishes and ack; the worker's delivery, claim,
-run and ack).
+and a ``profile`` section tells where a step goes inside them: the orchestrate
+pump's wait, delivery, state and plan, one ``publish`` from the first send to
+the last ack (split into queueing and waiting for acks; re-publishes after a
+missing ack are counted), and the batch's ack; the worker's delivery, then
+claim queued → run done → outcome acked → claim confirmed → command acked.
+Each segment carries its description (``what``).
 
 The machine (cores, CPU model, load average before and after), the versions
 and every setting go into the JSON. The single JSON result goes to stdout;

@@ -10,12 +10,21 @@ with) and append to a list: the code under test runs unchanged.
 Kernel, per pump batch (``Pump.run_once``): when the pump asked for messages,
 when ``_fetch`` returned them (and their stream sequences and store times),
 the plug-in call (``_dispatch``), and inside ``system/orchestrate`` the time
-of ``plan``, of the events' ``publish_many`` and of each command publish; the
-rest of ``run_once`` after the plug-in returned is the batch's ``ack_sync``.
+of ``plan`` and of each ``_publish``: from its first send to its last ack.
+Inside that, the sends (``Producer.send`` of the events,
+``ShardContext.send_command`` of the commands and timers: queued, no ack
+waited for), the ack waits (``Producer.confirm``,
+``ShardContext.confirm_command``) and any re-publish a missing ack caused
+(``Producer._publish_prepared``, ``ShardContext.publish_command``: only on a
+retry). The rest of ``run_once`` after the plug-in returned is the batch's ack
+(sent, not waited for) and the pump's bookkeeping.
 
 Worker, per command (``Worker._process``): the command's store time in
-``CMD_<shard>``, when the worker started on it, each ``Producer.publish``
-(``command.claimed``, ``step.exit``) and the final ``ack_sync``.
+``CMD_<shard>``, when the worker started on it, the ``Producer.send`` of
+``command.claimed`` (queued, not waited for), ``Worker._run``, the
+``Producer.publish`` of the outcome (``step.exit`` or ``call.error``, until
+its ack), the ``Producer.confirm`` of the claim and, after it, the command's
+``ack_sync``.
 
 :func:`analyse` lines these up with the WAL's store timestamps of the
 measured executions and returns medians per segment of a step.
@@ -95,7 +104,7 @@ def install_kernel_hooks() -> None:
             if rec is not None:
                 rec["dispatch"] = (t0, time.time_ns())
 
-    plan = getattr(orchestrate, "plan")  # imported by name into the plug-in's module: wrap it there
+    plan = getattr(orchestrate, "plan")  # noqa: B009 (imported by name into the plug-in's module, not exported: wrap it there)
 
     def timed_plan(*args: Any, **kwargs: Any) -> Any:
         rec = _current.get()
@@ -109,17 +118,26 @@ def install_kernel_hooks() -> None:
     Pump.run_once = timed_run_once  # type: ignore[method-assign]
     Pump._fetch = timed_fetch  # type: ignore[method-assign]
     Pump._dispatch = timed_dispatch  # type: ignore[method-assign]
-    setattr(orchestrate, "plan", timed_plan)
-    Producer.publish_many = _timed("publish_many", Producer.publish_many)  # type: ignore[method-assign]
-    ShardContext.publish_command = _timed("publish_command", ShardContext.publish_command)  # type: ignore[method-assign]
+    setattr(orchestrate, "plan", timed_plan)  # noqa: B010
+    plugin = orchestrate.OrchestratePlugin
+    plugin._publish = _timed("publish", plugin._publish)  # type: ignore[method-assign]
+    # In the kernel only the orchestrator's _publish sends, confirms or re-publishes (a retry) events and commands.
+    Producer.send = _timed("send", Producer.send)  # type: ignore[method-assign]
+    ShardContext.send_command = _timed("send", ShardContext.send_command)  # type: ignore[method-assign]
+    Producer.confirm = _timed("confirm", Producer.confirm)  # type: ignore[method-assign]
+    ShardContext.confirm_command = _timed("confirm", ShardContext.confirm_command)  # type: ignore[method-assign]
+    Producer._publish_prepared = _timed("republish", Producer._publish_prepared)  # type: ignore[method-assign]
+    ShardContext.publish_command = _timed("republish", ShardContext.publish_command)  # type: ignore[method-assign]
+
+
+OUTCOMES = ("step.exit", "call.error")
 
 
 def install_worker_hooks() -> None:
     from kernel.producer import Producer
     from kernel.worker import Worker
 
-    process = Worker._process
-    publish = Producer.publish
+    process, publish = Worker._process, Producer.publish
 
     async def timed_process(self: Worker, d: Any) -> Any:
         seq, stored = ack_tokens(d.msg.reply)
@@ -138,16 +156,20 @@ def install_worker_hooks() -> None:
             RECORDS.append(rec)
 
     async def timed_publish(self: Producer, env: Any) -> Any:
+        # A wasm tool publishes its user.* events from inside the run: only the outcome is a segment.
         rec = _current.get()
         t0 = time.time_ns()
         try:
             return await publish(self, env)
         finally:
-            if rec is not None:
-                rec[env.type] = (t0, time.time_ns())
+            if rec is not None and env.type in OUTCOMES:
+                rec["outcome"] = (t0, time.time_ns())
 
     Worker._process = timed_process  # type: ignore[method-assign]
+    Worker._run = _timed("run", Worker._run)  # type: ignore[method-assign]
     Producer.publish = timed_publish  # type: ignore[method-assign]
+    Producer.send = _timed("claim", Producer.send)  # type: ignore[method-assign]
+    Producer.confirm = _timed("confirm", Producer.confirm)  # type: ignore[method-assign]
 
 
 def serve(role: str, out: str, argv: Sequence[str]) -> int:
@@ -182,19 +204,55 @@ def _span(pairs: Sequence[Sequence[int]] | None) -> float:
 
 
 SEGMENTS = {
-    "pump_busy": "step.exit stored while the orchestrate pump was still on earlier batches (its own step.enter, "
-    "command.issued, the worker's command.claimed; each costs a fetch and an ack_sync round trip)",
+    "pump_busy": "step.exit stored while the orchestrate pump was still on an earlier batch (its plug-in call, "
+    "or the ack and bookkeeping after it)",
     "pump_delivery": "pull request out (or step.exit stored, if later) -> the pump's fetch returned it",
-    "state_and_plan": "dispatch minus publishing: grouping, state apply, plan, task switches",
+    "state_and_plan": "dispatch minus publish: grouping, state apply, plan, task switches",
     "plan": "the planner alone (included in state_and_plan)",
-    "publish_events": "publish_many of step.enter + command.issued, until both acks are back",
-    "publish_command": "js.publish of the command to CMD_<shard>, until its ack is back",
-    "pump_ack": "after the plug-in returned: ack_sync of the batch (the next fetch waits for it)",
+    "publish": "the orchestrator's _publish: first send -> last ack back (step.enter and command.issued to the "
+    "WAL, then the command to CMD_<shard>, all queued on one connection before any ack is waited for)",
+    "publish_send": "inside publish: queueing the events and the command (Producer.send, "
+    "ShardContext.send_command: encode + publish_async, no ack waited for)",
+    "publish_acks": "inside publish: waiting for their acks (Producer.confirm, ShardContext.confirm_command, "
+    "including any re-publish after a missing ack)",
+    "pump_ack": "after the plug-in returned: the batch's ack sent (not waited for) and the pump's bookkeeping",
     "cmd_delivery": "command stored in CMD_<shard> -> the worker's _process started on it",
-    "claimed_publish": "the worker publishes command.claimed and waits for its ack",
-    "run_and_exit_publish": "noop run + step.exit publish until its ack",
-    "worker_ack": "the worker's ack_sync of the command (after step.exit; off the critical path)",
+    "claim_queued": "_process started -> command.claimed queued (decode, Producer.send: no ack waited for)",
+    "run": "claim queued -> run done (Worker._run: the noop runner and its outcome event built)",
+    "outcome_publish": "run done -> the outcome (step.exit) published and its ack back",
+    "claim_confirm": "outcome acked -> the claim's ack confirmed (Producer.confirm; normally already back)",
+    "worker_ack": "claim confirmed -> the command's ack_sync done (off the critical path)",
 }
+
+
+def _kernel_segments(seg: dict[str, list[float]], batch: Record, stored: int) -> None:
+    """One step.exit's kernel segments from the orchestrate batch that delivered it."""
+    seg["pump_busy"].append(_ms(max(0, batch["asked"] - stored)))
+    seg["pump_delivery"].append(_ms(batch["fetched"] - max(batch["asked"], stored)))
+    d0, d1 = batch["dispatch"]
+    published = _span(batch.get("publish"))
+    seg["state_and_plan"].append(_ms(d1 - d0 - published))
+    if batch.get("plan"):
+        seg["plan"].append(_ms(_span(batch["plan"])))
+    if batch.get("publish"):
+        seg["publish"].append(_ms(published))
+        seg["publish_send"].append(_ms(_span(batch.get("send"))))
+        seg["publish_acks"].append(_ms(_span(batch.get("confirm"))))
+    seg["pump_ack"].append(_ms(batch["end"] - d1))
+
+
+def _worker_segments(seg: dict[str, list[float]], rec: Record) -> bool:
+    """One command's worker segments: claim queued -> run done -> outcome acked -> claim confirmed -> ack."""
+    if not all(rec.get(k) for k in ("claim", "run", "outcome", "confirm")):
+        return False  # dead-lettered after max_deliver: no claim, no run
+    claimed, ran, outcome, confirmed = rec["claim"][-1][1], rec["run"][-1][1], rec["outcome"][1], rec["confirm"][-1][1]
+    seg["cmd_delivery"].append(_ms(rec["started"] - rec["cmd_stored"]))
+    seg["claim_queued"].append(_ms(claimed - rec["started"]))
+    seg["run"].append(_ms(ran - claimed))
+    seg["outcome_publish"].append(_ms(outcome - ran))
+    seg["claim_confirm"].append(_ms(confirmed - outcome))
+    seg["worker_ack"].append(_ms(rec["end"] - confirmed))
+    return True
 
 
 def analyse(
@@ -216,38 +274,17 @@ def analyse(
         if rec["consumer"] == orchestrate_consumer:
             for seq, _ in rec["msgs"]:
                 batch_of[seq] = rec
-    by_command = [r for r in workers if r.get("execution_id") in histories]
     seg: dict[str, list[float]] = {k: [] for k in SEGMENTS}
-    exits = 0
+    exits = republished = 0
     for history in histories.values():
         for seq, stored, kind, _step in history:
-            if kind != "step.exit":
-                continue
             batch = batch_of.get(seq)
-            if batch is None or "dispatch" not in batch:
+            if kind != "step.exit" or batch is None or "dispatch" not in batch:
                 continue
             exits += 1
-            seg["pump_busy"].append(_ms(max(0, batch["asked"] - stored)))
-            seg["pump_delivery"].append(_ms(batch["fetched"] - max(batch["asked"], stored)))
-            d0, d1 = batch["dispatch"]
-            published = _span(batch.get("publish_many")) + _span(batch.get("publish_command"))
-            seg["state_and_plan"].append(_ms(d1 - d0 - published))
-            if batch.get("plan"):
-                seg["plan"].append(_ms(_span(batch["plan"])))
-            if batch.get("publish_many"):
-                seg["publish_events"].append(_ms(_span(batch["publish_many"])))
-            if batch.get("publish_command"):
-                seg["publish_command"].append(_ms(_span(batch["publish_command"])))
-            seg["pump_ack"].append(_ms(batch["end"] - d1))
-    for rec in by_command:
-        if "command.claimed" not in rec or "step.exit" not in rec:
-            continue
-        c0, c1 = rec["command.claimed"]
-        e0, e1 = rec["step.exit"]
-        seg["cmd_delivery"].append(_ms(rec["started"] - rec["cmd_stored"]))
-        seg["claimed_publish"].append(_ms(c1 - c0))
-        seg["run_and_exit_publish"].append(_ms(e1 - c1))
-        seg["worker_ack"].append(_ms(rec["end"] - e1))
+            republished += len(batch.get("republish", ()))
+            _kernel_segments(seg, batch, stored)
+    commands = sum(_worker_segments(seg, r) for r in workers if r.get("execution_id") in histories)
     consumers: dict[str, dict[str, float]] = {}
     for rec in kernel:
         c = consumers.setdefault(rec["consumer"], {"batches": 0, "events": 0, "dispatch_ms": 0.0, "ack_ms": 0.0})
@@ -258,6 +295,9 @@ def analyse(
             c["ack_ms"] += _ms(rec["end"] - rec["dispatch"][1])
     return {
         "step_exits_matched": exits,
+        "commands_matched": commands,
+        # Events or commands the orchestrator published again because an ack did not come (0 on a healthy run).
+        "orchestrator_republished": republished,
         "segments_ms": {k: _summary(v) | {"what": SEGMENTS[k]} for k, v in seg.items() if v},
         "window_s": round((window[1] - window[0]) / 1e9, 3),
         # Every pump of the kernel shares one event loop: their dispatch and ack time over the phase.
