@@ -43,6 +43,8 @@ class WasmRows:
     def __init__(self, source: Path | str = SOURCE, *, host: WasmHost | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
         path = Path(source)
         self.source = path if path.is_absolute() else ROOT / path
+        if not self.source.is_file():  # refused when the plug-in is loaded, not at its first batch
+            raise RowError(f"{PLUGIN}: module source {self.source} does not exist")
         self._own_host = host is None
         self._host = host
         self.chunk_bytes = chunk_bytes

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from nats.js import JetStreamContext
 
-from kernel.host import load_plugin, system_manifests
+from kernel.host import PluginError, load_plugin, system_manifests
 from kernel.producer import Producer
 from locator import new_event
 from locator.envelope import KNOWN_TYPES
@@ -205,6 +205,16 @@ def test_a_wrong_input_schema_is_refused(wasm_rows: WasmRows) -> None:
     # The guest checks the schema itself too, not only its Python wrapper.
     with pytest.raises(RowError, match="compiled row builder failed"):
         wasm_rows.invoke(to_stream(wrong))
+
+
+def test_a_wasm_manifest_needs_a_module_that_exists() -> None:
+    manifest = next(m for m in system_manifests() if m.consumer == "materialize")
+    with pytest.raises(PluginError, match="runtime 'wasm' needs a module"):
+        load_plugin(msgspec.structs.replace(manifest, runtime="wasm", module=""))
+    with pytest.raises(RowError, match="nope.c does not exist"):
+        load_plugin(msgspec.structs.replace(manifest, runtime="wasm", module="system_playbooks/materialize/wasm/nope.c"))
+    python = load_plugin(manifest)  # the shipped manifest: runtime python, the module named but not used
+    assert isinstance(python, MaterializePlugin) and python.rows is build_rows and manifest.runtime == "python"
 
 
 async def test_a_kernel_with_runtime_wasm_writes_the_rows_the_python_twin_would(
