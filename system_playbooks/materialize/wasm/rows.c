@@ -22,7 +22,7 @@ typedef struct {
     unsigned seen;
 } head_t;
 
-static const uint8_t *ws(const uint8_t *p, const uint8_t *end) {
+__attribute__((always_inline)) static inline const uint8_t *ws(const uint8_t *p, const uint8_t *end) {
     while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) {
         p++;
     }
@@ -104,7 +104,8 @@ static inline bool special8(uint64_t v) {
 
 /* The JSON string at p: returns the position after its closing quote, or NULL if malformed. When out is
  * not NULL its unescaped bytes are written there (never more than the raw length) and counted in *n. */
-static const uint8_t *string(const uint8_t *p, const uint8_t *end, uint8_t *out, uint32_t *n) {
+__attribute__((always_inline)) static inline const uint8_t *string(const uint8_t *p, const uint8_t *end, uint8_t *out,
+                                                                 uint32_t *n) {
     uint8_t tmp[4];
     uint32_t k = 0;
     if (p >= end || *p != '"') {
