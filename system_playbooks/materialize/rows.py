@@ -28,22 +28,20 @@ import pyarrow as pa
 
 from kernel.errors import KernelError
 from projector.projection import TERMINAL
+from projector.snapshots import SCHEMA as SEGMENT_SCHEMA
 
 INPUT = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("revision", pa.int64(), nullable=False),
     pa.field("projection", pa.string()),
 ])  # fmt: skip
+# The segment's columns (projector.snapshots.SCHEMA) in the types the guest SDK has (int64, utf8),
+# between the entry's key and revision and the pointer decision.
+_SDK_TYPES = {pa.uint64(): pa.int64(), pa.large_string(): pa.string()}
 OUTPUT = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("revision", pa.int64(), nullable=False),
-    pa.field("execution_id", pa.string(), nullable=False),
-    pa.field("tenant", pa.string(), nullable=False),
-    pa.field("project", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("last_seq", pa.int64(), nullable=False),
-    pa.field("event_count", pa.int64(), nullable=False),
-    pa.field("projection", pa.string(), nullable=False),
+    *(pa.field(f.name, _SDK_TYPES.get(f.type, f.type), nullable=False) for f in SEGMENT_SCHEMA),
     pa.field("pointer", pa.bool_(), nullable=False),
 ])  # fmt: skip
 
