@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 from nats.js import JetStreamContext
@@ -36,13 +36,16 @@ from nats.js.errors import (
     NotFoundError,
     ObjectNotFoundError,
 )
+from nats.js.kv import KeyValue
 
 from kernel.errors import KernelError
-from kernel.wasm import WasmHost, WasmModule
 from locator.envelope import now_ts
 from locator.errors import LocatorError
 from locator.names import check_name
 from locator.subjects import CATALOG_BUCKET, PLUGINS_BUCKET
+
+if TYPE_CHECKING:  # the catalog checks records without the WASM runtime: only the registry's users load it
+    from kernel.wasm import WasmHost, WasmModule
 
 __all__ = [
     "PluginDigestMismatch",
@@ -51,6 +54,7 @@ __all__ = [
     "PluginRegistry",
     "PluginRegistryError",
     "check_owner",
+    "find_record",
     "object_name",
     "record_key",
 ]
@@ -137,6 +141,23 @@ _decoder: Final = msgspec.json.Decoder(PluginRecord)
 _encoder: Final = msgspec.json.Encoder()
 
 
+async def _entry(kv: KeyValue, key: str) -> tuple[PluginRecord, int] | None:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    return _decoder.decode(entry.value or b""), entry.revision or 0
+
+
+async def find_record(kv: KeyValue, owner: str, path: str, version: int | None = None) -> PluginRecord | None:
+    """The record of ``version`` (the active one when None) in the KV ``catalog``; None if it is not registered.
+
+    Raises :class:`PluginRegistryError` for an invalid owner or path (nothing is read).
+    """
+    found = await _entry(kv, active_key(owner, path) if version is None else record_key(owner, path, version))
+    return None if found is None else found[0]
+
+
 @dataclass
 class PluginRegistry:
     """Register, list and load WASM plug-ins; ``load`` keeps compiled modules by (owner, path, version, digest).
@@ -189,26 +210,16 @@ class PluginRegistry:
             return record, True
 
     async def _active_entry(self, owner: str, path: str) -> tuple[PluginRecord, int] | None:
-        kv = await self.js.key_value(CATALOG_BUCKET)
-        try:
-            entry = await kv.get(active_key(owner, path))
-        except KeyNotFoundError:
-            return None
-        return _decoder.decode(entry.value or b""), entry.revision or 0
+        return await _entry(await self.js.key_value(CATALOG_BUCKET), active_key(owner, path))
 
     async def record(self, owner: str, path: str, version: int | None = None) -> PluginRecord:
         """The record of ``version`` (the active one when None); :class:`PluginNotFound` if there is none."""
-        if version is None:
-            found = await self._active_entry(owner, path)
-            if found is None:
+        found = await find_record(await self.js.key_value(CATALOG_BUCKET), owner, path, version)
+        if found is None:
+            if version is None:
                 raise PluginNotFound(f"no plug-in {path} registered for {owner}")
-            return found[0]
-        kv = await self.js.key_value(CATALOG_BUCKET)
-        try:
-            entry = await kv.get(record_key(owner, path, version))
-        except KeyNotFoundError:
-            raise PluginNotFound(f"no version {version} of plug-in {path} registered for {owner}") from None
-        return _decoder.decode(entry.value or b"")
+            raise PluginNotFound(f"no version {version} of plug-in {path} registered for {owner}")
+        return found
 
     async def list(self, owner: str) -> list[PluginRecord]:
         """Every registered version of every plug-in of ``owner``, sorted by path and version."""

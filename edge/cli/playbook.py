@@ -66,6 +66,8 @@ def _register(args: argparse.Namespace) -> int:
             done = await catalog.add(args.tenant, args.project, Path(args.file), policy=policy)
         except VersionConflict as e:
             return _fail(str(e), EXIT_RUNTIME)
+        except PlaybookError as e:  # a wasm step names a plug-in the project has not registered: nothing written
+            return _fail(f"{args.file}: {e}", EXIT_USAGE)
         pb = done.playbook
         _print({"tenant": args.tenant, "project": args.project, "path": pb.path, "version": pb.version, "created": done.created})
         return EXIT_OK

@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
                 await catalog.add(args.tenant, args.project, Path(args.file), policy=policy)
             except VersionConflict as e:
                 raise KernelError(f"{e} (bump `version:` in {args.file})") from e
+            except PlaybookError as e:  # a wasm step names a plug-in the project has not registered
+                raise UsageError(f"{args.file}: {e}") from None
             execution_id = Snowflake().next_str()
             env = new_event(
                 tenant=args.tenant, project=args.project, affinity=args.affinity, execution_id=execution_id,

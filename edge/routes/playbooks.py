@@ -89,7 +89,7 @@ async def put_playbook(request: Request) -> Response:
         registered = await (await _catalog(state)).add(tenant, project, source, policy=policy_of(request))
     except VersionConflict as e:
         raise Conflict(str(e)) from e
-    except PlaybookError as e:  # validated above; only a policy change between the two checks lands here
+    except PlaybookError as e:  # a wasm step naming an unregistered plug-in (or a policy change since _validate)
         raise Unprocessable(f"invalid playbook: {e}", field=e.path) from e
     pb = registered.playbook
     return json_response(

@@ -14,6 +14,12 @@ dict keys sorted), not the YAML text: two files that differ only in comments,
 layout or key order are the same content, and a reader decodes it straight
 into the Struct without parsing YAML again.
 
+A ``tool: wasm`` step must name a plug-in the project has registered (and,
+when it pins ``version``, that version): :meth:`Catalog.add` reads the plug-in
+records from the same bucket (``_plugins.*``, see :mod:`kernel.plugins`) and
+refuses the playbook with :class:`UnknownPlugin` naming the step, before
+anything is written.
+
 A version is immutable: it is written with ``create`` (compare-and-set
 against "no such key"), so a second registration of the same version is
 accepted only with the same content. ``latest`` is moved with compare-and-set
@@ -31,15 +37,24 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from kernel.plugins import PluginRegistryError, find_record
 from locator.names import check_name
-from system_playbooks.orchestrate.errors import OrchestrateError
-from system_playbooks.orchestrate.playbook import PATH_PATTERN, Playbook, Policy, load_playbook, parse_playbook
+from system_playbooks.orchestrate.errors import OrchestrateError, PlaybookError
+from system_playbooks.orchestrate.playbook import (
+    PATH_PATTERN,
+    Playbook,
+    Policy,
+    WasmTool,
+    load_playbook,
+    parse_playbook,
+)
 
 __all__ = [
     "Catalog",
     "CatalogError",
     "PlaybookNotFound",
     "Registered",
+    "UnknownPlugin",
     "VersionConflict",
     "latest_key",
     "policy_from_env",
@@ -63,6 +78,14 @@ class PlaybookNotFound(CatalogError):
 
 class VersionConflict(CatalogError):
     """This version of the path is already registered with different content; versions are immutable."""
+
+
+class UnknownPlugin(PlaybookError):
+    """A ``tool: wasm`` step names a plug-in (or a pinned version of one) the project has not registered.
+
+    >>> str(UnknownPlugin("no plug-in tools/score registered for acme/web", path="steps[2].tool.plugin"))
+    'steps[2].tool.plugin: no plug-in tools/score registered for acme/web'
+    """
 
 
 class Registered(msgspec.Struct, frozen=True):
@@ -115,12 +138,14 @@ class Catalog:
     ) -> Registered:
         """Validate, then store the version and raise ``latest`` to it.
 
-        Raises :class:`PlaybookError` (nothing written) for an invalid playbook and
-        :class:`VersionConflict` when the version exists with other content.
+        Raises :class:`PlaybookError` (nothing written) for an invalid playbook, :class:`UnknownPlugin`
+        (a :class:`PlaybookError`, nothing written) for a ``tool: wasm`` step whose plug-in is not registered,
+        and :class:`VersionConflict` when the version exists with other content.
         Registering the same content again is a no-op that answers ``created=False``.
         """
         playbook = parse_playbook(source, policy=policy) if isinstance(source, Mapping) else load_playbook(source, policy=policy)
         key = version_key(tenant, project, playbook.path, playbook.version)
+        await self.check_plugins(tenant, project, playbook)
         data = _encoder.encode(playbook)
         created = True
         try:
@@ -136,6 +161,30 @@ class Catalog:
         # Also on a repeat: a registration that died between the two writes left `latest` behind.
         await self._raise_latest(latest_key(tenant, project, playbook.path), playbook.version)
         return Registered(playbook=playbook, created=created)
+
+    async def check_plugins(self, tenant: str, project: str, playbook: Playbook) -> None:
+        """Raise :class:`UnknownPlugin` for the first ``tool: wasm`` step whose plug-in (version) is not registered."""
+        owner = f"{tenant}/{project}"
+        for i, step in enumerate(playbook.steps):
+            if not isinstance(step.tool, WasmTool):
+                continue
+            tool = step.tool
+            try:
+                found = await find_record(self.kv, owner, tool.plugin, tool.version)
+                if found is None and tool.version is not None and await find_record(self.kv, owner, tool.plugin):
+                    raise UnknownPlugin(
+                        f"plug-in {tool.plugin} has no version {tool.version} registered for {owner} "
+                        "(`noetl-edge plugin list` shows the versions)",
+                        path=f"steps[{i}].tool.version",
+                    )
+            except PluginRegistryError as e:
+                raise UnknownPlugin(str(e), path=f"steps[{i}].tool.plugin") from None
+            if found is None:
+                raise UnknownPlugin(
+                    f"no plug-in {tool.plugin} registered for {owner}: register it first "
+                    "(`noetl-edge plugin register`)",
+                    path=f"steps[{i}].tool.plugin",
+                )
 
     async def _raise_latest(self, key: str, version: int) -> None:
         while True:

@@ -20,6 +20,8 @@ from kernel.server import EmbeddedServer
 from locator.topology import default_topology
 from projector.snapshots import SnapshotStore
 from system_playbooks.orchestrate.playbook import Policy
+from tests import wasm_plugins
+from tests.wasm_plugins import register_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "playbooks"
@@ -33,6 +35,8 @@ TOKENS = [
 POLICY = Policy(python_allow=("examples.tools.",))
 BASE = "/api/v1/tenants/acme/projects/web/playbooks"
 YAML = {"Content-Type": "application/yaml"}
+
+score_wasm = wasm_plugins.score_wasm  # the session fixture, for this module
 
 
 def auth(token: str = WRITER, **extra: str) -> dict[str, str]:
@@ -49,6 +53,12 @@ def problem(resp: httpx.Response, status: int) -> dict[str, Any]:
     body: dict[str, Any] = resp.json()
     assert body["status"] == status and body["detail"]
     return body
+
+
+def wasm_playbook(plugin: str, *, version: int | None = None, path: str = "demo/scored", pb_version: int = 1) -> str:
+    pin = "" if version is None else f", version: {version}"
+    return (f"path: {path}\nversion: {pb_version}\nsteps:\n  - {{name: a, tool: {{kind: noop}}, next: [{{step: b}}]}}\n"
+            f"  - {{name: b, tool: {{kind: wasm, plugin: {plugin}{pin}}}}}\n")  # fmt: skip
 
 
 async def kv_state(kv: KeyValue) -> dict[str, int]:
@@ -109,7 +119,8 @@ async def test_put_json_body(client: httpx.AsyncClient) -> None:
     assert (await client.get(f"{BASE}/demo/json", headers=auth(READER))).json()["version"] == 2
 
 
-async def test_every_example_registers_with_the_edge_policy(client: httpx.AsyncClient) -> None:
+async def test_every_example_registers_with_the_edge_policy(client: httpx.AsyncClient, js: JetStreamContext, score_wasm: Path) -> None:
+    await register_plugin(js, score_wasm, "tools/score")  # examples/playbooks/wasm_score.yaml runs it
     for path in sorted(EXAMPLES.glob("*.yaml")):
         pb_path = next(line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("path:"))
         resp = await client.put(f"{BASE}/{pb_path}", content=path.read_bytes(), headers=auth(**YAML))
@@ -141,6 +152,26 @@ async def test_python_tool_outside_the_edge_policy_is_422(app: Starlette, client
     pb_path = next(line.split(":", 1)[1].strip() for line in source.splitlines() if line.startswith("path:"))
     body = problem(await client.put(f"{BASE}/{pb_path}", content=source, headers=auth(**YAML)), 422)
     assert body["field"].endswith(".tool.call")
+
+
+async def test_wasm_step_needs_its_plugin_registered_422(
+    client: httpx.AsyncClient, js: JetStreamContext, kv: KeyValue, score_wasm: Path
+) -> None:
+    body = problem(await client.put(f"{BASE}/demo/scored", content=wasm_playbook("tools/ghost"), headers=auth(**YAML)), 422)
+    assert body["field"] == "steps[1].tool.plugin"
+    assert "steps[1].tool.plugin: no plug-in tools/ghost registered for acme/web" in body["detail"]
+    assert await kv_state(kv) == {}
+    await register_plugin(js, score_wasm, "tools/ghost", owner="acme/other")  # another project's: still unknown here
+    await register_plugin(js, score_wasm, "tools/score")
+    before = await kv_state(kv)
+    assert problem(await client.put(f"{BASE}/demo/scored", content=wasm_playbook("tools/ghost"), headers=auth(**YAML)), 422)
+    pinned = wasm_playbook("tools/score", version=3)
+    body = problem(await client.put(f"{BASE}/demo/scored", content=pinned, headers=auth(**YAML)), 422)
+    assert body["field"] == "steps[1].tool.version" and "plug-in tools/score has no version 3" in body["detail"]
+    assert await kv_state(kv) == before
+    for pb_version, pin in ((1, 1), (2, None)):
+        ok = wasm_playbook("tools/score", version=pin, pb_version=pb_version)
+        assert (await client.put(f"{BASE}/demo/scored", content=ok, headers=auth(**YAML))).status_code == 201
 
 
 async def test_url_path_must_match_the_playbook(client: httpx.AsyncClient, kv: KeyValue) -> None:
@@ -230,6 +261,24 @@ def test_cli_register_python_tool_needs_the_policy(nats_server: EmbeddedServer, 
     assert refused.returncode == 2 and ".tool.call" in refused.stderr
     assert cli("playbook", "register", str(example), *where, env=cli_env(NOETL_PYTHON_ALLOW="examples.tools.")).returncode == 0
     assert cli("playbook", "register", str(example), *where, "--python-allow", "examples.tools.").returncode == 0
+
+
+async def test_cli_register_and_run_refuse_an_unregistered_plugin(
+    nats_server: EmbeddedServer, js: JetStreamContext, cli: Any, tmp_path: Path, score_wasm: Path, count_wal: Any
+) -> None:
+    where = ["--tenant", "acme", "--project", "web", "--nats-url", nats_server.url]
+    file = tmp_path / "scored.yaml"
+    file.write_text(wasm_playbook("tools/score"))
+    for command in (["playbook", "register"], ["run"]):
+        proc = cli(*command, str(file), *where, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "scored.yaml: steps[1].tool.plugin: no plug-in tools/score registered for acme/web" in lines[0]
+    assert json.loads(cli("playbook", "list", *where).stdout) == {"playbooks": []}
+    assert await count_wal(js, 4) == [0, 0, 0, 0]
+    cli("plugin", "register", str(score_wasm), "--path", "tools/score", *where)
+    out = json.loads(cli("playbook", "register", str(file), *where).stdout)
+    assert (out["path"], out["version"], out["created"]) == ("demo/scored", 1, True)
 
 
 def test_cli_bad_tenant_exits_2(cli: Any) -> None:

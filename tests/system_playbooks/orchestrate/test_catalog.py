@@ -15,16 +15,21 @@ from locator.errors import LocatorError
 from system_playbooks.orchestrate.catalog import (
     Catalog,
     PlaybookNotFound,
+    UnknownPlugin,
     VersionConflict,
     latest_key,
     version_key,
 )
 from system_playbooks.orchestrate.playbook import PlaybookError, Policy, load_playbook
+from tests import wasm_plugins
+from tests.wasm_plugins import register_plugin
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((REPO / "examples" / "playbooks").glob("*.yaml"))
 BAD = sorted((Path(__file__).parent / "bad").glob("*.yaml"))
 POLICY = Policy(python_allow=("examples.tools.",), http_hosts=("api.example.com", "*.example.org"))
+
+score_wasm = wasm_plugins.score_wasm  # the session fixture, for this module
 
 
 def text(path: str = "demo/hello", version: int = 1, result: str = "hi") -> str:
@@ -80,7 +85,8 @@ async def test_register_get_list(catalog: Catalog, kv: KeyValue) -> None:
         await catalog.get("other", "web", "demo/hello")
 
 
-async def test_every_example_registers_and_lists(catalog: Catalog) -> None:
+async def test_every_example_registers_and_lists(catalog: Catalog, js: JetStreamContext, score_wasm: Path) -> None:
+    await register_plugin(js, score_wasm, "tools/score")  # examples/playbooks/wasm_score.yaml runs it
     for path in EXAMPLES:
         await catalog.register("acme", "web", path, policy=POLICY)
     listed = await catalog.list("acme", "web")
@@ -88,6 +94,24 @@ async def test_every_example_registers_and_lists(catalog: Catalog) -> None:
     for path in EXAMPLES:
         want = load_playbook(path, policy=POLICY)
         assert await catalog.get("acme", "web", want.path) == want
+
+
+async def test_a_wasm_step_needs_the_plugin_version_it_names(
+    catalog: Catalog, kv: KeyValue, js: JetStreamContext, score_wasm: Path
+) -> None:
+    def wasm(plugin: str, pin: str = "") -> str:
+        return f"path: demo/w\nversion: 1\nsteps:\n  - {{name: a, tool: {{kind: wasm, plugin: {plugin}{pin}}}}}\n"
+
+    with pytest.raises(UnknownPlugin, match=r"^steps\[0\]\.tool\.plugin: no plug-in tools/score registered for acme/web") as e:
+        await catalog.add("acme", "web", wasm("tools/score"), policy=POLICY)
+    assert isinstance(e.value, PlaybookError) and e.value.path == "steps[0].tool.plugin"
+    assert await snapshot(kv) == {}
+    record = await register_plugin(js, score_wasm, "tools/score")
+    before = await snapshot(kv)
+    with pytest.raises(UnknownPlugin, match=r"^steps\[0\]\.tool\.version: plug-in tools/score has no version 2"):
+        await catalog.add("acme", "web", wasm("tools/score", ", version: 2"), policy=POLICY)
+    assert await snapshot(kv) == before
+    assert (await catalog.add("acme", "web", wasm("tools/score", f", version: {record.version}"), policy=POLICY)).created
 
 
 async def test_same_content_again_is_idempotent(catalog: Catalog, kv: KeyValue) -> None:
