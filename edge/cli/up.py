@@ -24,6 +24,7 @@ from kernel.worker import WorkerSettings, run_workers
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
 from system_playbooks.orchestrate.tools import ToolRunner
+from system_playbooks.orchestrate.wasm_tool import WasmLimits
 from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
 from kernel.errors import ServerStartError
@@ -72,7 +73,8 @@ async def _serve(
     # The worker pool: the same loop as `noetl-edge worker`, in this process.
     workers = asyncio.create_task(
         run_workers(
-            [server.url], server.topology, runner=ToolRunner(policy), results=results, stop=stop,
+            [server.url], server.topology, runner=ToolRunner(policy, wasm_host=WasmLimits.from_env(os.environ).host()),
+            results=results, stop=stop,
             concurrency=env_int("NOETL_WORKER_CONCURRENCY", 4),
         )
     )
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     settings = StreamSettings.from_env()
     # The worker pool's settings are checked now: a bad one must stop `up` before it says ready.
     WorkerSettings.from_env()
+    WasmLimits.from_env(os.environ)
     if env_int("NOETL_WORKER_CONCURRENCY", 4) < 1:
         raise UsageError(f"NOETL_WORKER_CONCURRENCY must be at least 1, got {env_int('NOETL_WORKER_CONCURRENCY', 4)}")
     topology = default_topology(shard_count=shards)

@@ -14,6 +14,7 @@ from locator.names import check_name
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
 from system_playbooks.orchestrate.tools import ToolRunner
+from system_playbooks.orchestrate.wasm_tool import WasmLimits
 
 DEFAULT_CONCURRENCY = 4
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     concurrency = args.concurrency if args.concurrency is not None else env_int("NOETL_WORKER_CONCURRENCY", DEFAULT_CONCURRENCY)
     topology = resolve_topology(args)
     results = ResultStore.from_env(data_dir=args.data_dir or default_data_dir())
-    runner = ToolRunner(policy_from_env(os.environ))
+    runner = ToolRunner(policy_from_env(os.environ), wasm_host=WasmLimits.from_env(os.environ).host())
 
     async def main() -> None:
         stop = asyncio.Event()

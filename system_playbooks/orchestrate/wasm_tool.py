@@ -12,11 +12,16 @@ execution, published after the call succeeded), ``result_put`` and ``log``.
 
 The version that ran is recorded in the ``step.exit`` payload as
 ``plugin: {"path", "version", "digest"}``.
+
+Every call runs under the operator's :class:`WasmLimits` (``NOETL_WASM_FUEL``,
+``NOETL_WASM_MEMORY``, ``NOETL_WASM_TIMEOUT``), read by ``noetl-edge worker``
+and ``up`` when they start.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -25,6 +30,7 @@ import pyarrow.ipc
 import structlog
 from nats.js import JetStreamContext
 
+from kernel.errors import ConfigError
 from kernel.plugins import PluginRecord, PluginRegistry, PluginRegistryError
 from kernel.producer import Producer
 from kernel.wasm import Grants, Invocation, WasmError, WasmHost
@@ -37,11 +43,63 @@ from system_playbooks.orchestrate.playbook import WasmTool
 if TYPE_CHECKING:
     from system_playbooks.orchestrate.tools import ToolContext
 
-__all__ = ["USER_FUNCTIONS", "WasmTools", "args_table"]
+__all__ = ["USER_FUNCTIONS", "WasmLimits", "WasmTools", "args_table"]
 
 USER_FUNCTIONS: Final = frozenset({"event_publish", "result_put", "log"})
 log = structlog.get_logger("noetl.wasm")
 _json: Final = msgspec.json.Encoder(order="sorted")
+
+
+class WasmLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """The limits of every user-tool call: fuel, linear memory (bytes) and wall-clock time (seconds).
+
+    From ``NOETL_WASM_FUEL``, ``NOETL_WASM_MEMORY`` and ``NOETL_WASM_TIMEOUT``
+    (unset or empty: the default); a bad value is a :class:`ConfigError` that
+    names the variable.
+
+    >>> WasmLimits.from_env({"NOETL_WASM_FUEL": "5000000", "NOETL_WASM_TIMEOUT": "2.5"})
+    WasmLimits(fuel=5000000, memory=67108864, timeout=2.5)
+    >>> WasmLimits.from_env({"NOETL_WASM_MEMORY": "1k"})
+    Traceback (most recent call last):
+    ...
+    kernel.errors.ConfigError: NOETL_WASM_MEMORY must be an integer number of bytes, got '1k'
+    """
+
+    fuel: int = 2_000_000_000
+    memory: int = 64 * 1024 * 1024
+    timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WasmLimits:
+        values: dict[str, Any] = {}
+        for field, name, kind, unit in _LIMIT_VARS:
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be {unit}, got {raw!r}") from None
+            low, high = _LIMIT_RANGES[field]
+            if not low <= value <= high:  # also refuses nan
+                raise ConfigError(f"{name} must be between {low} and {high}, got {raw}")
+            values[field] = value
+        return cls(**values)
+
+    def host(self) -> WasmHost:
+        """A :class:`WasmHost` that gives each call these limits."""
+        return WasmHost(fuel=self.fuel, memory_limit=self.memory, timeout_s=self.timeout)
+
+
+_LIMIT_VARS: Final = (
+    ("fuel", "NOETL_WASM_FUEL", int, "an integer amount of fuel"),
+    ("memory", "NOETL_WASM_MEMORY", int, "an integer number of bytes"),
+    ("timeout", "NOETL_WASM_TIMEOUT", float, "a number of seconds"),
+)
+# What WasmHost accepts (memory: one 64 KiB page at least, 4 GiB at most in wasm32), and an hour for a hang.
+_LIMIT_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "fuel": (1, 10**15), "memory": (65_536, 2**32), "timeout": (0.001, 3600.0),
+}  # fmt: skip
 
 
 def args_table(args: dict[str, Any], metadata: dict[str, str] | None = None) -> pa.Table:
