@@ -115,8 +115,11 @@ def _apply(p: Projection, seq: int, env: Envelope) -> None:
             del p.user_events[0]
     elif kind == "execution.requested":
         payload: dict[str, Any] = env.payload
-        p.playbook = payload.get("playbook")
-        p.workload = payload.get("workload") or {}
+        # Anyone can publish this event: a playbook reference or workload that is not an object is
+        # folded as absent (the orchestrator fails such an execution; the WAL keeps what was sent).
+        playbook, workload = payload.get("playbook"), payload.get("workload")
+        p.playbook = playbook if isinstance(playbook, dict) else None
+        p.workload = workload if isinstance(workload, dict) else {}
     elif kind == "execution.cancel_requested":
         p.cancel_requested = True
     if kind in _STEP_STATUS and env.step is not None:

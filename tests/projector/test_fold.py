@@ -44,6 +44,19 @@ def test_execution_requested_sets_playbook_and_workload() -> None:
 
 
 @pytest.mark.parametrize(
+    ("playbook", "workload"), [("demo/x", [1, 2]), (7, "w"), (["demo/x"], None), (None, 3)]
+)
+def test_a_requested_execution_with_non_object_playbook_or_workload_folds_them_as_absent(
+    playbook: Any, workload: Any
+) -> None:
+    # Anyone can publish execution.requested: a projection that cannot be decoded again would block
+    # every later event of the execution.
+    p = run(ev("execution.requested", 1, playbook=playbook, workload=workload), ev("user.note", 2))
+    assert p.playbook is None and p.workload == {} and p.event_count == 2
+    assert decode_projection(canonical(p)) == p
+
+
+@pytest.mark.parametrize(
     ("kind", "status"),
     [
         ("execution.started", "RUNNING"),
