@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import pyarrow as pa
-import pyarrow.ipc
 import structlog
 from nats.js import JetStreamContext
 
@@ -39,6 +38,7 @@ from kernel.worker import Reported
 from locator.envelope import DEFAULT_PAYLOAD_CAP, new_event
 from locator.topology import Topology
 from system_playbooks.orchestrate.playbook import WasmTool
+from system_playbooks.wasm_sdk.framing import from_stream, to_stream
 
 if TYPE_CHECKING:
     from system_playbooks.orchestrate.tools import ToolContext
@@ -125,13 +125,6 @@ def args_table(args: dict[str, Any], metadata: dict[str, str] | None = None) -> 
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
-
-
 class WasmTools:
     """Runs ``tool: wasm`` steps for a data worker: registry look-up (hot reload), call, intents, result."""
 
@@ -154,7 +147,7 @@ class WasmTools:
         )  # fmt: skip
         metadata = {"noetl.execution_id": ctx.execution_id, "noetl.step": ctx.step, "noetl.attempt": str(ctx.attempt),
                     "noetl.iteration": "" if ctx.iteration is None else str(ctx.iteration)}  # fmt: skip
-        data = _ipc(args_table(tool.args, metadata))
+        data = to_stream(args_table(tool.args, metadata))
         try:
             done = await asyncio.to_thread(self.host.invoke, module, data, grants=grants)
         except WasmError as e:
@@ -168,7 +161,7 @@ class WasmTools:
         result: Any = None
         if done.output:
             try:
-                table = pa.ipc.open_stream(done.output).read_all()
+                table = from_stream(done.output)
             except (pa.ArrowInvalid, OSError) as e:
                 raise ToolError("wasm_abi", f"plug-in {record.path} v{record.version}: output is not an Arrow IPC stream: {e}") from e
             result = table.to_pylist() if table.nbytes <= DEFAULT_PAYLOAD_CAP else table
