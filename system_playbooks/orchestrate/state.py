@@ -68,7 +68,8 @@ class ExecState(msgspec.Struct, kw_only=True):
     project: str
     affinity: str = ""
     requested: bool = False
-    playbook_ref: dict[str, Any] | None = None  # as requested: {"path", "version"?}
+    # As requested (None: the execution names no playbook). Anything but {"path", "version"?} fails it.
+    playbook_ref: Any = None
     pinned: dict[str, Any] | None = None  # from execution.started: {"path", "version"}
     workload: dict[str, Any] = msgspec.field(default_factory=dict)
     status: str = "PENDING"  # RUNNING, COMPLETED, FAILED, CANCELLED
@@ -128,8 +129,7 @@ def _apply(state: ExecState, env: Envelope) -> None:
     kind, payload = env.type, env.payload
     if kind == "execution.requested":
         state.requested = True
-        ref = payload.get("playbook")
-        state.playbook_ref = ref if isinstance(ref, dict) else None
+        state.playbook_ref = payload.get("playbook")
         workload = payload.get("workload")
         state.workload = workload if isinstance(workload, dict) else {}
         return
