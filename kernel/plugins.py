@@ -162,7 +162,7 @@ async def find_record(kv: KeyValue, owner: str, path: str, version: int | None =
 class PluginRegistry:
     """Register, list and load WASM plug-ins; ``load`` keeps compiled modules by (owner, path, version, digest).
 
-    >>> async def demo(js: JetStreamContext, wasm: bytes) -> None:  # doctest: +SKIP
+    >>> async def demo(js: JetStreamContext, wasm: bytes) -> None:
     ...     registry = PluginRegistry(js, WasmHost())
     ...     record, created = await registry.register("acme/web", "tools/score", wasm)
     ...     record, module = await registry.load("acme/web", "tools/score")

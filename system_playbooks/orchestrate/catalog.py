@@ -116,7 +116,7 @@ def latest_key(tenant: str, project: str, path: str) -> str:
 class Catalog:
     """Register and read playbooks in a KV bucket (``catalog``).
 
-    >>> async def demo(kv: KeyValue) -> None:  # doctest: +SKIP
+    >>> async def demo(kv: KeyValue) -> None:
     ...     catalog = Catalog(kv)
     ...     pb = await catalog.register("acme", "web", "path: demo/x\\nversion: 1\\nsteps: [{name: a, tool: {kind: noop}}]",
     ...                                 policy=Policy())
