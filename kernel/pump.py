@@ -257,27 +257,35 @@ class Pump:
         return self._size(last + 1, self.stats.lag), None
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub = await self._subscribe()
+        """Pump until ``stop``; never gives up on its own (a pump that died would leave its shard leased but unfolded)."""
+        sub: JetStreamContext.PullSubscription | None = None
         self.log.info("pump.started")
         size = min(100, self.max_batch)
+        redo: int | None = None
         try:
             while not stop.is_set():
                 try:
+                    if sub is None:
+                        sub = await self._subscribe(redo)
+                        redo = None
                     size, redo = await self.run_once(sub, size)
                     if redo is not None:
-                        await sub.unsubscribe()
-                        sub = await self._subscribe(redo)
+                        old, sub = sub, None
+                        await old.unsubscribe()
                 except (nats.errors.Error, asyncio.TimeoutError, ConnectionError) as e:
-                    # NATS is briefly away: nothing past the last ack was acked; resume from there.
+                    # NATS is briefly away, or a clustered consumer is not ready yet (its create or delete
+                    # timed out): nothing past the last ack was acked, so resubscribe from there.
                     self.log.warning("pump.nats_error", error=repr(e))
+                    sub = None
                     await asyncio.sleep(0.5)
-                    try:
-                        sub = await self._subscribe()
-                    except (nats.errors.Error, asyncio.TimeoutError, ConnectionError):
-                        pass
+                except Exception as e:  # e.g. a dead letter that could not be stored: try again, never die
+                    self.log.error("pump.error", error=repr(e))
+                    sub = None
+                    await asyncio.sleep(2.0)
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection may already be gone
-                pass
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection may already be gone
+                    pass
             self.log.info("pump.stopped")

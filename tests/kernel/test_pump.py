@@ -12,6 +12,7 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
+from kernel.bootstrap import bootstrap
 from kernel.host import ShardContext, context_for, system_manifests
 from kernel.producer import Producer
 from kernel.pump import DLQ_REASON, DLQ_SEQ, DLQ_STREAM, Pump
@@ -241,3 +242,29 @@ async def test_an_execution_id_reused_by_another_tenant_is_dead_lettered(
     msg = await js.get_msg(f"DLQ_{SHARD}", 1)
     assert msg.subject == f"dlq.{SHARD}.execution_id_conflict" and msg.headers is not None
     assert msg.headers[DLQ_SEQ] == str(intruder.seq) and "acme/web" in msg.headers[DLQ_REASON]
+
+
+async def test_a_pump_whose_consumer_cannot_be_created_yet_keeps_trying_and_then_folds(
+    nc: nats.NATS, topology: Topology, tmp_path: Path
+) -> None:
+    # A clustered consumer whose create times out, or a stream not bootstrapped yet: the pump must not
+    # die (its shard would stay leased and never fold); it retries until it can subscribe.
+    js = nc.jetstream()
+    await bootstrap(js, topology)
+    cache = await KvProjectionCache.open(js, SHARD)
+    await js.delete_stream(f"WAL_{SHARD}")  # the projection bucket is there, the WAL stream is not
+    stop = asyncio.Event()
+    task = asyncio.create_task(project_pump(js, cache, tmp_path).run(stop))
+    try:
+        await asyncio.sleep(1.5)  # several failed subscribes
+        assert not task.done(), task
+        await bootstrap(js, topology)  # the stream is back
+        await Producer(js, topology).publish(ev("9", "execution.started"))
+        deadline = asyncio.get_running_loop().time() + 30
+        while (entry := await cache.get("9")) is None or entry.last_seq < 1:
+            assert not task.done(), task
+            assert asyncio.get_running_loop().time() < deadline, "the pump never folded after the stream came back"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
