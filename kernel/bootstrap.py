@@ -3,6 +3,10 @@
 Every asset is checked first; if any existing one differs from what the
 topology asks for, nothing is created or changed and the differences are
 reported together (:class:`~kernel.errors.BootstrapMismatch`).
+
+With several cells (a supercluster) every asset is created in its cell
+(:mod:`kernel.placement`), so one bootstrap through any cell's connection lays
+out the whole supercluster, and an asset found in another cell is a mismatch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from kernel.errors import BootstrapMismatch, ConfigError, TopologyMismatch
+from kernel.placement import placed, placement_cell
 from locator import subjects as sub
 from locator.topology import Topology
 
@@ -78,6 +83,7 @@ class _Asset:
     stream: str  # the JetStream stream behind the asset (KV_x / OBJ_x for buckets)
     expected: dict[str, Any]
     create: Callable[[JetStreamContext], Awaitable[object]]
+    cell: str | None = None  # the cluster it must live in (several cells), else anywhere
 
 
 def _norm(value: Any) -> Any:
@@ -92,7 +98,7 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def _stream_asset(config: StreamConfig) -> _Asset:
+def _stream_asset(config: StreamConfig, cell: str | None) -> _Asset:
     expected = {
         "subjects": config.subjects,
         "retention": config.retention,
@@ -107,10 +113,10 @@ def _stream_asset(config: StreamConfig) -> _Asset:
         return await js.add_stream(config)
 
     assert config.name is not None
-    return _Asset(config.name, expected, create)
+    return _Asset(config.name, expected, create, cell)
 
 
-def _kv_asset(config: KeyValueConfig) -> _Asset:
+def _kv_asset(config: KeyValueConfig, cell: str | None) -> _Asset:
     expected = {
         "max_msgs_per_subject": config.history,
         "max_age": config.ttl or 0,
@@ -121,20 +127,22 @@ def _kv_asset(config: KeyValueConfig) -> _Asset:
     async def create(js: JetStreamContext) -> object:
         return await js.create_key_value(config)
 
-    return _Asset(f"KV_{config.bucket}", expected, create)
+    return _Asset(f"KV_{config.bucket}", expected, create, cell)
 
 
-def _obj_asset(bucket: str, config: ObjectStoreConfig) -> _Asset:
+def _obj_asset(bucket: str, config: ObjectStoreConfig, cell: str | None) -> _Asset:
     expected = {"storage": config.storage, "num_replicas": config.replicas}
 
     async def create(js: JetStreamContext) -> object:
         # nats-py overwrites config.bucket with the bucket argument.
         return await js.create_object_store(bucket=bucket, config=config)
 
-    return _Asset(f"OBJ_{bucket}", expected, create)
+    return _Asset(f"OBJ_{bucket}", expected, create, cell)
 
 
-def shard_assets(shard: int, *, shard_count: int, replicas: int, settings: StreamSettings) -> list[_Asset]:
+def shard_assets(
+    shard: int, *, shard_count: int, replicas: int, settings: StreamSettings, cell: str | None = None
+) -> list[_Asset]:
     common: dict[str, Any] = {
         "storage": StorageType.FILE,
         "num_replicas": replicas,
@@ -151,7 +159,8 @@ def shard_assets(shard: int, *, shard_count: int, replicas: int, settings: Strea
                 max_msg_size=settings.max_msg_size,
                 metadata={SHARD_COUNT_KEY: str(shard_count)},
                 **common,
-            )
+            ),
+            cell,
         ),
         _stream_asset(
             StreamConfig(
@@ -161,7 +170,8 @@ def shard_assets(shard: int, *, shard_count: int, replicas: int, settings: Strea
                 retention=RetentionPolicy.WORK_QUEUE,
                 max_msg_size=settings.max_msg_size,
                 **common,
-            )
+            ),
+            cell,
         ),
         _stream_asset(
             StreamConfig(
@@ -173,20 +183,24 @@ def shard_assets(shard: int, *, shard_count: int, replicas: int, settings: Strea
                 # message at the WAL's size limit plus its reason headers is never refused.
                 max_msg_size=-1,
                 **common,
-            )
+            ),
+            cell,
         ),
         _kv_asset(
             KeyValueConfig(
                 # Direct get: reads skip the JetStream API round trip's JSON/base64 (the edge's warm path).
                 bucket=sub.proj_bucket(shard), history=1, storage=StorageType.FILE, replicas=replicas, direct=True
-            )
+            ),
+            cell,
         ),
     ]
 
 
-def global_assets(*, replicas: int, settings: StreamSettings) -> list[_Asset]:
+def global_assets(*, replicas: int, settings: StreamSettings, cell: str | None = None) -> list[_Asset]:
     return [
-        _kv_asset(KeyValueConfig(bucket=sub.CATALOG_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas)),
+        _kv_asset(
+            KeyValueConfig(bucket=sub.CATALOG_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas), cell
+        ),
         _kv_asset(
             KeyValueConfig(
                 bucket=sub.LEASES_BUCKET,
@@ -194,9 +208,10 @@ def global_assets(*, replicas: int, settings: StreamSettings) -> list[_Asset]:
                 ttl=settings.lease_ttl_s,
                 storage=StorageType.FILE,
                 replicas=replicas,
-            )
+            ),
+            cell,
         ),
-        _obj_asset(sub.PLUGINS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)),
+        _obj_asset(sub.PLUGINS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas), cell),
     ]
 
 
@@ -210,10 +225,11 @@ async def bootstrap(
     """Create what is missing for ``shards`` (default: all) plus the global buckets; change nothing that exists."""
     settings = settings or StreamSettings()
     wanted = list(range(topology.shard_count)) if shards is None else sorted(set(shards))
-    assets = global_assets(replicas=topology.replicas, settings=settings)
+    assets = global_assets(replicas=topology.replicas, settings=settings, cell=placement_cell(topology, None))
     for shard in wanted:
         assets += shard_assets(
-            shard, shard_count=topology.shard_count, replicas=topology.replicas, settings=settings
+            shard, shard_count=topology.shard_count, replicas=topology.replicas, settings=settings,
+            cell=placement_cell(topology, shard),
         )
 
     report = BootstrapReport()
@@ -230,10 +246,14 @@ async def bootstrap(
             if _norm(have) != _norm(want):
                 hint = f" (change it explicitly: `noetl-edge cluster replicas {want}`)" if name == "num_replicas" else ""
                 problems.append(f"{asset.stream}.{name} is {_norm(have)!r}, topology wants {_norm(want)!r}{hint}")
+        where = info.cluster.name if info.cluster else None
+        if asset.cell is not None and where != asset.cell:
+            # JetStream does not move a stream between clusters on an update; that is a migration, not a bootstrap.
+            problems.append(f"{asset.stream} lives in cluster {where!r}, topology places it in cell {asset.cell!r}")
     if problems:
         raise BootstrapMismatch(problems)
     for asset in missing:
-        await asset.create(js)
+        await asset.create(placed(js, asset.cell))
         report.created.append(asset.stream)
         log.info("bootstrap.created", stream=asset.stream)
     report.unchanged = [a.stream for a in assets if a not in missing]

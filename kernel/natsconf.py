@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
+from kernel.errors import ConfigError
 from locator.subjects import ingest_mappings
 from locator.topology import Cell, Topology, default_topology, make_topology
 
@@ -164,6 +165,36 @@ def render_cluster_configs(
     }
 
 
+def render_supercluster_configs(
+    *,
+    topology: Topology,
+    cells: Mapping[str, Sequence[NodeSpec]],
+    max_payload: int = 1024 * 1024,
+    sync_interval: str | None = None,
+) -> dict[str, dict[str, str]]:
+    """Cell -> node name -> config: each cell a cluster named after the cell, all cells joined by gateways.
+
+    The gateway (and cluster) name of a cell is the cell's name, which is what
+    bootstrap places a shard's streams by. Every node needs a ``gateway_port``.
+
+    >>> nodes = {c: [NodeSpec(name=f"{c}-1", host=f"{c}-1", gateway_port=7222)] for c in ("east", "west")}
+    >>> confs = render_supercluster_configs(topology=supercluster_topology(), cells=nodes)
+    >>> '{name: "west", urls: ["nats://west-1:7222"]}' in confs["east"]["east-1"]
+    True
+    """
+    missing = [n.name for ns in cells.values() for n in ns if n.gateway_port is None]
+    if missing:
+        raise ConfigError(f"nodes without a gateway_port cannot join a supercluster: {missing}")
+    gateways = {cell: [n.gateway_url for n in nodes] for cell, nodes in cells.items()}
+    return {
+        cell: render_cluster_configs(
+            topology=topology, cluster_name=cell, nodes=nodes, max_payload=max_payload,
+            sync_interval=sync_interval, gateways=gateways,
+        )
+        for cell, nodes in cells.items()
+    }
+
+
 COMPOSE_CLUSTER = "noetl"
 COMPOSE_NODES = tuple(NodeSpec(name=f"nats-{i}", host=f"nats-{i}") for i in (1, 2, 3))
 SUPERCLUSTER_CELLS: Mapping[str, tuple[int, ...]] = {"east": (0, 1), "west": (2, 3)}
@@ -200,11 +231,9 @@ def committed_configs() -> dict[str, str]:
     ).items():
         files[f"cluster/{name}.conf"] = text
     sc = supercluster_topology()
-    gateways = {cell: [n.gateway_url for n in supercluster_nodes(cell)] for cell in SUPERCLUSTER_CELLS}
-    for cell in SUPERCLUSTER_CELLS:
-        for name, text in render_cluster_configs(
-            topology=sc, cluster_name=cell, nodes=supercluster_nodes(cell), gateways=gateways
-        ).items():
+    nodes = {cell: supercluster_nodes(cell) for cell in SUPERCLUSTER_CELLS}
+    for confs in render_supercluster_configs(topology=sc, cells=nodes).values():
+        for name, text in confs.items():
             files[f"supercluster/{name}.conf"] = text
     cells = [{"name": c.name, "urls": list(c.urls), "shards": list(c.shards)} for c in sc.cells]
     files["supercluster/topology.yaml"] = (
