@@ -65,6 +65,10 @@ class Kernel:
         every = {m.consumer for m in system_manifests()}
         mine = {m.consumer for m in self.manifests}
         self.lease_group = "" if mine == every else "-".join(sorted(mine))
+        if len(topology.cells) > 1:
+            # The leases bucket is global: without the cell, kernels of every cell would count as members
+            # sharing this cell's shards, and each would hold only its share of a share.
+            self.lease_group = "-".join(g for g in (self.cell.name, self.lease_group) if g)
         self.plugins: dict[str, Plugin] = {m.path: load_plugin(m) for m in self.manifests}
         self.running: dict[tuple[int, str], _Running] = {}
         self.timers: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
