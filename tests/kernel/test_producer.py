@@ -69,6 +69,40 @@ async def test_server_limit_refusal_is_an_error_not_an_ack(nc: Any, topology: To
     assert sum(await count_wal(js, 4)) == 0
 
 
+async def test_send_then_confirm_keeps_order_and_dedupes(js: JetStreamContext, topology: Topology, read_stream: Any) -> None:
+    # send() queues without waiting: an event published after it still lands after it in the WAL.
+    producer = Producer(js, topology)
+    claim, outcome = event(1, type="command.claimed", step="a"), event(1, type="step.exit", step="a")
+    sent = await producer.send(claim)
+    after = await producer.publish(outcome)
+    first = await producer.confirm(sent)
+    assert first.seq < after.seq and not first.duplicate
+    again = await producer.confirm(await producer.send(claim))
+    assert again.duplicate and again.seq == first.seq
+    stored = await read_stream(js, first.stream)
+    assert [msg_id for _, _, msg_id, _ in stored] == [claim.event_id, outcome.event_id]
+
+
+async def test_confirm_reports_a_refusal_or_a_missing_stream_as_an_error(
+    nc: Any, topology: Topology, count_wal: Any
+) -> None:
+    js = nc.jetstream()
+    await bootstrap(js, topology, settings=StreamSettings(max_msg_size=1024))
+    producer = Producer(js, topology, ack_timeout=1.0, retries=1, retry_backoff=0.05)
+    with pytest.raises(PublishError, match="server refused"):
+        await producer.confirm(await producer.send(event(payload={"blob": "x" * 2000})))
+    # A client topology with more shards than the server has: acme/web is shard 7 of 8, and no stream answers.
+    wide = default_topology(shard_count=8)
+    assert shard_for("acme", "web", "", 8) == 7
+    with pytest.raises(PublishError, match="no stream answered"):
+        await Producer(js, wide, ack_timeout=1.0, retries=1, retry_backoff=0.05).confirm(
+            await Producer(js, wide).send(event())
+        )
+    with pytest.raises(EnvelopeError):
+        await producer.send(msgspec.structs.replace(event(), tenant="Not.Valid"))
+    assert sum(await count_wal(js, 4)) == 0
+
+
 async def test_batch_of_10000_all_acked_and_present(js: JetStreamContext, topology: Topology, count_wal: Any) -> None:
     events = [event(i, execution_id=str(10_000 + i % 200)) for i in range(10_000)]
     progress: list[int] = []
