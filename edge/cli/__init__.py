@@ -7,14 +7,13 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from edge.cli.output import EXIT_RUNTIME, EXIT_USAGE
 from edge.cli.options import UsageError
 from edge.cli.parsers import build_parser
 from kernel.errors import ConfigError, KernelError
 from locator.errors import LocatorError
 
 __all__ = ["build_parser", "main"]
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import msgspec
 from nats.js.errors import BucketNotFoundError
 
+from edge.cli.output import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, fail, print_json
 from edge.cli.options import connect_urls, resolve_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
@@ -20,18 +20,6 @@ from locator.names import check_name
 from locator.subjects import CATALOG_BUCKET
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError, PlaybookNotFound, VersionConflict, policy_from_env
 from system_playbooks.orchestrate.playbook import PlaybookError, Policy, load_playbook
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
-
-
-def _print(obj: object) -> None:
-    sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"noetl-edge: error: {message}", file=sys.stderr)
-    return code
-
 
 def _policy(args: argparse.Namespace) -> Policy:
     env = policy_from_env(os.environ)
@@ -59,17 +47,17 @@ def _register(args: argparse.Namespace) -> int:
     try:
         load_playbook(Path(args.file), policy=policy)  # before connecting: a bad file never touches NATS
     except PlaybookError as e:
-        return _fail(f"{args.file}: {e}", EXIT_USAGE)
+        return fail(f"{args.file}: {e}", EXIT_USAGE)
 
     async def work(catalog: Catalog) -> int:
         try:
             done = await catalog.add(args.tenant, args.project, Path(args.file), policy=policy)
         except VersionConflict as e:
-            return _fail(str(e), EXIT_RUNTIME)
+            return fail(str(e), EXIT_RUNTIME)
         except PlaybookError as e:  # a wasm step names a plug-in the project has not registered: nothing written
-            return _fail(f"{args.file}: {e}", EXIT_USAGE)
+            return fail(f"{args.file}: {e}", EXIT_USAGE)
         pb = done.playbook
-        _print({"tenant": args.tenant, "project": args.project, "path": pb.path, "version": pb.version, "created": done.created})
+        print_json({"tenant": args.tenant, "project": args.project, "path": pb.path, "version": pb.version, "created": done.created})
         return EXIT_OK
 
     return asyncio.run(_with_catalog(args, work))
@@ -78,7 +66,7 @@ def _register(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     async def work(catalog: Catalog) -> int:
         found = await catalog.list(args.tenant, args.project)
-        _print({"playbooks": [{"path": path, "version": version} for path, version in found]})
+        print_json({"playbooks": [{"path": path, "version": version} for path, version in found]})
         return EXIT_OK
 
     return asyncio.run(_with_catalog(args, work))
@@ -86,17 +74,17 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     if args.version is not None and args.version < 1:
-        return _fail(f"--version must be at least 1, got {args.version}", EXIT_USAGE)
+        return fail(f"--version must be at least 1, got {args.version}", EXIT_USAGE)
 
     async def work(catalog: Catalog) -> int:
         try:
             pb = await catalog.get(args.tenant, args.project, args.path, args.version)
         except PlaybookNotFound as e:
-            return _fail(str(e), EXIT_RUNTIME)
+            return fail(str(e), EXIT_RUNTIME)
         except CatalogError as e:
-            return _fail(str(e), EXIT_USAGE)
+            return fail(str(e), EXIT_USAGE)
         out: dict[str, Any] = {"path": pb.path, "version": pb.version, "playbook": msgspec.to_builtins(pb)}
-        _print(out)
+        print_json(out)
         return EXIT_OK
 
     return asyncio.run(_with_catalog(args, work))

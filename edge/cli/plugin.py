@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 
+from edge.cli.output import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, fail, print_json
 from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.connect import close, connect
 from kernel.plugins import (
@@ -21,18 +22,6 @@ from kernel.plugins import (
 )
 from kernel.toolchain import BuildError, build
 from kernel.wasm import WasmError, WasmHost
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
-
-
-def _print(obj: object) -> None:
-    sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"noetl-edge: error: {message}", file=sys.stderr)
-    return code
-
 
 def _owner(args: argparse.Namespace) -> str:
     if args.system == bool(args.tenant or args.project) or (not args.system and not (args.tenant and args.project)):
@@ -61,9 +50,9 @@ def _build(args: argparse.Namespace) -> int:
     except BuildError as e:
         if e.output:
             print(e.output, file=sys.stderr)
-        return _fail(str(e), EXIT_USAGE)
+        return fail(str(e), EXIT_USAGE)
     data = out.read_bytes()
-    _print({"wasm": str(out), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    print_json({"wasm": str(out), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     return EXIT_OK
 
 
@@ -78,8 +67,8 @@ def _register(args: argparse.Namespace) -> int:
         try:
             record, created = await registry.register(owner, args.path, wasm)
         except (PluginRegistryError, WasmError) as e:
-            return _fail(str(e), EXIT_USAGE)
-        _print({**msgspec.to_builtins(record), "created": created})
+            return fail(str(e), EXIT_USAGE)
+        print_json({**msgspec.to_builtins(record), "created": created})
         return EXIT_OK
 
     return asyncio.run(_with_registry(args, work))
@@ -89,7 +78,7 @@ def _list(args: argparse.Namespace) -> int:
     owner = _owner(args)
 
     async def work(registry: PluginRegistry) -> int:
-        _print({"plugins": msgspec.to_builtins(await registry.list(owner))})
+        print_json({"plugins": msgspec.to_builtins(await registry.list(owner))})
         return EXIT_OK
 
     return asyncio.run(_with_registry(args, work))
@@ -104,11 +93,11 @@ def _show(args: argparse.Namespace) -> int:
         try:
             record = await registry.record(owner, args.path, args.version)
         except PluginNotFound as e:
-            return _fail(str(e), EXIT_RUNTIME)
+            return fail(str(e), EXIT_RUNTIME)
         except PluginRegistryError as e:
-            return _fail(str(e), EXIT_USAGE)
+            return fail(str(e), EXIT_USAGE)
         active = await registry.record(owner, args.path)
-        _print({**msgspec.to_builtins(record), "active": record.version == active.version})
+        print_json({**msgspec.to_builtins(record), "active": record.version == active.version})
         return EXIT_OK
 
     return asyncio.run(_with_registry(args, work))

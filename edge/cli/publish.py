@@ -9,10 +9,10 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from edge.cli.output import print_json
 from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
@@ -73,10 +73,6 @@ def _read_lines(path: str) -> Iterator[tuple[int, str]]:
             stream.close()
 
 
-def _print(obj: object) -> None:
-    sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
-
-
 async def _publish_one(args: argparse.Namespace, topology: Topology, env: Envelope) -> int:
     encode_envelope(env, payload_cap=args.payload_cap)  # over the cap: fail before connecting
     nc = await connect(connect_urls(args, topology), name="noetl-publish")
@@ -85,7 +81,7 @@ async def _publish_one(args: argparse.Namespace, topology: Topology, env: Envelo
         ack = await Producer(nc.jetstream(), topology, payload_cap=args.payload_cap).publish(env)
     finally:
         await close(nc)
-    _print(ack)
+    print_json(ack)
     return 0
 
 
@@ -116,7 +112,7 @@ async def _publish_file(args: argparse.Namespace, topology: Topology, events: li
                             err.print(f"line {line}: not written: {result.error}", markup=False, highlight=False)
     finally:
         await close(nc)
-    _print({"events": len(events) + rejected, "acked": acked, "duplicate": duplicate, "rejected": rejected + failed})
+    print_json({"events": len(events) + rejected, "acked": acked, "duplicate": duplicate, "rejected": rejected + failed})
     if failed:
         return 1
     return 2 if rejected else 0

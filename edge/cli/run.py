@@ -24,6 +24,7 @@ import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError
 
+from edge.cli.output import EXIT_OK, EXIT_RUNTIME
 from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
@@ -39,7 +40,6 @@ from projector.projection import canonical
 from system_playbooks.orchestrate.catalog import Catalog, VersionConflict, policy_from_env
 from system_playbooks.orchestrate.playbook import PlaybookError, load_playbook
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 TERMINAL_EVENTS = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
 
 
