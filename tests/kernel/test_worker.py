@@ -9,9 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from projector.fold import WalEvent, fold
 from projector.results import ResultStore, parse_result_ref
 from system_playbooks.orchestrate.playbook import Policy
 from system_playbooks.orchestrate.tools import ToolRunner
+from tests.http_servers import serving
 
 REPO = Path(__file__).resolve().parents[2]
 TENANT, PROJECT = "acme", "web"
@@ -202,16 +202,8 @@ class _Json(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Json)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(_Json) as url:
+        yield url
 
 
 async def test_http_steps(

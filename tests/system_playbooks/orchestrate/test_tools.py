@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,13 @@ import pytest
 from locator.command import Command, command_id
 from system_playbooks.orchestrate.errors import OrchestrateError
 from system_playbooks.orchestrate.playbook import Policy
-from system_playbooks.orchestrate.tools import ToolContext, ToolError, ToolRunner, run_tool
+from system_playbooks.orchestrate.tools import (
+    ToolContext,
+    ToolError,
+    ToolRunner,
+    run_tool,
+)
+from tests.http_servers import serving
 
 EXAMPLES = Policy(python_allow=("examples.tools.",))
 
@@ -230,16 +235,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(_Handler) as url:
+        yield url
 
 
 LOCAL = Policy(http_hosts=("127.0.0.1",))
