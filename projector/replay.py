@@ -7,7 +7,7 @@ filter and a start sequence) and refuses to read more than ``limit`` events.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -23,6 +23,7 @@ from projector.projection import Projection, decode_projection
 from projector.snapshots import SnapshotStore
 
 DEFAULT_LIMIT = 100_000
+PROGRESS_EVERY = 1000
 
 
 async def history(
@@ -37,8 +38,13 @@ async def history(
     limit: int = DEFAULT_LIMIT,
     until_seq: int | None = None,
     idle_timeout: float = 5.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> AsyncGenerator[WalEvent, None]:
-    """The execution's events after ``after_seq`` in WAL order, poison skipped (as the pump skips it)."""
+    """The execution's events after ``after_seq`` in WAL order, poison skipped (as the pump skips it).
+
+    ``progress(read, total)`` is called on the first message, every :data:`PROGRESS_EVERY` messages and
+    on the last; ``total`` is how many messages of the execution the WAL held when reading began.
+    """
     stream = wal_stream(shard)
     subject = execution_filter(shard, tenant, project, execution_id)
     try:
@@ -51,7 +57,7 @@ async def history(
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first.seq)
     sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, inactive_threshold=30.0)
     try:
-        read = 0
+        read = total = 0
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
@@ -62,11 +68,15 @@ async def history(
             if until_seq is not None and seq > until_seq:
                 return
             read += 1
-            if read == 1 and meta.num_pending + 1 > limit:
-                raise ReplayLimitExceeded(
-                    f"replaying execution {execution_id} would read {meta.num_pending + 1} events, over the "
-                    f"limit of {limit}; materialize a snapshot first or raise the limit"
-                )
+            if read == 1:
+                total = meta.num_pending + 1
+                if total > limit:
+                    raise ReplayLimitExceeded(
+                        f"replaying execution {execution_id} would read {total} events, over the "
+                        f"limit of {limit}; materialize a snapshot first or raise the limit"
+                    )
+            if progress is not None and (read == 1 or read % PROGRESS_EVERY == 0 or meta.num_pending == 0):
+                progress(read, max(total, read))
             try:
                 env = decode_wal_message(msg.subject, msg.data or b"", shard_count=shard_count)
             except EnvelopeError:

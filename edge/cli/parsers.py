@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _cluster):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -305,6 +305,71 @@ def _result(sub: Subparsers) -> None:
                    help=f"where file:// objects live (env NOETL_DATA_DIR; default {default_data_dir()})")
     _execution_options(p)
     p.set_defaults(run="edge.cli.result")
+
+
+def _replay(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="read an execution's history straight from its shard's WAL: timeline, state, diff, --check",
+        description="Read every event of one execution from its shard's WAL (the KV cache and snapshots are "
+        "not used, so it works with both wiped) and print a timeline: seq, time, time since the previous "
+        "event, type, step, attempt and a one-line summary. A bar shows progress on long histories. "
+        "--check re-drives system/orchestrate's planner over the history and exits 3 at the first event "
+        "where the playbook would decide differently. Exit codes: 0 ok, 1 runtime failure, 2 usage or "
+        "unknown execution, 3 --check found a divergence.",
+    )
+    p.add_argument("target", metavar="URN|EXECUTION_ID",
+                   help="noetl://<tenant>/<project>/executions/<id>[?affinity=A], or an id with --tenant and --project")
+    p.add_argument("--tenant", default=None, help="with an EXECUTION_ID: its tenant")
+    p.add_argument("--project", default=None, help="with an EXECUTION_ID: its project")
+    p.add_argument("--affinity", default=None, help="with an EXECUTION_ID: the affinity it was started with (default none)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--until-seq", type=int, default=None, metavar="N", help="stop after WAL sequence N")
+    stop.add_argument("--as-of", default=None, metavar="TIME",
+                      help="stop after the last event stamped at or before TIME (ISO 8601, e.g. 2026-11-22T08:00:00Z)")
+    p.add_argument("--step", default=None, metavar="NAME", help="show only the events of step NAME (the state still folds all)")
+    p.add_argument("--state", nargs="?", const="end", choices=["end", "each"], default=None,
+                   help="the projection at the end (default), or after each event: 'each' (in a table, what changed)")
+    p.add_argument("--diff", nargs=2, type=int, default=None, metavar=("A", "B"),
+                   help="what changed in the projection from seq A to seq B")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    out.add_argument("--jsonl", action="store_true", help="one JSON object per event (then the state, if asked)")
+    p.add_argument("--export", default=None, metavar="FILE.feather",
+                   help="also write the history as an Arrow table (seq, ts, type, step, attempt, payload JSON, result_ref)")
+    p.add_argument("--follow", action="store_true", help="after the history, keep printing new events until Ctrl-C")
+    p.add_argument("--check", action="store_true",
+                   help="re-drive the orchestrator's decisions with the playbook version the execution ran; exit 3 on divergence")
+    p.add_argument("--against-version", type=int, default=None, metavar="N",
+                   help="with --check: use version N of the playbook instead")
+    p.add_argument("--limit", type=int, default=1_000_000, metavar="N",
+                   help="refuse histories longer than N events (default 1000000)")
+    add_topology_options(p)
+    p.set_defaults(run="edge.cli.replay")
+
+
+def _events(sub: Subparsers) -> None:
+    p = sub.add_parser("events", help="live events: `events tail` prints a shard's or a tenant's new events",
+                       description="Watch the WAL live.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tail = actions.add_parser(
+        "tail",
+        help="print new WAL events as they are stored, filtered by tenant, project, shard and type",
+        description="Follow every shard's WAL (or --shard's) from now on (or from --since-seq) and print one "
+        "line per event: shard, seq, time, tenant/project, execution, type, step, attempt and a summary; "
+        "--jsonl prints each event as JSON. Runs until Ctrl-C.",
+    )
+    tail.add_argument("--tenant", default=None, help="only this tenant's events")
+    tail.add_argument("--project", default=None, help="only this project's events (needs --tenant)")
+    tail.add_argument("--type", default=None, metavar="GLOB", help="only event types matching GLOB, e.g. 'step.*' or 'user.*'")
+    tail.add_argument("--shard", type=int, default=None, metavar="N", help="only shard N")
+    tail.add_argument("--since-seq", type=int, default=None, metavar="SEQ",
+                      help="start at WAL sequence SEQ (with --shard) instead of new events only")
+    tail.add_argument("--jsonl", action="store_true", help="one JSON object per event")
+    tail.add_argument("--count", type=int, default=None, metavar="N", help="stop after N events")
+    add_topology_options(tail)
+    add_log_options(tail)
+    p.set_defaults(run="edge.cli.events")
 
 
 def _cluster(sub: Subparsers) -> None:
