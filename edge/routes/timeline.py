@@ -1,0 +1,133 @@
+"""``GET …/executions/{id}/timeline``: the execution's history as timeline rows, paged.
+
+The edge twin of ``noetl-edge replay --json``: the rows are
+:class:`projector.timeline.TimelineRow`, built by :func:`projector.timeline.timeline`
+from the WAL history (``projector.replay.history``, poison skipped). ``dt_ms`` is
+always the time since the execution's previous event in WAL order, so a row has the
+same ``dt_ms`` on every page and under a ``step`` filter. Payloads are scrubbed
+before the one-line summary is made, so a summary cut short cannot show the start
+of a secret that the response scrub would no longer recognise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from opentelemetry import trace
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edge.errors import NotFound, Unavailable
+from edge.responses import json_response
+from edge.routes.executions import BASE, _exists, _int_param, _names
+from edge.state import state_of
+from kernel.scrub import scrub, scrub_text
+from locator.envelope import Envelope, EnvelopeError, decode_wal_message
+from locator.names import check_execution_id, check_step
+from locator.shard import shard_for
+from locator.subjects import wal_stream
+from projector.errors import ProjectorError
+from projector.fold import WalEvent
+from projector.replay import history
+from projector.timeline import TimelineRow, timeline
+
+tracer = trace.get_tracer("noetl.edge.read")
+UNBOUNDED = 2**62  # a page reads what it needs: the replay limit is for folds, not for pages
+
+
+@dataclass(frozen=True)
+class _Execution:
+    js: JetStreamContext
+    shard: int
+    shard_count: int
+    tenant: str
+    project: str
+    execution_id: str
+
+    def history(self, *, after_seq: int = 0, until_seq: int | None = None) -> AsyncGenerator[WalEvent, None]:
+        return history(
+            self.js, shard=self.shard, shard_count=self.shard_count, tenant=self.tenant, project=self.project,
+            execution_id=self.execution_id, after_seq=after_seq, until_seq=until_seq, limit=UNBOUNDED,
+        )
+
+    def owns(self, env: Envelope) -> bool:
+        return (env.tenant, env.project, env.execution_id) == (self.tenant, self.project, self.execution_id)
+
+
+def scrubbed(env: Envelope) -> Envelope:
+    """The envelope with its payload and ``result_ref`` scrubbed (what a row and its summary are built from)."""
+    ref = scrub_text(env.result_ref) if env.result_ref else env.result_ref
+    return msgspec.structs.replace(env, payload=scrub(env.payload), result_ref=ref)
+
+
+async def _ts_at_or_before(ex: _Execution, seq: int) -> str | None:
+    """The ``ts`` of the execution's last event with a WAL sequence ``<= seq`` (None if there is none).
+
+    One direct get when ``seq`` is the execution's own event (what ``next_after_seq`` always is);
+    otherwise the execution's history up to ``seq`` is read.
+    """
+    with contextlib.suppress(NotFoundError, EnvelopeError):
+        msg = await ex.js.get_msg(wal_stream(ex.shard), seq=seq)
+        env = decode_wal_message(msg.subject or "", msg.data or b"", shard_count=ex.shard_count)
+        if ex.owns(env):
+            return env.ts
+    last: str | None = None
+    events = ex.history(until_seq=seq)
+    async with contextlib.aclosing(events):
+        async for event in events:
+            last = event.env.ts
+    return last
+
+
+async def page(
+    ex: _Execution, *, after_seq: int, limit: int, until_seq: int | None, step: str | None
+) -> tuple[list[TimelineRow], int]:
+    """Up to ``limit`` rows (of ``step`` only, if given) after ``after_seq``, and how many events were read."""
+    rows: list[TimelineRow] = []
+    previous: str | None = None
+    read = 0
+    events = ex.history(after_seq=after_seq, until_seq=until_seq)
+    async with contextlib.aclosing(events):
+        async for seq, env in events:
+            if read == 0 and after_seq > 0:
+                previous = await _ts_at_or_before(ex, after_seq)
+            read += 1
+            if step is None or env.step == step:
+                rows.extend(timeline([WalEvent(seq, scrubbed(env))], previous_ts=previous))
+                if len(rows) >= limit:
+                    break
+            previous = env.ts  # decoded envelopes always carry an ISO 8601 ts with a zone
+    return rows, read
+
+
+async def get_timeline(request: Request) -> Response:
+    state = state_of(request)
+    tenant, project, affinity = _names(request)
+    execution_id = check_execution_id(request.path_params["execution_id"])
+    state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
+    after_seq = _int_param(request, "after_seq", default=0) or 0
+    limit = _int_param(request, "limit", default=100, low=1, high=1000) or 100
+    until_seq = _int_param(request, "until_seq", low=max(after_seq, 1))
+    raw_step = request.query_params.get("step")
+    step = None if raw_step is None else check_step(raw_step)
+    shard = shard_for(tenant, project, affinity, state.topology.shard_count)
+    ex = _Execution(await state.cells.js_for_shard(shard), shard, state.topology.shard_count, tenant, project, execution_id)
+    attributes: dict[str, str | int] = {"noetl.execution_id": execution_id, "noetl.shard": shard}
+    with tracer.start_as_current_span("edge.read.timeline", attributes=attributes) as span:
+        try:
+            rows, read = await page(ex, after_seq=after_seq, limit=limit, until_seq=until_seq, step=step)
+        except ProjectorError as e:  # the WAL stopped delivering mid-read
+            raise Unavailable(str(e), headers={"Retry-After": "2"}) from e
+        span.set_attribute("noetl.rows", len(rows))
+    if read == 0 and not await _exists(state, shard, tenant, project, execution_id):
+        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+    return json_response({"rows": rows, "next_after_seq": rows[-1].seq if len(rows) == limit else None})
+
+
+routes = [Route(BASE + "/{execution_id}/timeline", get_timeline, methods=["GET"])]
