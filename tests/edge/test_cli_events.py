@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
@@ -303,3 +304,26 @@ async def test_two_cells(nc: Any, nats_server: EmbeddedServer, tail: Any, tmp_pa
         await publish(nc.jetstream(), two, project, "user.note")
     assert t.finish() == 0, t.err
     assert sorted(fields(line)[3] for line in t.out) == sorted(f"{TENANT}/{p}" for p in (east, west))
+
+
+async def test_a_closed_pipe_ends_it_quietly(nats_server: EmbeddedServer, js: Any, topology: Topology,
+                                             cli_command: list[str], cli_environ: dict[str, str]) -> None:
+    """``events tail | head -n 1``: once the reader is gone the next write ends the tail, exit 0, no traceback."""
+    tail_cmd = " ".join([*cli_command, "events", "tail", "--nats-url", nats_server.url, "--shards", "4", "--tenant", TENANT])
+    t = Tail(["bash", "-c", f"set -o pipefail; {tail_cmd} | head -n 1"], cli_environ)
+    try:
+        t.ready()
+        n = 0
+        while t.proc.poll() is None:  # head may still hold the pipe open for the first few: keep publishing
+            await publish(js, topology, "web", "user.note", payload={"n": n})
+            n += 1
+            assert n < 10_000, t.err
+            await asyncio.sleep(0.01)
+        assert t.finish() == 0, t.err
+        assert len(t.out) == 1 and fields(t.out[0])[5] == "user.note"
+        assert not [line for line in t.err if "Traceback" in line or "Error" in line], t.err
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+        t.close()
