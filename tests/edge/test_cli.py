@@ -28,7 +28,7 @@ LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard
         [], ["up"], ["kernel"], ["edge"], ["worker"], ["publish"], ["locate"], ["playbook"], ["playbook", "register"],
         ["playbook", "list"], ["playbook", "show"], ["run"], ["cancel"], ["result"],
         ["cluster"], ["cluster", "up"], ["cluster", "status"], ["cluster", "down"], ["cluster", "bootstrap"],
-        ["cluster", "replicas"],
+        ["cluster", "replicas"], ["replay"], ["events"], ["events", "tail"],
     ],
 )
 def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,6 +43,7 @@ def test_every_registered_command_is_covered() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {  # type: ignore[arg-type]
         "up", "kernel", "edge", "worker", "publish", "locate", "playbook", "plugin", "run", "cancel", "result", "cluster",
+        "replay", "events",
     }
 
 
