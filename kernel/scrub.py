@@ -78,6 +78,10 @@ import functools
 import re
 from typing import Any
 
+import msgspec
+
+from locator.envelope import Envelope
+
 __all__ = ["DEPTH_MARK", "MASK", "MAX_DEPTH", "is_sensitive_key", "scrub", "scrub_text"]
 
 MASK = "***"
@@ -87,12 +91,7 @@ MAX_DEPTH = 64
 # Leaves returned as they are; checked by exact type because that is the fast path.
 _ATOMS = frozenset({int, float, bool, type(None)})
 
-_TERMS = (
-    "password passwd pwd secret token api_key apikey authorization auth_token access_token "
-    "refresh_token dsn credential credentials private_key secret_key client_secret cookie "
-    "set_cookie session_key "
-    "passwords secrets api_keys apikeys private_keys secret_keys access_tokens refresh_tokens cookies"
-).split()
+_TERMS = ["password", "passwd", "pwd", "secret", "token", "api_key", "apikey", "authorization", "auth_token", "access_token", "refresh_token", "dsn", "credential", "credentials", "private_key", "secret_key", "client_secret", "cookie", "set_cookie", "session_key", "passwords", "secrets", "api_keys", "apikeys", "private_keys", "secret_keys", "access_tokens", "refresh_tokens", "cookies"]
 # Longest first so that the alternation prefers the longer term; only whole words match.
 _SENSITIVE = re.compile(
     r"(?:^|_)(?:" + "|".join(sorted(_TERMS, key=len, reverse=True)) + r")(?:_|$)"
@@ -106,8 +105,7 @@ _DIGIT_BOUNDARY = re.compile(r"([A-Za-z])([0-9])")
 _SEPARATORS = re.compile(r"[-.\s_]+")
 
 _BARE_USERINFO_SCHEMES = frozenset(
-    "http https ftp redis rediss amqp amqps postgres postgresql mysql mongodb mongodb+srv "
-    "nats tls s3".split()
+    ["http", "https", "ftp", "redis", "rediss", "amqp", "amqps", "postgres", "postgresql", "mysql", "mongodb", "mongodb+srv", "nats", "tls", "s3"]
 )
 # The lookbehind anchors a scheme at a word start, so a long word is not re-scanned from
 # every letter. Userinfo runs to the last '@' of the authority (passwords with a raw '@').
@@ -254,3 +252,17 @@ def _mask_keeping_quotes(value: str) -> str:
     if quote in "\"'" and len(value) >= 2 and value[-1] == quote:
         return f"{quote}{MASK}{quote}"
     return MASK
+
+
+def scrub_envelope(env: Envelope) -> Envelope:
+    """A copy of ``env`` with its payload and ``result_ref`` scrubbed: build summaries and rows from this.
+
+    Summarise *after* scrubbing: a summary cuts long values, and a cut secret no longer looks like one.
+
+    >>> from locator import new_event
+    >>> env = new_event(tenant="a", project="b", execution_id="1", type="user.x", payload={"password": "p" * 80})
+    >>> scrub_envelope(env).payload
+    {'password': '***'}
+    """
+    ref = scrub_text(env.result_ref) if env.result_ref else env.result_ref
+    return msgspec.structs.replace(env, payload=scrub(env.payload), result_ref=ref)

@@ -35,7 +35,7 @@ from edge.cli.output import EXIT_OK, print_json
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
-from kernel.scrub import scrub, scrub_text
+from kernel.scrub import scrub, scrub_envelope, scrub_text
 from locator.envelope import Envelope, EnvelopeError, decode_wal_message, poison_reason
 from locator.names import check_name
 from locator.subjects import wal_stream
@@ -147,7 +147,7 @@ class Printer:
             self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
     def event(self, shard: int, seq: int, env: Envelope) -> None:
-        env = msgspec.structs.replace(env, payload=scrub(env.payload))
+        env = scrub_envelope(env)
         if self.jsonl:
             print_json({"shard": shard, "seq": seq, "event": scrub(msgspec.to_builtins(env))})
         elif self.console is not None:

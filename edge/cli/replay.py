@@ -18,7 +18,6 @@ import sys
 from datetime import datetime
 from typing import Any
 
-import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -28,7 +27,7 @@ from edge.cli import replay_output as out
 from edge.cli.options import UsageError, resolve_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
-from kernel.scrub import scrub
+from kernel.scrub import scrub_envelope
 from locator.envelope import EnvelopeError, decode_wal_message
 from locator.names import check_execution_id, check_name, check_step
 from locator.shard import shard_for
@@ -146,7 +145,7 @@ async def follow(js: JetStreamContext, urn: Urn, shard: int, shard_count: int, a
                 continue
             if (env.tenant, env.project) != (urn.tenant, urn.project):
                 continue
-            masked = msgspec.structs.replace(env, payload=scrub(env.payload))
+            masked = scrub_envelope(env)
             for row in timeline([WalEvent(msg.metadata.sequence.stream, masked)], previous_ts=previous_ts):
                 previous_ts = row.ts
                 if args.step is None or row.step == args.step:

@@ -29,7 +29,7 @@ from rich.text import Text
 
 from edge.cli.output import EXIT_OK
 from kernel.errors import KernelError
-from kernel.scrub import scrub
+from kernel.scrub import scrub, scrub_envelope
 from locator.urn import Urn
 from projector.diff import Change, diff_projections
 from projector.fold import WalEvent, fold
@@ -95,7 +95,7 @@ def _dt(ms: int | None) -> str:
 
 
 def _scrubbed(events: list[WalEvent]) -> list[TimelineRow]:
-    return list(timeline(WalEvent(s, msgspec.structs.replace(e, payload=scrub(e.payload))) for s, e in events))
+    return list(timeline(WalEvent(s, scrub_envelope(e)) for s, e in events))
 
 
 def _states(events: list[WalEvent]) -> Iterator[tuple[Projection | None, Projection]]:

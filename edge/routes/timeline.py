@@ -15,7 +15,6 @@ import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
@@ -27,7 +26,7 @@ from edge.errors import NotFound, Unavailable
 from edge.responses import json_response
 from edge.routes.executions import BASE, _exists, _int_param, _names
 from edge.state import state_of
-from kernel.scrub import scrub, scrub_text
+from kernel.scrub import scrub_envelope
 from locator.envelope import Envelope, EnvelopeError, decode_wal_message
 from locator.names import check_execution_id, check_step
 from locator.shard import shard_for
@@ -58,12 +57,6 @@ class _Execution:
 
     def owns(self, env: Envelope) -> bool:
         return (env.tenant, env.project, env.execution_id) == (self.tenant, self.project, self.execution_id)
-
-
-def scrubbed(env: Envelope) -> Envelope:
-    """The envelope with its payload and ``result_ref`` scrubbed (what a row and its summary are built from)."""
-    ref = scrub_text(env.result_ref) if env.result_ref else env.result_ref
-    return msgspec.structs.replace(env, payload=scrub(env.payload), result_ref=ref)
 
 
 async def _ts_at_or_before(ex: _Execution, seq: int) -> str | None:
@@ -99,7 +92,7 @@ async def page(
                 previous = await _ts_at_or_before(ex, after_seq)
             read += 1
             if step is None or env.step == step:
-                rows.extend(timeline([WalEvent(seq, scrubbed(env))], previous_ts=previous))
+                rows.extend(timeline([WalEvent(seq, scrub_envelope(env))], previous_ts=previous))
                 if len(rows) >= limit:
                     break
             previous = env.ts  # decoded envelopes always carry an ISO 8601 ts with a zone
