@@ -315,8 +315,8 @@ def _replay(sub: Subparsers) -> None:
         "not used, so it works with both wiped) and print a timeline: seq, time, time since the previous "
         "event, type, step, attempt and a one-line summary. A bar shows progress on long histories. "
         "--check re-drives system/orchestrate's planner over the history and exits 3 at the first event "
-        "where the playbook would decide differently. Exit codes: 0 ok, 1 runtime failure, 2 usage or "
-        "unknown execution, 3 --check found a divergence.",
+        "where the playbook would decide differently. Exit codes: 0 ok, 1 runtime failure or unknown execution, "
+        "2 usage error, 3 --check found a divergence.",
     )
     p.add_argument("target", metavar="URN|EXECUTION_ID",
                    help="noetl://<tenant>/<project>/executions/<id>[?affinity=A], or an id with --tenant and --project")
