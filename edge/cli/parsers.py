@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noetl-edge",
         description="noetl-edge: a pure event-sourced edge runtime on NATS JetStream. "
-        "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error.",
+        "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error, 3 `replay --check` found a divergence.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster):
@@ -326,7 +326,7 @@ def _replay(sub: Subparsers) -> None:
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--until-seq", type=int, default=None, metavar="N", help="stop after WAL sequence N")
     stop.add_argument("--as-of", default=None, metavar="TIME",
-                      help="stop after the last event stamped at or before TIME (ISO 8601, e.g. 2026-11-22T08:00:00Z)")
+                      help="stop before the first event whose ts is after TIME (ISO 8601 with a zone, e.g. 2026-11-22T08:00:00Z)")
     p.add_argument("--step", default=None, metavar="NAME", help="show only the events of step NAME (the state still folds all)")
     p.add_argument("--state", nargs="?", const="end", choices=["end", "each"], default=None,
                    help="the projection at the end (default), or after each event: 'each' (in a table, what changed)")
@@ -334,9 +334,11 @@ def _replay(sub: Subparsers) -> None:
                    help="what changed in the projection from seq A to seq B")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON document instead of a table")
-    out.add_argument("--jsonl", action="store_true", help="one JSON object per event (then the state, if asked)")
+    out.add_argument("--jsonl", action="store_true",
+                     help="one JSON object per event, then one line each for --state, --diff and --check if asked")
     p.add_argument("--export", default=None, metavar="FILE.feather",
-                   help="also write the history as an Arrow table (seq, ts, type, step, attempt, payload JSON, result_ref)")
+                   help="also write the history as an Arrow table (seq, ts, dt_ms, type, step, attempt, event_id, payload JSON, "
+                   "result_ref)")
     p.add_argument("--follow", action="store_true", help="after the history, keep printing new events until Ctrl-C")
     p.add_argument("--check", action="store_true",
                    help="re-drive the orchestrator's decisions with the playbook version the execution ran; exit 3 on divergence")
