@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -24,6 +25,32 @@ from projector.snapshots import SnapshotStore
 
 DEFAULT_LIMIT = 100_000
 PROGRESS_EVERY = 1000
+
+
+def _position(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, messages pending) of a JetStream message, read straight off its reply subject.
+
+    The same tokens ``msg.metadata`` reads (both the plain and the domain form), without building its
+    dataclasses and timestamp for every message of a long history; anything else goes through
+    ``msg.metadata`` (and its error).
+
+    >>> from nats.aio.msg import Msg
+    >>> plain = "$JS.ACK.WAL_0.c1.1.4071.17.1763800000000000000.23"
+    >>> domain = "$JS.ACK.hub.ACCHASH.WAL_0.c1.1.4071.17.1763800000000000000.23.x7"
+    >>> [_position(Msg(None, reply=r)) for r in (plain, domain)]
+    [(4071, 23), (4071, 23)]
+    >>> all((m.sequence.stream, m.num_pending) == (4071, 23) for m in map(Msg.Metadata._from_reply, (plain, domain)))
+    True
+    """
+    tokens = msg.reply.split(".")
+    n = len(tokens)
+    if tokens[0] == "$JS" and n > 1 and tokens[1] == "ACK":
+        if n == 9:
+            return int(tokens[5]), int(tokens[8])
+        if n >= 11:
+            return int(tokens[7]), int(tokens[10])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_pending
 
 
 async def history(
@@ -63,19 +90,18 @@ async def history(
                 msg = await sub.next_msg(timeout=idle_timeout)
             except nats.errors.TimeoutError as e:
                 raise ProjectorError(f"replay of {execution_id} stalled: no message for {idle_timeout}s") from e
-            meta = msg.metadata
-            seq = meta.sequence.stream
+            seq, pending = _position(msg)
             if until_seq is not None and seq > until_seq:
                 return
             read += 1
             if read == 1:
-                total = meta.num_pending + 1
+                total = pending + 1
                 if total > limit:
                     raise ReplayLimitExceeded(
                         f"replaying execution {execution_id} would read {total} events, over the "
                         f"limit of {limit}; materialize a snapshot first or raise the limit"
                     )
-            if progress is not None and (read == 1 or read % PROGRESS_EVERY == 0 or meta.num_pending == 0):
+            if progress is not None and (read == 1 or read % PROGRESS_EVERY == 0 or pending == 0):
                 progress(read, max(total, read))
             try:
                 env = decode_wal_message(msg.subject, msg.data or b"", shard_count=shard_count)
@@ -83,7 +109,7 @@ async def history(
                 pass
             else:
                 yield WalEvent(seq, env)
-            if meta.num_pending == 0:
+            if pending == 0:
                 return
     finally:
         await sub.unsubscribe()
