@@ -154,16 +154,17 @@ def _print_check(report: CheckReport) -> None:
     d = report.divergence
     if d is None:
         print(f"check: OK: {report.decisions} recorded decisions are what {pb} decides ({report.events} events)")
-    else:
-        print(f"check: DIVERGED at seq {d.seq}: {d.reason}")
-        print(f"- recorded  seq {d.seq}: {_decision_line(d.recorded)}")
-        for want in d.expected or []:
-            print(f"+ expected         : {_decision_line(want)}")
-        if not d.expected:
-            print(f"+ expected         : nothing: {pb} decides nothing more at this point")
-        print(f"  ({report.decisions} decisions matched before it)")
-    for want in report.pending if d is None else []:
-        print(f"  would decide next (not recorded yet): {_decision_line(want)}")
+        for want in report.pending:
+            print(f"  would decide next (not recorded yet): {_decision_line(want)}")
+        return
+    cause = f" ({d.input.type}{f' of step {d.input.step}' if d.input.step else ''})" if d.input is not None else ""
+    print(f"check: DIVERGED at seq {d.seq}{cause}: {d.reason}")
+    print(f"- recorded at seq {d.recorded.seq}: {_decision_line(d.recorded)}")
+    for want in d.expected:
+        print(f"+ {pb} decides: {_decision_line(want)}")
+    if not d.expected:
+        print(f"+ {pb} decides: nothing more at this point")
+    print(f"  ({report.decisions} recorded decisions matched before it)")
 
 
 def show(urn: Urn, shard: int, events: list[WalEvent], args: argparse.Namespace, report: CheckReport | None) -> int:

@@ -32,7 +32,7 @@ decided on the state it had.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -54,21 +54,33 @@ _BY_REFERENCE = "(stored by reference)"
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """One decision as the check compares it (``payload`` without its random or stored parts)."""
+    """One decision as the check compares it (``payload`` without its random or stored parts).
+
+    ``seq``: where the record holds it (None: not recorded); ``due_after``: the input event after which
+    the playbook decides it (None for a recorded one).
+    """
 
     event_id: str
     type: str
     step: str | None
     attempt: int | None
     payload: dict[str, Any]
-    seq: int | None = None  # where the record holds it (None: not recorded)
+    seq: int | None = None
+    due_after: int | None = None
 
 
 class Divergence(msgspec.Struct, frozen=True, kw_only=True):
-    """The first recorded decision the playbook would not make (``recorded``) and what it would make there."""
+    """Where the record and the playbook part.
+
+    ``seq`` is the first diverging event: the input (a worker's report, the request, a timer…) after
+    which the playbook decides otherwise than the record shows; ``input`` is that event. ``recorded``
+    is the first recorded decision that shows it (at ``recorded.seq``) and ``expected`` what the
+    playbook decides instead at that point (empty: nothing).
+    """
 
     seq: int
     reason: str
+    input: Decision | None  # None: the record holds a decision before any input
     recorded: Decision
     expected: list[Decision]
 
@@ -82,8 +94,14 @@ class CheckReport(msgspec.Struct, kw_only=True):
 
 
 def is_decision(env: Envelope) -> bool:
-    """Did the orchestrator publish this event? (Workers set ``causation_id`` to their command's id.)"""
-    return env.type in DECISIONS and env.causation_id is None
+    """Did the orchestrator publish this event? (Workers set ``causation_id`` to their command's id.)
+
+    A ``command.completed`` is a decision when the orchestrator made it (a loop iteration's callback
+    result); a fired timer's is an input, as is a worker's.
+    """
+    if env.causation_id is not None:
+        return False
+    return env.type in DECISIONS or (env.type == "command.completed" and "timer" not in env.payload)
 
 
 def _decision(env: Envelope, seq: int | None = None, *, by_reference: bool = False) -> Decision:
@@ -120,13 +138,33 @@ def decide(state: ExecState, playbook: Playbook, now_ms: int) -> list[Envelope]:
     return decided
 
 
+class _Due(NamedTuple):
+    env: Envelope
+    after: int  # the input's seq
+
+
 def check(events: Iterable[WalEvent], playbook: Playbook) -> CheckReport:
     """Compare the recorded decisions of one execution's history (WAL order) with ``playbook``'s."""
     report = CheckReport(playbook={"path": playbook.path, "version": playbook.version})
+    name = f"playbook {playbook.path} v{playbook.version}"
     state: ExecState | None = None
-    due: dict[str, Envelope] = {}  # decided after the last input, not recorded yet
-    earlier: dict[str, Envelope] = {}  # decided after an earlier input, not recorded yet
+    due: dict[str, _Due] = {}  # decided after the last input, not recorded yet
+    earlier: dict[str, _Due] = {}  # decided after an earlier input, not recorded yet
+    inputs: dict[int, Envelope] = {}
+    last_input = 0
     matched: set[str] = set()
+
+    def diverged(seq: int, env: Envelope, expected: list[_Due], reason: str) -> CheckReport:
+        after = min((d.after for d in expected), default=last_input)
+        cause = inputs.get(after)
+        report.divergence = Divergence(
+            seq=after or seq, reason=reason, input=_decision(cause, after) if cause is not None else None,
+            recorded=_decision(env, seq),
+            expected=[msgspec.structs.replace(_decision(d.env, by_reference=env.result_ref is not None),
+                                              due_after=d.after) for d in expected],
+        )
+        return report
+
     for seq, env in events:
         report.events += 1
         if state is None:
@@ -138,30 +176,22 @@ def check(events: Iterable[WalEvent], playbook: Playbook) -> CheckReport:
                 apply(state, seq, env)  # a re-publish after the duplicate window: the same decision again
                 continue
             want = due.pop(env.event_id, None) or earlier.pop(env.event_id, None)
-            recorded = _decision(env, seq)
             if want is None:
-                report.divergence = Divergence(
-                    seq=seq, recorded=recorded, expected=[_decision(e) for e in due.values()],
-                    reason=f"the record has {env.type} {env.event_id!r}, which playbook {playbook.path} "
-                    f"v{playbook.version} would not decide here",
-                )
-                return report
-            expected = _decision(want, by_reference=env.result_ref is not None)
-            if expected != msgspec.structs.replace(recorded, seq=None):
-                report.divergence = Divergence(
-                    seq=seq, recorded=recorded, expected=[expected],
-                    reason=f"playbook {playbook.path} v{playbook.version} would decide {env.type} "
-                    f"{env.event_id!r} differently",
-                )
-                return report
+                return diverged(seq, env, list(due.values()),
+                                f"the record has {env.type} {env.event_id!r}, which {name} does not decide here")
+            expected = _decision(want.env, by_reference=env.result_ref is not None)
+            if expected != msgspec.structs.replace(_decision(env, seq), seq=None):
+                return diverged(seq, env, [want], f"{name} decides {env.type} {env.event_id!r} differently")
             matched.add(env.event_id)
             report.decisions += 1
             apply(state, seq, env)
             continue
         if apply(state, seq, env) and env.type not in PASSIVE and state.requested and not state.terminal:
+            inputs[seq], last_input = env, seq
             earlier.update(due)
-            due = {e.event_id: e for e in decide(state, playbook, ts_ms(env.ts))}
-            for event_id in due:
-                earlier.pop(event_id, None)
-    report.pending = [_decision(e) for e in due.values()]
+            due = {}
+            for decided in decide(state, playbook, ts_ms(env.ts)):
+                before = earlier.pop(decided.event_id, None)  # due since an earlier input already
+                due[decided.event_id] = _Due(decided, seq if before is None else before.after)
+    report.pending = [msgspec.structs.replace(_decision(d.env), due_after=d.after) for d in due.values()]
     return report

@@ -66,28 +66,28 @@ def _version(source: Path, version: int, edit: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize(
-    ("playbook", "workload", "version", "edit", "recorded", "expected"),
+    ("playbook", "workload", "version", "edit", "before", "recorded", "expected"),
     [
         # Reordered: first -> third -> second.
         ("linear", None, 2, {"next: [{step: second}]": "next: [{step: third}]",
                              "    tool: {kind: noop}": "    tool: {kind: noop}\n    next: [{step: second}]",
                              "    next: [{step: third}]\n  - name: third": "  - name: third"},
-         ("step.enter", "second"), ("step.enter", "third")),
+         "first", ("step.enter", "second"), ("step.enter", "third")),
         # Removed: second is gone, first -> third.
         ("linear", None, 3, {"next: [{step: second}]": "next: [{step: third}]",
                              "  - name: second\n    tool: {kind: noop, result: \"{{ steps.first.result }} then second\"}\n"
                              "    next: [{step: third}]\n": ""},
-         ("step.enter", "second"), ("step.enter", "third")),
+         "first", ("step.enter", "second"), ("step.enter", "third")),
         # A changed `when`: with notify false, check now goes to notify instead of done.
         ("when", {"notify": False}, 2, {"{step: notify, when: \"workload.notify == true\"}":
                                         "{step: notify, when: \"workload.notify == false\"}",
                                         "{step: done, when: \"not workload.notify\"}": "{step: done, when: \"workload.notify\"}"},
-         ("step.enter", "done"), ("step.enter", "notify")),
+         "check", ("step.enter", "done"), ("step.enter", "notify")),
     ],
 )
 async def test_check_names_the_first_event_a_new_version_would_decide_differently(
     stack: Stack, stack_js: JetStreamContext, tmp_path: Path, playbook: str, workload: dict[str, bool] | None,
-    version: int, edit: dict[str, str], recorded: tuple[str, str], expected: tuple[str, str],
+    version: int, edit: dict[str, str], before: str, recorded: tuple[str, str], expected: tuple[str, str],
 ) -> None:
     project = f"diverge-{playbook}-{version}"
     run = stack.run(EXAMPLES / f"{playbook}.yaml", TENANT, project, workload=workload)
@@ -97,16 +97,19 @@ async def test_check_names_the_first_event_a_new_version_would_decide_differentl
     stack.cli("playbook", "register", str(changed), "--tenant", TENANT, "--project", project)
     events = await wal_events(stack_js, TENANT, project, run.execution_id)
     first = next(e for e in events if (e.env.type, e.env.step) == recorded)
+    # The first diverging event: the step's end after which the new version routes elsewhere.
+    cause = next(e for e in events if (e.env.type, e.env.step) == ("step.exit", before))
 
     proc = stack.cli("replay", urn(project, run.execution_id), "--check", "--against-version", str(version), check=False)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert f"check: DIVERGED at seq {first.seq}:" in proc.stdout
-    assert f"- recorded  seq {first.seq}: {recorded[0]} step {recorded[1]}" in proc.stdout
-    assert f"+ expected         : {expected[0]} step {expected[1]}" in proc.stdout
+    assert f"check: DIVERGED at seq {cause.seq} (step.exit of step {before}):" in proc.stdout
+    assert f"- recorded at seq {first.seq}: {recorded[0]} step {recorded[1]}" in proc.stdout
+    assert f"+ examples/{playbook} v{version} decides: {expected[0]} step {expected[1]}" in proc.stdout
     doc = json.loads(stack.cli("replay", urn(project, run.execution_id), "--check", "--json", "--against-version",
                                str(version), check=False).stdout)
     divergence = doc["check"]["divergence"]
-    assert divergence["seq"] == first.seq and divergence["recorded"]["event_id"] == first.env.event_id
+    assert divergence["seq"] == cause.seq and divergence["input"]["event_id"] == cause.env.event_id
+    assert divergence["recorded"]["seq"] == first.seq and divergence["recorded"]["event_id"] == first.env.event_id
     assert (divergence["expected"][0]["type"], divergence["expected"][0]["step"]) == expected
     assert doc["check"]["playbook"] == {"path": f"examples/{playbook}", "version": version}
     # The version it ran still agrees, named or not.
