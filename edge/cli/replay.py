@@ -133,9 +133,14 @@ async def follow(js: JetStreamContext, urn: Urn, shard: int, shard_count: int, a
             waiter = asyncio.ensure_future(stop.wait())
             getter = asyncio.ensure_future(sub.next_msg(timeout=None))
             await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if not getter.done():
-                getter.cancel()
+            for task in (waiter, getter):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task})  # retrieved here, never reported as "never retrieved"
+            if getter.cancelled() or stop.is_set():
+                if not getter.cancelled():
+                    getter.exception()  # a message or an error that came with the stop: dropped, not reported
                 break
             msg = getter.result()
             try:

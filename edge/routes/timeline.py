@@ -37,7 +37,7 @@ from projector.replay import history
 from projector.timeline import TimelineRow, timeline
 
 tracer = trace.get_tracer("noetl.edge.read")
-UNBOUNDED = 2**62  # a page reads what it needs: the replay limit is for folds, not for pages
+UNBOUNDED = 2**62  # the history's size is not the bound: a page stops after ``scan`` events (below)
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,12 @@ class _Execution:
         return (env.tenant, env.project, env.execution_id) == (self.tenant, self.project, self.execution_id)
 
 
-async def _ts_at_or_before(ex: _Execution, seq: int) -> str | None:
+async def _ts_at_or_before(ex: _Execution, seq: int, scan: int) -> str | None:
     """The ``ts`` of the execution's last event with a WAL sequence ``<= seq`` (None if there is none).
 
     One direct get when ``seq`` is the execution's own event (what ``next_after_seq`` always is);
-    otherwise the execution's history up to ``seq`` is read.
+    otherwise the execution's history up to ``seq`` is read, at most ``scan`` events of it (past
+    that, None: the first row's ``dt_ms`` is then unknown rather than the request unbounded).
     """
     with contextlib.suppress(NotFoundError, EnvelopeError):
         msg = await ex.js.get_msg(wal_stream(ex.shard), seq=seq)
@@ -73,30 +74,43 @@ async def _ts_at_or_before(ex: _Execution, seq: int) -> str | None:
     last: str | None = None
     events = ex.history(until_seq=seq)
     async with contextlib.aclosing(events):
-        async for event in events:
+        async for n, event in enumerate_async(events):
+            if n >= scan:
+                return None
             last = event.env.ts
     return last
 
 
+async def enumerate_async(events: AsyncGenerator[WalEvent, None]) -> AsyncGenerator[tuple[int, WalEvent], None]:
+    n = 0
+    async for event in events:
+        yield n, event
+        n += 1
+
+
 async def page(
-    ex: _Execution, *, after_seq: int, limit: int, until_seq: int | None, step: str | None
-) -> tuple[list[TimelineRow], int]:
-    """Up to ``limit`` rows (of ``step`` only, if given) after ``after_seq``, and how many events were read."""
+    ex: _Execution, *, after_seq: int, limit: int, until_seq: int | None, step: str | None, scan: int = UNBOUNDED
+) -> tuple[list[TimelineRow], int, int | None]:
+    """Up to ``limit`` rows (of ``step`` only, if given) after ``after_seq``; how many events were read;
+    and, if the page stopped after ``scan`` events without filling up, the seq to go on after."""
     rows: list[TimelineRow] = []
     previous: str | None = None
-    read = 0
+    read, previous_seq = 0, after_seq
     events = ex.history(after_seq=after_seq, until_seq=until_seq)
     async with contextlib.aclosing(events):
         async for seq, env in events:
             if read == 0 and after_seq > 0:
-                previous = await _ts_at_or_before(ex, after_seq)
+                previous = await _ts_at_or_before(ex, after_seq, scan)
+            if read >= scan:
+                return rows, read, previous_seq  # not full (a full page stopped below): go on after the scan
+            previous_seq = seq
             read += 1
             if step is None or env.step == step:
                 rows.extend(timeline([WalEvent(seq, scrub_envelope(env))], previous_ts=previous))
                 if len(rows) >= limit:
                     break
             previous = env.ts  # decoded envelopes always carry an ISO 8601 ts with a zone
-    return rows, read
+    return rows, read, None
 
 
 async def get_timeline(request: Request) -> Response:
@@ -114,13 +128,16 @@ async def get_timeline(request: Request) -> Response:
     attributes: dict[str, str | int] = {"noetl.execution_id": execution_id, "noetl.shard": shard}
     with tracer.start_as_current_span("edge.read.timeline", attributes=attributes) as span:
         try:
-            rows, read = await page(ex, after_seq=after_seq, limit=limit, until_seq=until_seq, step=step)
+            rows, read, cursor = await page(ex, after_seq=after_seq, limit=limit, until_seq=until_seq, step=step,
+                                            scan=state.read.replay_limit)
         except ProjectorError as e:  # the WAL stopped delivering mid-read
             raise Unavailable(str(e), headers={"Retry-After": "2"}) from e
         span.set_attribute("noetl.rows", len(rows))
     if read == 0 and not await _exists(state, shard, tenant, project, execution_id):
         raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
-    return json_response({"rows": rows, "next_after_seq": rows[-1].seq if len(rows) == limit else None})
+    # A full page, or a page that stopped at the scan bound (a rare step, a long history): go on after it.
+    next_after = rows[-1].seq if len(rows) == limit else cursor
+    return json_response({"rows": rows, "next_after_seq": next_after})
 
 
 routes = [Route(BASE + "/{execution_id}/timeline", get_timeline, methods=["GET"])]

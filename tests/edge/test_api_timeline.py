@@ -330,3 +330,36 @@ async def test_payloads_and_summaries_are_scrubbed(client: httpx.AsyncClient, js
     assert isinstance(acks[1], Ack)
     stored = await js.get_msg(acks[1].stream, acks[1].seq)
     assert secret.encode() in (stored.data or b"")
+
+
+async def test_a_page_reads_at_most_the_replay_limit_and_says_where_to_go_on(
+    nats_server: EmbeddedServer, js: JetStreamContext, wal: Wal, tmp_path: Path
+) -> None:
+    # A step filter on a long history must not scan it all in one request: past the replay limit the page
+    # stops, short, with next_after_seq at the last event it read; following it gives every row.
+    want = await expected(js)
+    b = [r for r in want if r["step"] == "b"]
+    small = create_app(topology=default_topology(nats_url=nats_server.url), replay_limit=3,
+                       tokens=[TokenSpec(name="admin", role="admin", tenants=("*",), token=ADMIN)],
+                       snapshots=SnapshotStore(f"file://{tmp_path}/objects"))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=small), base_url="http://edge") as c:
+            rows: list[dict[str, Any]] = []
+            after, short_pages = 0, 0
+            for _ in range(50):
+                body = await get(c, after_seq=after, limit=100, step="b")
+                rows += body["rows"]
+                if body["next_after_seq"] is None:
+                    break
+                assert body["next_after_seq"] > after
+                short_pages += len(body["rows"]) < 100
+                after = body["next_after_seq"]
+            assert rows == b  # dt_ms included
+            assert short_pages >= 3  # 12 events of X, 3 a request
+            # The slow path (after_seq on another execution's event) is bounded too: past the limit the
+            # first row's dt_ms is unknown (null) rather than the request unbounded.
+            late = await get(c, after_seq=wal.noise[-1], limit=1)
+            assert late["rows"][0]["seq"] == next(r["seq"] for r in want if r["seq"] > wal.noise[-1])
+            assert late["rows"][0]["dt_ms"] is None
+    finally:
+        await small.state.edge.cells.close()

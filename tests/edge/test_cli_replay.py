@@ -203,6 +203,7 @@ async def test_follow_prints_new_events_until_ctrl_c(nats_server: EmbeddedServer
             assert [r["seq"] for r in got] == known + seqs and got[-1]["payload"] == {"n": 2}
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=30) == 0
+            assert proc.stderr.read() == ""  # a clean stop: no traceback of a task left behind
         finally:
             proc.kill()
 
