@@ -72,20 +72,15 @@ async def _ts_at_or_before(ex: _Execution, seq: int, scan: int) -> str | None:
         if ex.owns(env):
             return env.ts
     last: str | None = None
+    read = 0
     events = ex.history(until_seq=seq)
     async with contextlib.aclosing(events):
-        async for n, event in enumerate_async(events):
-            if n >= scan:
+        async for event in events:
+            read += 1
+            if read > scan:
                 return None
             last = event.env.ts
     return last
-
-
-async def enumerate_async(events: AsyncGenerator[WalEvent, None]) -> AsyncGenerator[tuple[int, WalEvent], None]:
-    n = 0
-    async for event in events:
-        yield n, event
-        n += 1
 
 
 async def page(
