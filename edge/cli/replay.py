@@ -38,6 +38,8 @@ from projector.fold import WalEvent
 from projector.replay import history
 from projector.timeline import parse_ts, timeline
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError
+from system_playbooks.orchestrate.check import check
+from system_playbooks.orchestrate.playbook import Playbook
 
 EXIT_DIVERGED = 3
 
@@ -95,7 +97,7 @@ async def read_history(js: JetStreamContext, urn: Urn, shard: int, shard_count: 
     return events
 
 
-async def _playbook(js: JetStreamContext, urn: Urn, events: list[WalEvent], version: int | None) -> Any:
+async def _playbook(js: JetStreamContext, urn: Urn, events: list[WalEvent], version: int | None) -> Playbook:
     """The playbook to check with: ``version``, else the one the execution was pinned to (or asked for)."""
     ref: Any = None
     for _, env in events:
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                                   + (" (no event up to the stop you gave)" if events or args.until_seq or as_of else ""))
             report = None
             if args.check:
-                report = out.check_report(mine, await _playbook(js, urn, mine, args.against_version))
+                report = check(mine, await _playbook(js, urn, mine, args.against_version))
             code = out.show(urn, shard, mine, args, report)
             if args.export:
                 out.export(mine, args)

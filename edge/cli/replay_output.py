@@ -35,8 +35,7 @@ from projector.diff import Change, diff_projections
 from projector.fold import WalEvent, fold
 from projector.projection import Projection
 from projector.timeline import TimelineRow, timeline, to_arrow
-from system_playbooks.orchestrate.check import CheckReport, Decision, check
-from system_playbooks.orchestrate.playbook import Playbook
+from system_playbooks.orchestrate.check import CheckReport, Decision
 
 PROGRESS_MIN = 2000  # a bar only for histories at least this long
 _STYLES = {
@@ -98,14 +97,13 @@ def _scrubbed(events: list[WalEvent]) -> list[TimelineRow]:
     return list(timeline(WalEvent(s, scrub_envelope(e)) for s, e in events))
 
 
-def _states(events: list[WalEvent]) -> Iterator[tuple[Projection | None, Projection]]:
-    """(before, after) the projection around each event."""
+def _states(events: list[WalEvent]) -> Iterator[Projection]:
+    """The projection after each event."""
     p: Projection | None = None
     for event in events:
-        after = fold(p, [event])
-        assert after is not None
-        yield p, after
-        p = after
+        p = fold(p, [event])
+        assert p is not None
+        yield p
 
 
 def _state_at(events: list[WalEvent], seq: int) -> Projection | None:
@@ -139,10 +137,6 @@ def _diff(events: list[WalEvent], a: int, b: int) -> dict[str, Any]:
     return {"from_seq": a, "to_seq": b, "changes": [msgspec.to_builtins(c) for c in changes]}
 
 
-def check_report(events: list[WalEvent], playbook: Playbook) -> CheckReport:
-    return check(events, playbook)
-
-
 def _decision_line(d: Decision) -> str:
     attempt = f" attempt {d.attempt}" if d.attempt is not None else ""
     step = f" step {d.step}" if d.step is not None else ""
@@ -170,7 +164,7 @@ def _print_check(report: CheckReport) -> None:
 def show(urn: Urn, shard: int, events: list[WalEvent], args: argparse.Namespace, report: CheckReport | None) -> int:
     """Print the timeline and what was asked for; returns the exit code."""
     rows = _scrubbed(events)
-    each = [after for _, after in _states(events)] if args.state == "each" else None
+    each = list(_states(events)) if args.state == "each" else None
     shown = [i for i, r in enumerate(rows) if args.step is None or r.step == args.step]
     final = fold(None, events) if args.state == "end" else None
     diff = _diff(events, *args.diff) if args.diff is not None else None
@@ -200,8 +194,7 @@ def show(urn: Urn, shard: int, events: list[WalEvent], args: argparse.Namespace,
         return EXIT_OK
     changes = None
     if each is not None:
-        befores = [before for before, _ in _states(events)]
-        changes = [_changes_text(diff_projections(befores[i], each[i])) for i in shown]
+        changes = [_changes_text(diff_projections(each[i - 1] if i else None, each[i])) for i in shown]
     console = _stdout()
     console.print(_table(urn, shard, [rows[i] for i in shown], changes))
     if final is not None:

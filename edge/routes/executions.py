@@ -15,7 +15,13 @@ from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unproc
 from edge.responses import json_response, read_json
 from edge.state import EdgeState, state_of
 from kernel.producer import Ack, Producer
-from locator.envelope import Envelope, EnvelopeError, PayloadTooLarge as PayloadOverCap, encode_envelope, envelope_from_dict
+from locator.envelope import (
+    Envelope,
+    EnvelopeError,
+    encode_envelope,
+    envelope_from_dict,
+)
+from locator.envelope import PayloadTooLarge as PayloadOverCap
 from locator.names import check_execution_id, check_name
 from locator.shard import shard_for
 from locator.subjects import execution_filter, wal_stream
@@ -47,6 +53,12 @@ def _int_param(request: Request, name: str, *, default: int | None = None, low: 
     if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise Unprocessable(f"query parameter {name!r} must be an integer from {low} to {high}, got {raw!r}", field=name)
     return int(raw)
+
+
+def _paging(request: Request) -> tuple[int, int]:
+    """``after_seq`` (default 0) and ``limit`` (1..1000, default 100) of a paged history route."""
+    after_seq = _int_param(request, "after_seq", default=0) or 0
+    return after_seq, _int_param(request, "limit", default=100, low=1, high=1000) or 100
 
 
 def _execution_url(tenant: str, project: str, execution_id: str, affinity: str) -> str:
@@ -187,8 +199,7 @@ async def list_events(request: Request) -> Response:
     tenant, project, affinity = _names(request)
     execution_id = check_execution_id(request.path_params["execution_id"])
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
-    after_seq = _int_param(request, "after_seq", default=0) or 0
-    limit = _int_param(request, "limit", default=100, low=1, high=1000) or 100
+    after_seq, limit = _paging(request)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
     js = await state.cells.js_for_shard(shard)
     page: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from edge.errors import NotFound, Unavailable
 from edge.responses import json_response
-from edge.routes.executions import BASE, _exists, _int_param, _names
+from edge.routes.executions import BASE, _exists, _int_param, _names, _paging
 from edge.state import state_of
 from kernel.scrub import scrub_envelope
 from locator.envelope import Envelope, EnvelopeError, decode_wal_message
@@ -113,8 +113,7 @@ async def get_timeline(request: Request) -> Response:
     tenant, project, affinity = _names(request)
     execution_id = check_execution_id(request.path_params["execution_id"])
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
-    after_seq = _int_param(request, "after_seq", default=0) or 0
-    limit = _int_param(request, "limit", default=100, low=1, high=1000) or 100
+    after_seq, limit = _paging(request)
     until_seq = _int_param(request, "until_seq", low=max(after_seq, 1))
     raw_step = request.query_params.get("step")
     step = None if raw_step is None else check_step(raw_step)
