@@ -93,7 +93,7 @@ async def test_every_example_registers_and_lists(catalog: Catalog, js: JetStream
     assert listed == sorted((load_playbook(p, policy=POLICY).path, load_playbook(p, policy=POLICY).version) for p in EXAMPLES)
     for path in EXAMPLES:
         want = load_playbook(path, policy=POLICY)
-        assert await catalog.get("acme", "web", want.path) == want
+        assert await catalog.get("acme", "web", want.path, want.version) == want
 
 
 async def test_a_wasm_step_needs_the_plugin_version_it_names(
