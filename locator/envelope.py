@@ -47,12 +47,30 @@ USER_TYPE_RE = re.compile(r"^user\.[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63}){0,7}$")
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_:.-]{1,128}$")
 
 
-class EnvelopeError(LocatorError):
-    """An envelope is malformed; ``field`` names the offending field (``"$"`` for the whole document)."""
+# Why a message is poison: the reason a dead letter is filed under (``dlq.<shard>.<reason>``).
+NOT_UTF8 = "not_utf8"  # bytes that are not UTF-8 (in a key, a value, anywhere)
+NOT_JSON = "not_json"  # UTF-8, but not one JSON document (trailing data, a BOM, a bad escape, a lone surrogate…)
+TOO_DEEP = "too_deep"  # nested deeper than MAX_DEPTH
+INVALID_ENVELOPE = "invalid_envelope"  # JSON, but not a valid v1 envelope
+SUBJECT_MISMATCH = "subject_mismatch"  # a valid envelope on a subject that disagrees with it
+TOO_LARGE = "too_large"  # a payload over the cap
+POISON_REASONS = frozenset({NOT_UTF8, NOT_JSON, TOO_DEEP, INVALID_ENVELOPE, SUBJECT_MISMATCH, TOO_LARGE})
 
-    def __init__(self, message: str, *, field: str) -> None:
+# The deepest nesting a payload may have (the payload object itself is level 1). Everything that walks a
+# payload (the scrub, summaries, the fold's copies) then stays far from Python's recursion limit.
+MAX_DEPTH = 64
+
+
+class EnvelopeError(LocatorError):
+    """An envelope is malformed; ``field`` names the offending field (``"$"`` for the whole document).
+
+    ``reason`` is one of :data:`POISON_REASONS`: what a dead letter of this message is filed under.
+    """
+
+    def __init__(self, message: str, *, field: str, reason: str = INVALID_ENVELOPE) -> None:
         super().__init__(message)
         self.field = field
+        self.reason = reason
 
 
 class PayloadTooLarge(EnvelopeError):
@@ -63,6 +81,7 @@ class PayloadTooLarge(EnvelopeError):
             f"payload is {size} bytes, over the {cap}-byte cap: store large data in object storage "
             "and send its URN as result_ref",
             field="payload",
+            reason=TOO_LARGE,
         )
         self.size = size
         self.cap = cap
@@ -70,6 +89,9 @@ class PayloadTooLarge(EnvelopeError):
 
 class SubjectMismatch(EnvelopeError):
     """The subject an event arrived on disagrees with its envelope."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message, field=field, reason=SUBJECT_MISMATCH)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,14 +204,53 @@ def new_event(
     )
 
 
+def _nesting_over(data: bytes, limit: int) -> bool:
+    """Whether a JSON document nests deeper than ``limit`` containers below its top level.
+
+    Counting brackets in C first keeps the common case (a small payload) free of any walk.
+    """
+    if data.count(b"{") + data.count(b"[") <= limit + 1:
+        return False
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x7B, 0x5B):  # { [
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit + 1:
+                    return True
+        elif byte in (0x7D, 0x5D):  # } ]
+            depth -= 1
+    return False
+
+
+def _too_deep() -> EnvelopeError:
+    return EnvelopeError(f"payload is nested more than {MAX_DEPTH} levels deep", field="payload", reason=TOO_DEEP)
+
+
 def encode_envelope(env: Envelope, *, payload_cap: int = DEFAULT_PAYLOAD_CAP) -> bytes:
-    """JSON bytes of ``env``; raises :class:`PayloadTooLarge` when the payload is over the cap."""
+    """JSON bytes of ``env``; raises :class:`PayloadTooLarge` when the payload is over the cap.
+
+    A payload nested deeper than :data:`MAX_DEPTH` is refused too (``too_deep``): consumers would dead-letter it.
+    """
     data = _encoder.encode(env)
     # The payload is part of data, so only a large message needs the exact payload size.
     if len(data) > payload_cap:
         size = len(_encoder.encode(env.payload))
         if size > payload_cap:
             raise PayloadTooLarge(size, payload_cap)
+    if _nesting_over(data, MAX_DEPTH):
+        raise _too_deep()
     return data
 
 
@@ -198,15 +259,35 @@ _MISSING_FIELD = re.compile(r"missing required field `([A-Za-z_]+)`")
 
 
 def decode_envelope(data: bytes | str) -> Envelope:
-    """Decode and validate; raise :class:`EnvelopeError` naming the field on any problem."""
+    """Decode and validate; raise :class:`EnvelopeError` naming the field on any problem.
+
+    Total: any input either decodes into a valid envelope or raises
+    :class:`EnvelopeError` with a ``reason`` — never another exception.
+
+    >>> try:
+    ...     decode_envelope(b'{"payload": {"i": "' + bytes([0xFF, 0xFE]) + b'"}}')
+    ... except EnvelopeError as e:
+    ...     print(e.reason)
+    not_utf8
+    """
     try:
+        if isinstance(data, str):
+            data = data.encode()  # a str with a lone surrogate cannot be UTF-8: UnicodeEncodeError below
         env = _decoder.decode(data)
     except msgspec.ValidationError as e:
         msg = str(e)
         m = _FIELD_IN_MSG.search(msg) or _MISSING_FIELD.search(msg)
         raise EnvelopeError(f"invalid envelope: {msg}", field=m.group(1) if m else "$") from e
     except msgspec.DecodeError as e:
-        raise EnvelopeError(f"envelope is not valid JSON: {e}", field="$") from e
+        raise EnvelopeError(f"envelope is not valid JSON: {e}", field="$", reason=NOT_JSON) from e
+    except UnicodeError as e:
+        raise EnvelopeError(f"envelope is not UTF-8: {e}", field="$", reason=NOT_UTF8) from e
+    except RecursionError as e:
+        raise EnvelopeError(f"envelope is nested too deep to decode: {e}", field="$", reason=TOO_DEEP) from e
+    except Exception as e:  # total by contract: whatever else the decoder raises, the message is poison
+        raise EnvelopeError(f"envelope cannot be decoded: {type(e).__name__}: {e}", field="$") from e
+    if _nesting_over(data, MAX_DEPTH):
+        raise _too_deep()
     return validate_envelope(env)
 
 
@@ -223,6 +304,8 @@ def envelope_from_dict(data: dict[str, Any], *, fill: bool = False) -> Envelope:
         msg = str(e)
         m = _FIELD_IN_MSG.search(msg) or _MISSING_FIELD.search(msg)
         raise EnvelopeError(f"invalid envelope: {msg}", field=m.group(1) if m else "$") from e
+    except RecursionError as e:
+        raise _too_deep() from e
     return validate_envelope(env)
 
 
@@ -277,9 +360,5 @@ def decode_wal_message(subject: str, data: bytes, *, shard_count: int) -> Envelo
 
 
 def poison_reason(error: EnvelopeError) -> str:
-    """A short reason code for a dead letter: not_json, invalid_envelope or subject_mismatch."""
-    if isinstance(error, SubjectMismatch):
-        return "subject_mismatch"
-    if error.field == "$" and "not valid JSON" in str(error):
-        return "not_json"
-    return "invalid_envelope"
+    """The reason code a dead letter is filed under: one of :data:`POISON_REASONS`."""
+    return error.reason
