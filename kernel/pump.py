@@ -35,6 +35,21 @@ log = structlog.get_logger("noetl.kernel.pump")
 tracer = trace.get_tracer("noetl.kernel.pump")
 # After a linger, the longest wait for what has arrived meanwhile (if nothing has, the batch goes as it is).
 LINGER_TAKE = 0.02
+# NATS itself is away or slow: no message is at fault, so a batch that meets one of these is not counted
+# towards isolating or dead-lettering a message. A server that refuses a request (an API error) is counted.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.FlushTimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
 
 
 @dataclass
@@ -222,28 +237,18 @@ class Pump:
             self.stats.lag = 0
             return size, None
         first = stream_seq(msgs[0])
-        if len(msgs) == 1 and first == self._failing_seq and self._failures >= self.max_deliver:
-            await self._dead_letter(
-                msgs[0], "max_deliver", f"failed {self._failures} times in {self.durable}", per_consumer=True
-            )
-            events: list[WalEvent] = []
-        else:
-            events = await self._split(msgs)
-        if events:
-            try:
-                rejected = await self._dispatch(events)
-            except Retry as e:
-                self.log.info("batch.later", reason=str(e), delay=e.delay, first_seq=first)
-                await asyncio.sleep(e.delay)
-                return size, first
-            except Exception as e:  # a plug-in failure must never stop the shard
-                await self._failed(msgs, e)
-                await asyncio.sleep(min(30.0, 0.2 * 2 ** min(self._failures, 8)))
-                return self._size(first, 0), first
-            if rejected:
-                by_seq = {stream_seq(m): m for m in msgs}
-                for r in rejected:
-                    await self._dead_letter(by_seq[r.seq], r.reason, r.detail, per_consumer=True)
+        try:
+            events = await self._handle(msgs, first)
+        except Retry as e:
+            self.log.info("batch.later", reason=str(e), delay=e.delay, first_seq=first)
+            await asyncio.sleep(e.delay)
+            return size, first
+        except TRANSIENT:
+            raise  # NATS is away: run() resubscribes from the ack floor, and this batch is not held against it
+        except Exception as e:  # anything else, in the decode, the plug-in or a dead letter, must never stop the shard
+            await self._failed(msgs, e)
+            await asyncio.sleep(min(30.0, 0.2 * 2 ** min(self._failures, 8)))
+            return self._size(first, 0), first
         # Not waited for: the next fetch follows on the same connection, so the server has the ack first;
         # an ack lost with the connection only redelivers a batch, which every plug-in handles idempotently.
         await msgs[-1].ack()
@@ -255,6 +260,22 @@ class Pump:
         self.stats.batch_size_sum += len(msgs)
         self.stats.lag = msgs[-1].metadata.num_pending
         return self._size(last + 1, self.stats.lag), None
+
+    async def _handle(self, msgs: list[Msg], first: int) -> list[WalEvent]:
+        """Dead-letter the batch's poison, fold the rest, dead-letter what the plug-in rejects."""
+        if len(msgs) == 1 and first == self._failing_seq and self._failures >= self.max_deliver:
+            await self._dead_letter(
+                msgs[0], "max_deliver", f"failed {self._failures} times in {self.durable}", per_consumer=True
+            )
+            return []
+        events = await self._split(msgs)
+        if events:
+            rejected = await self._dispatch(events)
+            if rejected:
+                by_seq = {stream_seq(m): m for m in msgs}
+                for r in rejected:
+                    await self._dead_letter(by_seq[r.seq], r.reason, r.detail, per_consumer=True)
+        return events
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pump until ``stop``; never gives up on its own (a pump that died would leave its shard leased but unfolded)."""
