@@ -3,6 +3,9 @@
 Each node is an :class:`~kernel.server.EmbeddedServer` with a ``cluster``
 block, rendered by :func:`kernel.natsconf.render_server_config` — the code
 that renders the committed ``nats/cluster/*.conf`` — on ``127.0.0.1`` ports.
+A one-node cluster has no ``cluster`` block: nats-server's clustered
+JetStream needs routes to other servers and would wait for them forever, so
+the one node runs JetStream standalone (its streams have one replica).
 Nodes outlive the command that started them (own session, no parent-death
 signal). What ``up`` started is recorded in ``<data-dir>/cluster.json`` (node
 names, ports, pids); ``down`` and ``status`` read it, and ``up`` on the same
@@ -66,11 +69,19 @@ class ClusterNode(EmbeddedServer):
         self.routes = routes
         self.die_with_parent = False
 
+    @property
+    def standalone(self) -> bool:
+        """The only node: no other server to route to, so no ``cluster`` block."""
+        return self.routes == [self.spec.route_url]
+
     def render_config(self) -> str:
+        clustered = not self.standalone
         return render_server_config(
             topology=self.topology, server_name=self.spec.name, host=self.spec.bind, port=self.port,
             monitor_port=self.monitor_port, store_dir=self.data_dir / "jetstream", max_payload=self.max_payload,
-            cluster_name=self.cluster, cluster_port=self.spec.cluster_port, routes=self.routes,
+            cluster_name=self.cluster if clustered else None,
+            cluster_port=self.spec.cluster_port if clustered else None,
+            routes=self.routes if clustered else (),
         )
 
 
@@ -210,10 +221,18 @@ class LocalCluster:
         return started
 
     def meta_leader(self) -> str | None:
-        """The JetStream meta leader as any running node reports it, once it has a quorum."""
+        """The JetStream meta leader as any running node reports it, once it has a quorum.
+
+        A one-node cluster runs JetStream standalone (no meta group): its node
+        is the leader once its ``/jsz`` shows JetStream enabled.
+        """
         for spec in self.state.nodes:
             jsz = monitor_json(spec, "jsz")
-            meta = (jsz or {}).get("meta_cluster") or {}
+            if jsz is None:
+                continue
+            if len(self.state.nodes) == 1:
+                return spec.name if not jsz.get("disabled") and jsz.get("config") else None
+            meta = jsz.get("meta_cluster") or {}
             if meta.get("leader"):
                 return str(meta["leader"])
         return None

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from kernel.cluster import STATE_FILE, LocalCluster
+from kernel.connect import close, connect
 from kernel.natsbin import find_nats_server
 from kernel.natsconf import committed_configs, supercluster_topology
 from locator.topology import load_topology
-from tests.conftest import cli_env, cli_path
+from tests.conftest import cli_env, cli_path, stream_messages
 
 NATS_DIR = Path(__file__).resolve().parents[2] / "nats"
 
@@ -142,6 +143,42 @@ def test_cluster_up_status_replicas_down(cluster_cli: ClusterCli) -> None:
     assert all(p is None for p in LocalCluster.existing(cluster_cli.data_dir).running().values())
     down = cluster_cli("status", "--json", check=False)
     assert down.returncode == 1 and not any(n["healthy"] for n in json.loads(down.stdout)["nodes"])
+
+
+async def test_one_node_cluster_runs_standalone_jetstream(cluster_cli: ClusterCli) -> None:
+    [url] = cluster_cli.up("--nodes", "1")
+    config = (cluster_cli.data_dir / "n1" / "nats" / "server.conf").read_text()
+    assert "jetstream {" in config and "cluster {" not in config  # clustered JetStream would wait for routes
+    topology = load_topology(cluster_cli.data_dir / "topology.yaml")
+    assert topology.replicas == 1 and list(topology.cells[0].urls) == [url]
+    status = cluster_cli.status()
+    assert [(n["name"], n["healthy"], n["meta_leader"]) for n in status["nodes"]] == [("n1", True, True)]
+    assert len(status["streams"]) == 19 and all(s["followers"] == [] for s in status["streams"])
+    assert cluster_cli("bootstrap").stdout.strip() == "bootstrap created=0 unchanged=19 replicas=1"
+
+    proc = subprocess.run(
+        [cli_path(), "publish", "--topology", str(cluster_cli.data_dir / "topology.yaml"), "--tenant", "acme",
+         "--project", "web", "--execution-id", "7", "--type", "user.hello", "--payload", '{"n": 1}',
+         "--event-id", "one-node-1", "--log-level", "warning"],
+        capture_output=True, text=True, env=cluster_cli.env, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ack = json.loads(proc.stdout)
+    nc = await connect([url], name="pytest-one-node")
+    try:
+        js = nc.jetstream(timeout=10)
+        assert (await js.stream_info(ack["stream"])).config.num_replicas == 1
+        [(seq, subject, msg_id, data)] = await stream_messages(js, ack["stream"])
+    finally:
+        await close(nc)
+    assert (seq, subject, msg_id) == (ack["seq"], "wal.3.acme.web.7.user.hello", "one-node-1")
+    assert json.loads(data)["payload"] == {"n": 1}
+
+    refused = cluster_cli("replicas", "3", check=False)
+    assert refused.returncode == 1 and "refused 3 replicas" in refused.stderr
+    assert cluster_cli("down").stdout.strip() == "stopped n1"
+    assert cluster_cli.up("--nodes", "1") == [url]  # the same node again, on its port and store
+    assert {s["name"]: s["messages"] for s in cluster_cli.status()["streams"]}[ack["stream"]] == 1
 
 
 def test_status_and_down_without_a_cluster_say_how_to_start_one(tmp_path: Path) -> None:
