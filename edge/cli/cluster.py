@@ -83,7 +83,9 @@ def _up(args: argparse.Namespace) -> int:
 
 async def gather_status(cluster: LocalCluster) -> ClusterStatus:
     nodes = node_statuses(cluster)
-    urls = [n.client_url for n in nodes if n.healthy]
+    # Every running node, not only the healthy ones: /healthz is "unavailable" on all of them while new replicas
+    # catch up (e.g. right after `cluster replicas 3`), which is when the stream table matters most.
+    urls = [n.client_url for n in nodes if n.pid is not None]
     if not urls:
         return ClusterStatus(nodes=nodes, streams=[], consumers=[])
     nc = await connect(urls, name="noetl-cluster-status")
