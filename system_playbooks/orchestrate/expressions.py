@@ -69,6 +69,7 @@ __all__ = [
     "ROOTS",
     "Expression",
     "ExpressionError",
+    "Reference",
     "compile_expression",
     "to_text",
 ]
@@ -547,6 +548,30 @@ def _syntax_error(source: _Source, text: str, e: SyntaxError) -> ExpressionError
     return ExpressionError(e.msg, column=column)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reference:
+    """One use of a root name in an expression, as :meth:`Expression.references` lists them.
+
+    ``key`` is the first key after the root when it is a constant (``"fetch"``
+    in ``steps.fetch.result`` and in ``steps['fetch']``, ``0`` in ``item[0]``),
+    None for a bare root or a computed key (``steps[workload.name]``);
+    ``column`` is the 1-based character position of the path in the text.
+    """
+
+    root: str
+    key: str | int | None
+    column: int
+
+
+def _constant_key(node: ast.expr) -> str | int | None:
+    match node:
+        case ast.Constant(value=str() | int() as value) if not isinstance(value, bool):
+            return value
+        case ast.UnaryOp(op=ast.USub(), operand=ast.Constant(value=int() as number)) if not isinstance(number, bool):
+            return -number
+    return None
+
+
 class Expression:
     """A validated expression, ready to evaluate any number of times.
 
@@ -569,6 +594,29 @@ class Expression:
 
     def __repr__(self) -> str:
         return f"Expression({self.text!r})"
+
+    def references(self) -> tuple[Reference, ...]:
+        """Every use of a root name (not of a literal such as ``null``), in the order of the text.
+
+        >>> [(r.root, r.key) for r in compile_expression("steps.a.result + steps['b'].n + len(workload)").references()]
+        [('steps', 'a'), ('steps', 'b'), ('workload', None)]
+        """
+        found: list[Reference] = []
+        seen: set[int] = set()  # names already counted as the root of a path, and function names
+        for node in ast.walk(self._tree):
+            match node:
+                case ast.Attribute(value=ast.Name(id=root) as base, attr=attr):
+                    seen.add(id(base))
+                    found.append(Reference(root, attr, self._source.column(node)))
+                case ast.Subscript(value=ast.Name(id=root) as base, slice=key):
+                    seen.add(id(base))
+                    found.append(Reference(root, _constant_key(key), self._source.column(node)))
+                case ast.Call(func=func):
+                    seen.add(id(func))
+        for node in ast.walk(self._tree):
+            if isinstance(node, ast.Name) and id(node) not in seen and node.id not in LITERALS:
+                found.append(Reference(node.id, None, self._source.column(node)))
+        return tuple(sorted(found, key=lambda reference: reference.column))
 
     def evaluate(self, context: Mapping[str, Any]) -> Any:
         """Evaluate over ``context`` (``workload``, ``steps``, ``item``, ``index``…); a root not given is None."""

@@ -19,6 +19,8 @@ Problems are reported one at a time, the first in document order, as
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,7 +32,7 @@ import yaml
 
 from locator.names import STEP_PATTERN
 from system_playbooks.orchestrate.errors import ExpressionError, PlaybookError
-from system_playbooks.orchestrate.expressions import FUNCTIONS, LITERALS, ROOTS, compile_expression
+from system_playbooks.orchestrate.expressions import FUNCTIONS, LITERALS, ROOTS, Expression, compile_expression
 from system_playbooks.orchestrate.templates import compile_template
 
 __all__ = [
@@ -56,6 +58,8 @@ MAX_PLAYBOOK_BYTES: Final = 1024 * 1024
 PATH_PATTERN: Final = r"^[a-z0-9_-]+(/[a-z0-9_-]+)*$"
 CALL_RE: Final = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z][A-Za-z0-9_]*)$")
 LOOP_VAR_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# What an expression may name outside a loop step's tool; there it may also name the loop's ``as`` and ``index``.
+DATA_ROOTS: Final = frozenset({"workload", "steps"})
 
 StepName = Annotated[str, msgspec.Meta(pattern=STEP_PATTERN)]
 PlaybookPath = Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, max_length=255)]
@@ -297,8 +301,10 @@ def parse_playbook(data: object, *, policy: Policy) -> Playbook:
     except msgspec.ValidationError as e:
         raise _msgspec_error(e) from None
     _check_graph(playbook)
+    steps = frozenset(step.name for step in playbook.steps)
+    loops = _loops(playbook)
     for i, step in enumerate(playbook.steps):
-        _check_step(step, f"steps[{i}]", policy)
+        _check_step(step, f"steps[{i}]", policy, steps=steps, loops=loops)
     return playbook
 
 
@@ -381,22 +387,102 @@ def _check_acyclic(playbook: Playbook, index: Mapping[str, int]) -> None:
 # --- steps ----------------------------------------------------------------
 
 
-def _expression(text: str, path: str, names: frozenset[str] = ROOTS) -> None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Scope:
+    """What the expressions of one place in a step may name: roots (``names``), and the steps of the playbook."""
+
+    step: Step
+    in_tool: bool
+    names: frozenset[str]
+    steps: frozenset[str]
+    loops: Mapping[str, str]  # loop variable -> the first step that declares it
+
+
+def _loops(playbook: Playbook) -> dict[str, str]:
+    loops: dict[str, str] = {}
+    for step in playbook.steps:
+        if step.loop is not None:
+            loops.setdefault(step.loop.as_, step.name)
+    return loops
+
+
+def _broad(scope: _Scope) -> frozenset[str]:
+    """Every name an expression of the playbook may use somewhere: compiling with these finds the other errors."""
+    return ROOTS | frozenset(scope.loops)
+
+
+def _out_of_scope(name: str, scope: _Scope) -> str:
+    step = scope.step
+    if step.loop is not None and name in (step.loop.as_, "index"):
+        why = f"step {step.name!r} defines it for its tool only, not for its loop.over or next"
+    elif step.loop is not None and scope.in_tool:
+        why = f"the loop variable of step {step.name!r} is {step.loop.as_!r}"
+    elif name in scope.loops and name not in ("item", "index"):
+        why = f"the loop variable of step {scope.loops[name]!r}, defined only in that step's tool"
+    else:
+        why = "a loop variable, defined only in the tool of a step with a loop"
+    return f"unknown name {name!r} ({why})"
+
+
+def _unknown_step(key: str | int, steps: frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, steps, n=1) if isinstance(key, str) else []
+    hint = f"did you mean {close[0]!r}?" if close else "not a step of this playbook"
+    return f"unknown step {key!r} ({hint})"
+
+
+def _check_names(expression: Expression, scope: _Scope, offset: int = 0) -> None:
+    """Every root is in scope and every ``steps.<name>`` (or ``steps['name']``) names a step of the playbook."""
+    for reference in expression.references():
+        column = reference.column + offset
+        if reference.root not in scope.names:
+            raise ExpressionError(_out_of_scope(reference.root, scope), column=column)
+        if reference.root == "steps" and reference.key is not None and reference.key not in scope.steps:
+            raise ExpressionError(_unknown_step(reference.key, scope.steps), column=column)
+
+
+def _compile(text: str, scope: _Scope) -> Expression:
     try:
-        compile_expression(text, names=names)
+        return compile_expression(text, names=scope.names)
+    except ExpressionError as e:
+        try:  # the only problem may be a loop variable out of its scope: say so
+            broad = compile_expression(text, names=_broad(scope))
+        except ExpressionError:
+            raise e from None
+        _check_names(broad, scope)
+        raise
+
+
+def _expression(text: str, path: str, scope: _Scope) -> None:
+    try:
+        _check_names(_compile(text, scope), scope)
     except ExpressionError as e:
         raise PlaybookError(str(e), path=path) from None
 
 
-def _template(value: Any, path: str, names: frozenset[str]) -> None:
+def _template(value: Any, path: str, scope: _Scope) -> None:
     try:
-        compile_template(value, names=names)
+        failure: ExpressionError | None = None
+        try:
+            template = compile_template(value, names=scope.names)
+        except ExpressionError as e:
+            failure = e
+            try:  # the only problem may be a loop variable out of its scope: say so
+                template = compile_template(value, names=_broad(scope))
+            except ExpressionError:
+                raise e from None
+        for sub, offset, expression in template.expressions():
+            try:
+                _check_names(expression, scope, offset)
+            except ExpressionError as e:
+                raise ExpressionError(e.reason, column=e.column, path=sub) from None
+        if failure is not None:
+            raise failure
     except ExpressionError as e:
         raise PlaybookError(str(e), path=path + e.path) from None
 
 
-def _check_step(step: Step, where: str, policy: Policy) -> None:
-    names = ROOTS
+def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str], loops: Mapping[str, str]) -> None:
+    around = _Scope(step, False, DATA_ROOTS, steps, loops)
     if step.loop is not None:
         var = step.loop.as_
         if LOOP_VAR_RE.fullmatch(var) is None or var in ROOTS - {"item"} or var in LITERALS or var in FUNCTIONS:
@@ -405,12 +491,12 @@ def _check_step(step: Step, where: str, policy: Policy) -> None:
                 "workload, steps, index, true, false, null and the function names",
                 path=f"{where}.loop.as",
             )
-        _expression(step.loop.over, f"{where}.loop.over")
-        names = ROOTS | {var}
+        _expression(step.loop.over, f"{where}.loop.over", around)
     for j, arc in enumerate(step.next):
         if arc.when is not None:
-            _expression(arc.when, f"{where}.next[{j}].when")
+            _expression(arc.when, f"{where}.next[{j}].when", around)
     tool = f"{where}.tool"
+    inside = around if step.loop is None else _Scope(step, True, DATA_ROOTS | {step.loop.as_, "index"}, steps, loops)
     match step.tool:
         case PythonTool(call=call, args=args):
             if CALL_RE.fullmatch(call) is None:
@@ -421,16 +507,16 @@ def _check_step(step: Step, where: str, policy: Policy) -> None:
                     f"call {call!r} is not allowed by the operator policy (allowed module prefixes: {allowed})",
                     path=f"{tool}.call",
                 )
-            _template(args, f"{tool}.args", names)
+            _template(args, f"{tool}.args", inside)
         case HttpTool(url=url, headers=headers, body=body):
             _check_url(url, f"{tool}.url", policy)
-            _template(url, f"{tool}.url", names)
-            _template(headers, f"{tool}.headers", names)
-            _template(body, f"{tool}.body", names)
+            _template(url, f"{tool}.url", inside)
+            _template(headers, f"{tool}.headers", inside)
+            _template(body, f"{tool}.body", inside)
         case WasmTool(args=args):
-            _template(args, f"{tool}.args", names)
+            _template(args, f"{tool}.args", inside)
         case NoopTool(result=result):
-            _template(result, f"{tool}.result", names)
+            _template(result, f"{tool}.result", inside)
         case CallbackTool():
             pass
 

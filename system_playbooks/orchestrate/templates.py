@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 from system_playbooks.orchestrate.errors import ExpressionError
@@ -94,6 +94,22 @@ def _compile_node(value: Any, names: frozenset[str], path: str, depth: int) -> A
         raise _shift(e, 0, path) from None
 
 
+def _placed(node: Any, path: str) -> Iterator[tuple[str, _Placed]]:
+    match node:
+        case _Whole(expression=placed):
+            yield path, placed
+        case _Interpolation(parts=parts):
+            for part in parts:
+                if isinstance(part, _Placed):
+                    yield path, part
+        case dict():
+            for key, value in node.items():
+                yield from _placed(value, path + _key_path(key))
+        case list():
+            for i, value in enumerate(node):
+                yield from _placed(value, f"{path}[{i}]")
+
+
 def _render_node(node: Any, context: Mapping[str, Any]) -> Any:
     match node:
         case _Whole(expression=expression):
@@ -131,6 +147,16 @@ class Template:
 
     def __repr__(self) -> str:
         return f"Template({self.value!r})"
+
+    def expressions(self) -> Iterator[tuple[str, int, Expression]]:
+        """Each ``{{ expr }}`` in document order: the path of its string (``.headers.X``, ``[2]``), the offset of
+        the expression's text in that string (add it to a column of the expression), and the expression.
+
+        >>> [(path, offset, e.text) for path, offset, e in compile_template({"a": ["x {{ workload.n }}"]}).expressions()]
+        [('.a[0]', 4, ' workload.n ')]
+        """
+        for path, placed in _placed(self._node, ""):
+            yield path, placed.offset, placed.expression
 
     def render(self, context: Mapping[str, Any]) -> Any:
         """Render over ``context``; raise :class:`ExpressionError` if an expression cannot be evaluated."""

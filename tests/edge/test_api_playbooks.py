@@ -135,7 +135,13 @@ async def test_conflicting_version_409_and_nothing_changed(client: httpx.AsyncCl
     assert await kv_state(kv) == before
 
 
-@pytest.mark.parametrize("name", ["unknown_tool", "bad_when", "missing_step", "cycle", "bad_retry", "typo_field"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "unknown_tool", "bad_when", "missing_step", "cycle", "bad_retry", "typo_field",
+        "step_typo_template", "step_typo_when", "step_typo_loop", "loop_var_outside",
+    ],
+)
 async def test_invalid_playbook_422_names_the_path(client: httpx.AsyncClient, kv: KeyValue, name: str) -> None:
     source = (BAD / f"{name}.yaml").read_text()
     expect = source.splitlines()[0].removeprefix("# expect: ")
@@ -250,6 +256,21 @@ def test_cli_register_bad_file_exits_2_and_writes_nothing(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and where_in_file in lines[0] and f"{name}.yaml" in lines[0]
     assert json.loads(cli("playbook", "list", *where).stdout) == {"playbooks": []}
+
+
+async def test_cli_register_and_run_refuse_a_misspelt_step_name(
+    nats_server: EmbeddedServer, js: JetStreamContext, cli: Any, count_wal: Any
+) -> None:
+    where = ["--tenant", "acme", "--project", "web", "--nats-url", nats_server.url]
+    for command in (["playbook", "register"], ["run"]):
+        proc = cli(*command, str(BAD / "step_typo_template.yaml"), *where, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].endswith(
+            "step_typo_template.yaml: steps[1].tool.result: unknown step 'frist' (did you mean 'first'?) at column 4"
+        ), lines
+    assert json.loads(cli("playbook", "list", *where).stdout) == {"playbooks": []}
+    assert await count_wal(js, 4) == [0, 0, 0, 0]
 
 
 def test_cli_register_python_tool_needs_the_policy(nats_server: EmbeddedServer, js: JetStreamContext, cli: Any) -> None:

@@ -231,6 +231,25 @@ def test_loop_variable_names_are_opt_in() -> None:
     assert compile_expression("user.name", names=names).evaluate({"user": {"name": "Ada"}}) == "Ada"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("steps.fetch.result.rows", [("steps", "fetch", 1)]),
+        ("steps['fetch'].result", [("steps", "fetch", 1)]),
+        ("  steps[0]", [("steps", 0, 3)]),
+        ("item[-1]", [("item", -1, 1)]),
+        ("steps[workload.which].result", [("steps", None, 1), ("workload", "which", 7)]),
+        ("len(steps) > index and item", [("steps", None, 5), ("index", None, 14), ("item", None, 24)]),
+        ("workload.a == null or true", [("workload", "a", 1)]),
+        ("[steps.b,\n steps.a]", [("steps", "b", 2), ("steps", "a", 12)]),
+        ("1 + 2", []),
+    ],
+)
+def test_references_list_roots_first_keys_and_columns(text: str, expected: list[tuple[str, Any, int]]) -> None:
+    references = compile_expression(text).references()
+    assert [(r.root, r.key, r.column) for r in references] == expected
+
+
 def test_length_bound() -> None:
     compile_expression("1" * MAX_LENGTH)
     with pytest.raises(ExpressionError, match="more than 1000"):

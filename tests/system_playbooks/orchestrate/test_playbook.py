@@ -88,6 +88,10 @@ def test_bad_cases_cover_the_acceptance_list() -> None:
         "http_host",
         "duplicate",
         "unreachable",
+        "step_typo_template",
+        "step_typo_when",
+        "step_typo_loop",
+        "loop_var_outside",
     }
 
 
@@ -130,7 +134,7 @@ def test_tool_kinds_decode_to_their_structs() -> None:
         ("http://API.EXAMPLE.COM:8443/v1?q=1", True),
         ("https://api.example.com./v1", True),
         ("https://x.example.org/", True),
-        ("https://a.b.example.org/{{ item }}", True),
+        ("https://a.b.example.org/{{ workload.id }}", True),
         ("https://example.org/", False),  # a wildcard does not cover the apex
         ("https://evilexample.org/", False),
         ("https://api.example.com.evil.net/", False),
@@ -235,6 +239,119 @@ def test_loop_variable_is_scoped_to_its_step_tool() -> None:
     step["next"] = [{"step": "b", "when": "row"}]
     error = rejects(doc(step, noop("b")))
     assert str(error).startswith("steps[0].next[0].when: unknown name 'row'")
+
+
+# --- names: steps.<name> and loop variables ---------------------------------
+
+
+def linear(result: Any, *, when: str | None = None) -> dict[str, Any]:
+    """Steps first -> second, ``second``'s result templated, the arc optionally guarded."""
+    arc: dict[str, Any] = {"step": "second"} if when is None else {"step": "second", "when": when}
+    first = {"name": "first", "tool": {"kind": "noop", "result": 1}, "next": [arc]}
+    return doc(first, {"name": "second", "tool": {"kind": "noop", "result": result}})
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            linear("{{ steps.frist.result }} then second"),
+            "steps[1].tool.result: unknown step 'frist' (did you mean 'first'?) at column 4",
+        ),
+        (
+            linear({"rows": ["x", "a {{ steps['secnd'] }}"]}),
+            "steps[1].tool.result.rows[1]: unknown step 'secnd' (did you mean 'second'?) at column 6",
+        ),
+        (
+            linear(None, when="steps.first.result and steps.frist.result > 1"),
+            "steps[0].next[0].when: unknown step 'frist' (did you mean 'first'?) at column 24",
+        ),
+        (
+            doc(noop("a", loop={"over": "steps.nothing_like_it.result"})),
+            "steps[0].loop.over: unknown step 'nothing_like_it' (not a step of this playbook) at column 1",
+        ),
+        (
+            doc({"name": "a", "tool": {"kind": "python", "call": "examples.tools.math:add", "args": {"x": "{{ steps[0] }}"}}}),
+            "steps[0].tool.args.x: unknown step 0 (not a step of this playbook) at column 4",
+        ),
+        (
+            doc({"name": "a", "tool": {"kind": "http", "url": "https://api.example.com/{{ steps.b.result }}"}}),
+            "steps[0].tool.url: unknown step 'b' (not a step of this playbook) at column 28",
+        ),
+        (
+            doc({"name": "a", "tool": {"kind": "http", "url": "https://api.example.com/", "headers": {"X": "{{ steps.aa }}"}}}),
+            "steps[0].tool.headers.X: unknown step 'aa' (did you mean 'a'?) at column 4",
+        ),
+    ],
+)
+def test_a_misspelt_step_name_is_refused_with_its_path(data: dict[str, Any], expected: str) -> None:
+    error = rejects(data)
+    assert str(error) == expected
+    assert error.path == expected.partition(": ")[0]
+
+
+def test_step_references_that_name_real_steps_or_are_computed_load() -> None:
+    data = linear(
+        ["{{ steps.first.result }}", "{{ steps['second'] }}", "{{ steps[workload.which].result }}", "{{ len(steps) }}"],
+        when="steps.first.status == 'COMPLETED' and workload.anything.at.all == null",
+    )
+    playbook = parse_playbook(data, policy=POLICY)
+    assert [s.name for s in playbook.steps] == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (
+            {"name": "a", "tool": {"kind": "noop", "result": "{{ item }}"}},
+            "steps[0].tool.result: unknown name 'item' (a loop variable, defined only in the tool of a step with a loop)",
+        ),
+        (
+            {"name": "a", "tool": {"kind": "noop", "result": "#{{ index }}"}},
+            "steps[0].tool.result: unknown name 'index' (a loop variable, defined only in the tool of a step with a loop)",
+        ),
+        (
+            {"name": "a", "loop": {"over": "workload.rows", "as": "row"}, "tool": {"kind": "noop", "result": "{{ item }}"}},
+            "steps[0].tool.result: unknown name 'item' (the loop variable of step 'a' is 'row')",
+        ),
+        (
+            {"name": "a", "loop": {"over": "item"}, "tool": {"kind": "noop"}},
+            "steps[0].loop.over: unknown name 'item' (step 'a' defines it for its tool only, not for its loop.over or next)",
+        ),
+        (
+            noop("a", "b", loop={"over": "workload.rows"}) | {"next": [{"step": "b", "when": "index > 1"}]},
+            "steps[0].next[0].when: unknown name 'index' (step 'a' defines it for its tool only",
+        ),
+    ],
+)
+def test_a_loop_variable_outside_its_loop_step_tool_is_refused(step: dict[str, Any], expected: str) -> None:
+    steps = [step, noop("b")] if step.get("next") else [step]
+    assert str(rejects(doc(*steps))).startswith(expected)
+
+
+def test_a_loop_variable_of_another_step_is_named() -> None:
+    loop = noop("a", "b", loop={"over": "workload.rows", "as": "row"})
+    error = rejects(doc(loop, {"name": "b", "tool": {"kind": "noop", "result": "{{ row.id }}"}}))
+    assert str(error) == (
+        "steps[1].tool.result: unknown name 'row' (the loop variable of step 'a', defined only in that step's tool) "
+        "at column 4"
+    )
+
+
+def test_a_loop_step_tool_sees_its_variable_and_index() -> None:
+    step = noop("a", loop={"over": "workload.rows", "as": "row"})
+    step["tool"] = {"kind": "noop", "result": ["{{ row.id }}-{{ index }}", "{{ workload[row.key] }}", "{{ steps.a }}"]}
+    assert parse_playbook(doc(step), policy=POLICY).steps[0].loop is not None
+    default = noop("a", loop={"over": "workload.rows"})
+    default["tool"] = {"kind": "noop", "result": "{{ item }} #{{ index }}"}
+    parse_playbook(doc(default), policy=POLICY)
+
+
+def test_other_expression_errors_come_first_and_list_the_names_in_scope() -> None:
+    error = rejects(linear("{{ bogus }}"))
+    assert str(error) == "steps[1].tool.result: unknown name 'bogus' (use one of steps, workload) at column 4"
+    error = rejects(linear("{{ item.__class__ }}"))
+    assert str(error).startswith("steps[1].tool.result: dunder attribute '__class__' is not allowed")
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,15 @@ def test_compile_errors_name_the_path_and_column(value: Any, path: str, message:
     assert message in str(info.value)
 
 
+def test_expressions_are_listed_with_their_path_and_offset() -> None:
+    template = compile_template({"a": "{{ steps.x }}", "b": ["k", "id-{{ item }}/{{index}}"], "c": {"d e": "{{ 1 }}"}})
+    found = [(path, offset, e.text) for path, offset, e in template.expressions()]
+    assert found == [(".a", 2, " steps.x "), (".b[1]", 5, " item "), (".b[1]", 16, "index"), (".c['d e']", 2, " 1 ")]
+    # an expression's column plus its offset is the column in the template string
+    _, offset, expression = list(template.expressions())[1]
+    assert expression.references()[0].column + offset == len("id-{{ ") + 1
+
+
 def test_render_errors_are_expression_errors_with_template_columns() -> None:
     with pytest.raises(ExpressionError, match=r"division by zero at column 8"):
         render_template("x = {{ 1 / 0 }}", {})
