@@ -429,7 +429,10 @@ def test_the_readme_tour_runs_as_written(up: Tour) -> None:
                     raise AssertionError(f"tour block failed:\n{block.body}\n{e}") from None
                 time.sleep(0.5)
         tour.outputs.append((written, proc.stdout))
-        (checked.append(found[0]) if found else unchecked.append(written.body))
+        if found is None:
+            unchecked.append(written.body)
+        else:
+            checked.append(found[0])
         for b in waiting:
             b.finish()
         waiting.clear()
