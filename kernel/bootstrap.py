@@ -193,6 +193,11 @@ def shard_assets(
             ),
             cell,
         ),
+        _kv_asset(
+            # Where each execution's archived history parts are (system/cleanup writes, history readers read).
+            KeyValueConfig(bucket=sub.hist_bucket(shard), history=1, storage=StorageType.FILE, replicas=replicas, direct=True),
+            cell,
+        ),
     ]
 
 

@@ -26,6 +26,7 @@ from kernel.errors import KernelError
 from kernel.producer import Producer
 from locator.subjects import CATALOG_BUCKET, cmd_subjects, execution_filter, wal_stream
 from locator.topology import Topology
+from projector.archive import Archiver, HistoryArchive
 from projector.cache import ProjectionCache
 from projector.fold import WalEvent
 from projector.replay import history
@@ -44,6 +45,7 @@ CAPABILITIES = frozenset(
         "history.read",  # read one execution's WAL history
         "catalog.read",  # read the playbook catalog bucket
         "results.write",  # store large step results in object storage
+        "history.archive",  # move executions' histories from the WAL to the archive (system/cleanup)
     }
 )
 HISTORY_LIMIT = 1_000_000
@@ -132,6 +134,19 @@ class ShardContext:
             self._results = ResultStore(self._snapshots.base_url, storage_options=self._snapshots.storage_options)
         return self._results
 
+    def archiver(self) -> Archiver:
+        """Moves histories from this shard's WAL to the archive in object storage."""
+        self._need("history.archive")
+        assert self._js is not None and self._snapshots is not None
+        archive = HistoryArchive.at(self._snapshots.base_url, storage_options=self._snapshots.storage_options)
+        return Archiver(self._js, shard=self.shard, archive=archive)
+
+    def history_archive(self) -> HistoryArchive | None:
+        """The archive history readers read first (None without an object store)."""
+        if self._snapshots is None:
+            return None
+        return HistoryArchive.at(self._snapshots.base_url, storage_options=self._snapshots.storage_options)
+
     def producer(self) -> Producer:
         self._need("events.publish")
         assert self._js is not None and self._topology is not None
@@ -174,7 +189,7 @@ class ShardContext:
         assert self._js is not None and self._topology is not None
         async for event in history(
             self._js, shard=self.shard, shard_count=self._topology.shard_count, tenant=tenant, project=project,
-            execution_id=execution_id, limit=HISTORY_LIMIT,
+            execution_id=execution_id, limit=HISTORY_LIMIT, archive=self.history_archive(),
         ):
             yield event
 
@@ -219,7 +234,7 @@ def load_manifest(path: Path) -> Manifest:
     return manifest
 
 
-SYSTEM_PLUGINS = ("project", "orchestrate", "materialize")  # in the order their pumps start
+SYSTEM_PLUGINS = ("project", "orchestrate", "materialize", "cleanup")  # in the order their pumps start
 
 
 def system_manifests(names: Sequence[str] = SYSTEM_PLUGINS) -> list[Manifest]:

@@ -129,6 +129,7 @@ class Pump:
         self._failing_seq = 0  # first sequence of the batch that failed last
         self._failures = 0  # consecutive failures at _failing_seq
         self._isolate_until = 0  # handle one message at a time up to this sequence
+        self._stop = asyncio.Event()  # run()'s: a pause ends early when the pump is stopped
 
     async def _subscribe(self, start_seq: int | None = None) -> JetStreamContext.PullSubscription:
         """(Re)create the durable consumer at ``start_seq``, or at its own ack floor + 1."""
@@ -225,6 +226,13 @@ class Pump:
         self.stats.failures += 1
         self.log.error("batch.failed", error=repr(error), first_seq=first, last_seq=last, failures=self._failures)
 
+    async def _pause(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less if the pump is told to stop meanwhile."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
     def _size(self, next_seq: int, lag: int) -> int:
         if next_seq <= self._isolate_until:
             return 1
@@ -241,13 +249,13 @@ class Pump:
             events = await self._handle(msgs, first)
         except Retry as e:
             self.log.info("batch.later", reason=str(e), delay=e.delay, first_seq=first)
-            await asyncio.sleep(e.delay)
+            await self._pause(e.delay)
             return size, first
         except TRANSIENT:
             raise  # NATS is away: run() resubscribes from the ack floor, and this batch is not held against it
         except Exception as e:  # anything else, in the decode, the plug-in or a dead letter, must never stop the shard
             await self._failed(msgs, e)
-            await asyncio.sleep(min(30.0, 0.2 * 2 ** min(self._failures, 8)))
+            await self._pause(min(30.0, 0.2 * 2 ** min(self._failures, 8)))
             return self._size(first, 0), first
         # Not waited for: the next fetch follows on the same connection, so the server has the ack first;
         # an ack lost with the connection only redelivers a batch, which every plug-in handles idempotently.
@@ -280,6 +288,7 @@ class Pump:
     async def run(self, stop: asyncio.Event) -> None:
         """Pump until ``stop``; never gives up on its own (a pump that died would leave its shard leased but unfolded)."""
         sub: JetStreamContext.PullSubscription | None = None
+        self._stop = stop
         self.log.info("pump.started")
         size = min(100, self.max_batch)
         redo: int | None = None

@@ -34,6 +34,11 @@ def proj_bucket(shard: int) -> str:
     return f"proj_{shard}"
 
 
+def hist_bucket(shard: int) -> str:
+    """Where an execution's archived history parts are recorded (KV, key = execution id)."""
+    return f"hist_{shard}"
+
+
 def wal_subjects(shard: int) -> str:
     """The subject filter a shard's WAL stream captures."""
     return f"wal.{shard}.>"

@@ -17,6 +17,7 @@ from nats.js.errors import NotFoundError
 
 from locator.envelope import EnvelopeError, decode_wal_message
 from locator.subjects import execution_filter, wal_stream
+from projector.archive import HistoryArchive, archived_messages
 from projector.cache import CacheEntry, ProjectionCache
 from projector.errors import ProjectorError, ReplayLimitExceeded
 from projector.fold import WalEvent, fold
@@ -66,12 +67,37 @@ async def history(
     until_seq: int | None = None,
     idle_timeout: float = 5.0,
     progress: Callable[[int, int], None] | None = None,
+    archive: HistoryArchive | None = None,
 ) -> AsyncGenerator[WalEvent, None]:
     """The execution's events after ``after_seq`` in WAL order, poison skipped (as the pump skips it).
 
+    Across tiers: what ``system/cleanup`` archived is read from ``archive`` first, then the WAL after the
+    archive's last seq (an archived execution read without ``archive`` raises :class:`ArchiveError`).
     ``progress(read, total)`` is called on the first message, every :data:`PROGRESS_EVERY` messages and
-    on the last; ``total`` is how many messages of the execution the WAL held when reading began.
+    on the last; ``total`` is how many messages of the execution the tiers held when reading began.
     """
+    ref, archived = await archived_messages(
+        js, archive, shard=shard, tenant=tenant, project=project, execution_id=execution_id,
+        after_seq=after_seq, until_seq=until_seq,
+    )
+    read = 0
+    if archived:
+        if len(archived) > limit:
+            raise ReplayLimitExceeded(
+                f"replaying execution {execution_id} would read {len(archived)} archived events, over the "
+                f"limit of {limit}; raise the limit"
+            )
+        for m in archived:
+            read += 1
+            if progress is not None and (read == 1 or read % PROGRESS_EVERY == 0):
+                progress(read, len(archived))
+            try:
+                env = decode_wal_message(m.subject, m.data, shard_count=shard_count)
+            except EnvelopeError:
+                continue
+            yield WalEvent(m.seq, env)
+    if ref is not None:
+        after_seq = max(after_seq, ref.last_seq)
     stream = wal_stream(shard)
     subject = execution_filter(shard, tenant, project, execution_id)
     try:
@@ -84,7 +110,7 @@ async def history(
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first.seq)
     sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, inactive_threshold=30.0)
     try:
-        read = total = 0
+        wal_read = total = 0
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
@@ -93,15 +119,16 @@ async def history(
             seq, pending = _position(msg)
             if until_seq is not None and seq > until_seq:
                 return
+            wal_read += 1
             read += 1
-            if read == 1:
-                total = pending + 1
+            if wal_read == 1:
+                total = len(archived) + pending + 1
                 if total > limit:
                     raise ReplayLimitExceeded(
                         f"replaying execution {execution_id} would read {total} events, over the "
                         f"limit of {limit}; materialize a snapshot first or raise the limit"
                     )
-            if progress is not None and (read == 1 or read % PROGRESS_EVERY == 0 or pending == 0):
+            if progress is not None and (wal_read == 1 or read % PROGRESS_EVERY == 0 or pending == 0):
                 progress(read, max(total, read))
             try:
                 env = decode_wal_message(msg.subject, msg.data or b"", shard_count=shard_count)
@@ -126,6 +153,7 @@ async def replay(
     base: Projection | None = None,
     limit: int = DEFAULT_LIMIT,
     until_seq: int | None = None,
+    archive: HistoryArchive | None = None,
 ) -> Projection | None:
     """``fold(base, events after base.last_seq)``; None if the execution has no events at all."""
     events = [
@@ -140,6 +168,7 @@ async def replay(
             after_seq=base.last_seq if base else 0,
             limit=limit,
             until_seq=until_seq,
+            archive=archive,
         )
     ]
     return fold(base, events)

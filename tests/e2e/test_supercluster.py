@@ -50,6 +50,7 @@ from locator.subjects import (
     LEASES_BUCKET,
     cmd_stream,
     dlq_stream,
+    hist_bucket,
     ingest_subject,
     proj_bucket,
     wal_stream,
@@ -175,9 +176,9 @@ async def test_two_cells_place_route_fold_and_serve(
 
     # One bootstrap through the west cell lays out both cells.
     report = await bootstrap_when_ready(list(topo.cell("west").urls), topo, settings=StreamSettings())
-    assert len(report.created) == 19 and not report.unchanged
+    assert len(report.created) == 23 and not report.unchanged
     for shard, cell in owner.items():
-        for stream in (wal_stream(shard), cmd_stream(shard), dlq_stream(shard), f"KV_{proj_bucket(shard)}"):
+        for stream in (wal_stream(shard), cmd_stream(shard), dlq_stream(shard), f"KV_{proj_bucket(shard)}", f"KV_{hist_bucket(shard)}"):
             info = await cell_js[cell].stream_info(stream)
             assert info.cluster is not None and info.cluster.name == cell, (stream, info.cluster)
     for stream in ("KV_catalog", "KV_leases", "OBJ_plugins"):  # the global buckets: the first cell

@@ -113,7 +113,7 @@ def test_cluster_up_status_replicas_down(cluster_cli: ClusterCli) -> None:
     wal = {s["name"]: s for s in status["streams"] if s["name"].startswith("WAL_")}
     assert sorted(wal) == ["WAL_0", "WAL_1", "WAL_2", "WAL_3"]
     assert all(s["leader"] and len(s["followers"]) == 2 for s in wal.values())
-    assert len(status["streams"]) == 19  # 4 × (WAL, CMD, DLQ, proj KV) + catalog, leases, plugins
+    assert len(status["streams"]) == 23  # 4 × (WAL, CMD, DLQ, proj KV, hist KV) + catalog, leases, plugins
 
     pids = cluster_cli.pids()
     assert cluster_cli.up() == urls and cluster_cli.pids() == pids  # up again: nothing restarted
@@ -132,7 +132,7 @@ def test_cluster_up_status_replicas_down(cluster_cli: ClusterCli) -> None:
 
     # The explicit change, both ways; the local topology file follows.
     changed = cluster_cli("replicas", "1").stdout.splitlines()
-    assert len(changed) == 19 and "WAL_0 3 -> 1" in changed
+    assert len(changed) == 23 and "WAL_0 3 -> 1" in changed
     assert {len(s["followers"]) for s in cluster_cli.status()["streams"]} == {0}
     assert load_topology(cluster_cli.data_dir / "topology.yaml").replicas == 1
     cluster_cli("bootstrap", "--nats-url", urls[0])  # R1 now matches
@@ -153,7 +153,7 @@ async def test_one_node_cluster_runs_standalone_jetstream(cluster_cli: ClusterCl
     assert topology.replicas == 1 and list(topology.cells[0].urls) == [url]
     status = cluster_cli.status()
     assert [(n["name"], n["healthy"], n["meta_leader"]) for n in status["nodes"]] == [("n1", True, True)]
-    assert len(status["streams"]) == 19 and all(s["followers"] == [] for s in status["streams"])
+    assert len(status["streams"]) == 23 and all(s["followers"] == [] for s in status["streams"])
     assert cluster_cli("bootstrap").stdout.strip() == "bootstrap created=0 unchanged=19 replicas=1"
 
     proc = subprocess.run(

@@ -1,0 +1,438 @@
+"""The history archive: an execution's WAL messages, byte for byte, in Arrow IPC segments in object storage.
+
+The cold tier of an execution's history. A segment holds many executions,
+one row per stored message, in the columns the design of record fixes
+(``seq``, ``stored_at``, ``subject``, ``headers``, ``data``, ``execution_id``,
+``tenant``, ``project``), zstd-compressed, so any Arrow tool reads it without
+noetl-edge. Segments live under ``<objects>/history/shard=<n>/``.
+
+Where an execution's archived part is kept: KV ``hist_<shard>``, key = the
+execution id, value an :class:`ArchiveRef` (its parts: segment, first row,
+row count, seq range and a digest of the bytes). A reader of history reads
+those parts first, then the WAL after the last archived seq; the WAL messages
+are purged only once the archive is written, read back, checked against what
+was read from the WAL, and its ref is stored. See :class:`Archiver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import msgspec
+import nats.errors
+import pyarrow as pa
+import pyarrow.ipc
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from locator.subjects import execution_filter, hist_bucket, wal_stream
+from projector.errors import ProjectorError
+from projector.objects import ObjectRoot
+
+HISTORY_SCHEMA = pa.schema(
+    [
+        pa.field("seq", pa.uint64(), nullable=False),
+        pa.field("stored_at", pa.timestamp("ns", tz="UTC"), nullable=False),
+        pa.field("subject", pa.string(), nullable=False),
+        pa.field("headers", pa.string(), nullable=False),  # JSON object text ({} when none)
+        pa.field("data", pa.large_binary(), nullable=False),  # the exact stored bytes
+        pa.field("execution_id", pa.string(), nullable=False),
+        pa.field("tenant", pa.string(), nullable=False),
+        pa.field("project", pa.string(), nullable=False),
+    ]
+)
+# Rows per record batch: a point read decompresses the batches that hold one execution, not the segment.
+BATCH_ROWS = 1024
+_BATCH_ROWS_KEY = b"noetl.batch_rows"
+
+
+class ArchiveError(ProjectorError):
+    """An archive segment could not be written, read, or did not match what the WAL held."""
+
+
+class StoredMessage(NamedTuple):
+    """One WAL message as the stream stored it."""
+
+    seq: int
+    stored_at_ns: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+class ArchivePart(msgspec.Struct, frozen=True, kw_only=True):
+    """Rows ``[row, row + rows)`` of ``segment``: the execution's messages with seqs ``first_seq``…``last_seq``."""
+
+    segment: str
+    row: int
+    rows: int
+    first_seq: int
+    last_seq: int
+    digest: str
+
+
+class ArchiveRef(msgspec.Struct, frozen=True, kw_only=True):
+    """What of one execution's history is archived (KV ``hist_<shard>`` value)."""
+
+    tenant: str
+    project: str
+    parts: tuple[ArchivePart, ...]
+    archived_at: str
+
+    @property
+    def last_seq(self) -> int:
+        return self.parts[-1].last_seq if self.parts else 0
+
+    @property
+    def count(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+
+_ref_decoder = msgspec.json.Decoder(ArchiveRef)
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def digest(messages: Iterable[StoredMessage]) -> str:
+    """sha256 over each message's seq, subject and exact bytes, in order.
+
+    >>> digest([]) == hashlib.sha256().hexdigest()
+    True
+    """
+    h = hashlib.sha256()
+    for m in messages:
+        subject = m.subject.encode()
+        h.update(m.seq.to_bytes(8, "big") + len(subject).to_bytes(4, "big") + subject)
+        h.update(len(m.data).to_bytes(8, "big") + m.data)
+    return h.hexdigest()
+
+
+def _stored_at(msg: Msg) -> int:
+    """Nanoseconds since the epoch at which the stream stored ``msg`` (a token of its reply subject)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[7])
+    if len(tokens) >= 11:
+        return int(tokens[9])
+    return int(msg.metadata.timestamp.timestamp() * 1e9)
+
+
+async def read_stored(
+    js: JetStreamContext,
+    *,
+    shard: int,
+    tenant: str,
+    project: str,
+    execution_id: str,
+    after_seq: int = 0,
+    idle_timeout: float = 5.0,
+) -> list[StoredMessage]:
+    """Every message of the execution's WAL subject after ``after_seq``, as stored (poison included)."""
+    stream = wal_stream(shard)
+    subject = execution_filter(shard, tenant, project, execution_id)
+    try:
+        first = await js.get_msg(stream, seq=after_seq + 1, next=True, subject=subject)
+    except NotFoundError:
+        return []
+    assert first.seq is not None
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first.seq)
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, inactive_threshold=30.0)
+    out: list[StoredMessage] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout)
+            except nats.errors.TimeoutError as e:
+                raise ArchiveError(f"reading {execution_id} from {stream} stalled: no message for {idle_timeout}s") from e
+            meta = msg.metadata
+            headers = {k: v for k, v in (msg.headers or {}).items()}
+            out.append(StoredMessage(meta.sequence.stream, _stored_at(msg), msg.subject, headers, msg.data or b""))
+            if meta.num_pending == 0:
+                return out
+    finally:
+        await sub.unsubscribe()
+
+
+class ArchivedExecution(NamedTuple):
+    tenant: str
+    project: str
+    execution_id: str
+    messages: Sequence[StoredMessage]
+
+
+def _encode(executions: Sequence[ArchivedExecution]) -> bytes:
+    columns: dict[str, list[Any]] = {name: [] for name in HISTORY_SCHEMA.names}
+    for ex in executions:
+        for m in ex.messages:
+            columns["seq"].append(m.seq)
+            columns["stored_at"].append(m.stored_at_ns)
+            columns["subject"].append(m.subject)
+            columns["headers"].append(json.dumps(m.headers, sort_keys=True, ensure_ascii=False))
+            columns["data"].append(m.data)
+            columns["execution_id"].append(ex.execution_id)
+            columns["tenant"].append(ex.tenant)
+            columns["project"].append(ex.project)
+    try:
+        table = pa.Table.from_pydict(columns, schema=HISTORY_SCHEMA)
+        sink = pa.BufferOutputStream()
+        schema = HISTORY_SCHEMA.with_metadata({_BATCH_ROWS_KEY: str(BATCH_ROWS).encode()})
+        options = pyarrow.ipc.IpcWriteOptions(compression="zstd")
+        with pyarrow.ipc.new_file(sink, schema, options=options) as writer:
+            for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+                writer.write_batch(batch)
+    except (pa.ArrowException, OverflowError, TypeError, OSError) as e:
+        raise ArchiveError(f"could not encode a history segment: {e}") from e
+    return bytes(sink.getvalue())
+
+
+def _messages(table: pa.Table) -> list[StoredMessage]:
+    stored = table.column("stored_at").cast(pa.int64()).to_pylist()
+    return [
+        StoredMessage(seq, at, subject, json.loads(headers), data)
+        for seq, at, subject, headers, data in zip(
+            table.column("seq").to_pylist(),
+            stored,
+            table.column("subject").to_pylist(),
+            table.column("headers").to_pylist(),
+            table.column("data").to_pylist(),
+            strict=True,
+        )
+    ]
+
+
+class HistoryArchive:
+    """History segments in object storage, under ``<base>/history/shard=<n>/``.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> archive = HistoryArchive(ObjectRoot(f"file://{tmp.name}/objects"))
+    >>> m = StoredMessage(5, 1_000_000_000, "wal.0.a.b.42.user.x", {}, b'{"v":1}')
+    >>> uri, parts = archive.write_segment(0, [ArchivedExecution("a", "b", "42", [m])])
+    >>> archive.read_part(parts["42"]) == [m]
+    True
+    >>> tmp.cleanup()
+    """
+
+    def __init__(self, root: ObjectRoot) -> None:
+        self.root = root
+
+    @classmethod
+    def at(cls, base_url: str, *, storage_options: dict[str, Any] | None = None) -> HistoryArchive:
+        return cls(ObjectRoot(base_url, storage_options=storage_options))
+
+    def write_segment(self, shard: int, executions: Sequence[ArchivedExecution]) -> tuple[str, dict[str, ArchivePart]]:
+        """Write one segment (executions in the given order); its URI and each execution's part."""
+        if not executions or not all(ex.messages for ex in executions):
+            raise ArchiveError(f"refusing to archive nothing for shard {shard}")
+        now = datetime.now(UTC)
+        name = f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex}.arrow"
+        path = self.root.path("history", f"shard={shard}", name)
+        try:
+            uri = self.root.write(path, _encode(executions))
+        except OSError as e:
+            raise ArchiveError(f"could not write history segment {self.root.uri(path)}: {e}") from e
+        parts: dict[str, ArchivePart] = {}
+        row = 0
+        for ex in executions:
+            parts[ex.execution_id] = ArchivePart(
+                segment=uri, row=row, rows=len(ex.messages), first_seq=ex.messages[0].seq,
+                last_seq=ex.messages[-1].seq, digest=digest(ex.messages),
+            )
+            row += len(ex.messages)
+        return uri, parts
+
+    def read_part(self, part: ArchivePart) -> list[StoredMessage]:
+        """The messages of one part, reading only the record batches that hold its rows."""
+        try:
+            path = self.root.path_of(part.segment)
+        except ValueError as e:
+            raise ArchiveError(str(e)) from e
+        try:
+            with self.root.fs.open(path, "rb", cache_type="none") as f:
+                reader = pyarrow.ipc.open_file(f)
+                per_batch = int((reader.schema.metadata or {}).get(_BATCH_ROWS_KEY, 0)) or None
+                batches = []
+                if per_batch:
+                    first, last = part.row // per_batch, (part.row + part.rows - 1) // per_batch
+                    offset = part.row - first * per_batch
+                    for index in range(first, min(last + 1, reader.num_record_batches)):
+                        batches.append(reader.get_batch(index))
+                else:
+                    offset = part.row
+                    batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+                table = pa.Table.from_batches(batches, schema=reader.schema).slice(offset, part.rows)
+        except FileNotFoundError as e:
+            raise ArchiveError(f"history segment not found: {part.segment}") from e
+        except (OSError, pa.ArrowException) as e:
+            raise ArchiveError(f"could not read history segment {part.segment}: {e}") from e
+        messages = _messages(table)
+        if len(messages) != part.rows:
+            raise ArchiveError(f"history segment {part.segment} has {len(messages)} of rows {part.row}+{part.rows}")
+        return messages
+
+    def verify(self, part: ArchivePart) -> None:
+        """Read ``part`` back and check its count, seq range and digest; raise :class:`ArchiveError` if any differs."""
+        messages = self.read_part(part)
+        if (messages[0].seq, messages[-1].seq, digest(messages)) != (part.first_seq, part.last_seq, part.digest):
+            raise ArchiveError(f"history segment {part.segment} rows {part.row}+{part.rows} do not match the WAL")
+
+    def list_segments(self, shard: int) -> list[str]:
+        directory = self.root.path("history", f"shard={shard}")
+        self.root.fs.invalidate_cache(directory)
+        try:
+            paths = self.root.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(self.root.uri(p) for p in paths if p.endswith(".arrow") and not p.rsplit("/", 1)[-1].startswith("."))
+
+
+class ArchiveIndex:
+    """KV ``hist_<shard>``: execution id → :class:`ArchiveRef`, written compare-and-set.
+
+    Built without asking the server for the bucket's info (a read of history
+    pays one direct get here, not two round trips); a bucket that does not
+    exist (a cell bootstrapped before the archive) reads as "nothing archived".
+    """
+
+    def __init__(self, js: JetStreamContext, shard: int) -> None:
+        bucket = hist_bucket(shard)
+        self.bucket = bucket
+        self.kv = KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=js, direct=True)
+
+    async def get(self, execution_id: str) -> tuple[ArchiveRef | None, int | None]:
+        """The ref and its revision (None, None when nothing of the execution is archived)."""
+        try:
+            entry = await self.kv.get(execution_id)
+        except (NotFoundError, nats.errors.NoRespondersError):
+            return None, None
+        assert entry.value is not None
+        try:
+            return _ref_decoder.decode(entry.value), entry.revision
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ArchiveError(f"archive ref of {execution_id} in {self.bucket} is unreadable: {e}") from e
+
+    async def put(self, execution_id: str, ref: ArchiveRef, *, revision: int | None) -> int:
+        data = _encoder.encode(ref)
+        try:
+            if revision is None:
+                return int(await self.kv.create(execution_id, data))
+            return int(await self.kv.update(execution_id, data, last=revision))
+        except KeyWrongLastSequenceError as e:
+            raise ArchiveError(f"archive ref of {execution_id} changed while archiving (another kernel?)") from e
+        except nats.errors.NoRespondersError as e:
+            raise ArchiveError(f"the {self.bucket} bucket is missing: run bootstrap (up and kernel do)") from e
+
+
+async def archived_messages(
+    js: JetStreamContext,
+    archive: HistoryArchive | None,
+    *,
+    shard: int,
+    tenant: str,
+    project: str,
+    execution_id: str,
+    after_seq: int = 0,
+    until_seq: int | None = None,
+) -> tuple[ArchiveRef | None, list[StoredMessage]]:
+    """The ref and the archived messages after ``after_seq`` (up to ``until_seq``), in seq order.
+
+    (None, []) if nothing of the execution is archived. Only the parts that hold such seqs are read.
+    """
+    ref, _ = await ArchiveIndex(js, shard).get(execution_id)
+    if ref is None or (ref.tenant, ref.project) != (tenant, project):
+        return None, []
+    wanted = [p for p in ref.parts if p.last_seq > after_seq and (until_seq is None or p.first_seq <= until_seq)]
+    if wanted and archive is None:
+        raise ArchiveError(
+            f"execution {execution_id} is archived, and this reader was given no object store to read it from"
+        )
+    messages: list[StoredMessage] = []
+    for part in wanted:
+        assert archive is not None
+        messages += await asyncio.to_thread(archive.read_part, part)
+    return ref, [m for m in messages if m.seq > after_seq and (until_seq is None or m.seq <= until_seq)]
+
+
+class ArchiveReport(NamedTuple):
+    executions: int
+    messages: int
+    segment: str | None
+
+
+class Archiver:
+    """Moves executions' histories from the WAL to the archive: write, verify, record, then purge.
+
+    Crash-safe at every step: until the ref is stored the WAL still holds
+    everything (a segment written but not referenced is garbage, never read);
+    once it is stored, readers take the archive up to its last seq and the WAL
+    after it, so the purge that follows changes nothing they see; a re-run
+    skips what is archived and purges what is left.
+    """
+
+    def __init__(self, js: JetStreamContext, *, shard: int, archive: HistoryArchive, concurrency: int = 16) -> None:
+        self.js = js
+        self.shard = shard
+        self.archive = archive
+        self.concurrency = concurrency
+        self.faults: set[str] = set()  # fault injection points for crash tests (see system/cleanup)
+
+    async def archive_executions(self, executions: Sequence[tuple[str, str, str]]) -> ArchiveReport:
+        """Archive everything the WAL holds of each (tenant, project, execution id) beyond its archived part."""
+        index = ArchiveIndex(self.js, self.shard)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def pending(tenant: str, project: str, execution_id: str) -> tuple[ArchivedExecution, ArchiveRef | None, int | None] | None:
+            async with gate:
+                ref, revision = await index.get(execution_id)
+                if ref is not None and (ref.tenant, ref.project) != (tenant, project):
+                    return None  # an id reused by another tenant/project: its events were dead-lettered, not folded
+                messages = await read_stored(
+                    self.js, shard=self.shard, tenant=tenant, project=project, execution_id=execution_id,
+                    after_seq=ref.last_seq if ref else 0,
+                )
+                if ref is not None and ref.parts:
+                    await self._purge(tenant, project, execution_id, ref.last_seq)  # a crash left archived events behind
+                return (ArchivedExecution(tenant, project, execution_id, messages), ref, revision) if messages else None
+
+        unique = list(dict.fromkeys(executions))
+        found = [p for p in await asyncio.gather(*(pending(*x) for x in unique)) if p is not None]
+        if not found:
+            return ArchiveReport(0, 0, None)
+        uri, parts = await asyncio.to_thread(self.archive.write_segment, self.shard, [f[0] for f in found])
+        self._fault("after_write")
+        for part in parts.values():
+            await asyncio.to_thread(self.archive.verify, part)
+        self._fault("after_verify")
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        for ex, ref, revision in found:
+            new = ArchiveRef(
+                tenant=ex.tenant, project=ex.project, parts=(*(ref.parts if ref else ()), parts[ex.execution_id]),
+                archived_at=now,
+            )
+            await index.put(ex.execution_id, new, revision=revision)
+        self._fault("after_record")
+        for i, (ex, _, _) in enumerate(found):
+            await self._purge(ex.tenant, ex.project, ex.execution_id, parts[ex.execution_id].last_seq)
+            if i == 0:
+                self._fault("during_purge")
+        return ArchiveReport(len(found), sum(len(f[0].messages) for f in found), uri)
+
+    async def _purge(self, tenant: str, project: str, execution_id: str, last_seq: int) -> None:
+        # Purge the execution's subject up to and including last_seq: a late event after it stays.
+        await self.js.purge_stream(
+            wal_stream(self.shard), subject=execution_filter(self.shard, tenant, project, execution_id), seq=last_seq + 1
+        )
+
+    def _fault(self, point: str) -> None:
+        if point in self.faults:
+            os.kill(os.getpid(), signal.SIGKILL)
