@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from nats.js.errors import NotFoundError
@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unprocessable
 from edge.responses import json_response, read_json
+from edge.routes.playbooks import catalog_of
 from edge.state import EdgeState, state_of
 from kernel.producer import Ack, Producer
 from locator.envelope import (
@@ -27,12 +28,21 @@ from locator.shard import shard_for
 from locator.subjects import execution_filter, wal_stream
 from locator.urn import Urn
 from projector.replay import history
+from system_playbooks.orchestrate.catalog import PlaybookNotFound
+from system_playbooks.orchestrate.playbook import PATH_PATTERN
 
 BASE = "/api/v1/tenants/{tenant}/projects/{project}/executions"
 
 
+class PlaybookRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A start request's playbook: a path of the catalog and a version (the latest when None)."""
+
+    path: Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, max_length=255)]
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
 class StartRequest(msgspec.Struct, forbid_unknown_fields=True):
-    playbook: dict[str, Any] | None = None
+    playbook: PlaybookRef | None = None
     workload: dict[str, Any] = msgspec.field(default_factory=dict)
     affinity: str = ""
 
@@ -66,6 +76,24 @@ def _execution_url(tenant: str, project: str, execution_id: str, affinity: str) 
     return url + (f"?affinity={affinity}" if affinity else "")
 
 
+async def _resolve(state: EdgeState, tenant: str, project: str, ref: PlaybookRef) -> dict[str, Any]:
+    """The registered version ``ref`` names, as ``{"path", "version"}``; 404 naming the field when there is none.
+
+    The version goes into ``execution.requested``, so what runs is what was checked here, whatever is registered
+    after (versions are immutable).
+    """
+    catalog = await catalog_of(state)
+    try:
+        latest = await catalog.latest_version(tenant, project, ref.path)
+    except PlaybookNotFound as e:
+        raise NotFound(f"{e}: register it first (PUT .../playbooks/{ref.path})", field="playbook.path") from e
+    try:
+        playbook = await catalog.get(tenant, project, ref.path, latest if ref.version is None else ref.version)
+    except PlaybookNotFound as e:
+        raise NotFound(f"{e} (the latest is version {latest})", field="playbook.version") from e
+    return {"path": playbook.path, "version": playbook.version}
+
+
 async def start(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -76,6 +104,8 @@ async def start(request: Request) -> Response:
     except msgspec.ValidationError as e:
         raise Unprocessable(f"invalid start request: {e}") from e
     affinity = check_name("affinity", req.affinity or affinity, allow_empty=True)
+    # Resolved before anything is published: an unknown playbook is a 404 now, not a failed execution later.
+    playbook = None if req.playbook is None else await _resolve(state, tenant, project, req.playbook)
     execution_id = state.ids.next_str()
     env = envelope_from_dict(
         {
@@ -84,14 +114,18 @@ async def start(request: Request) -> Response:
             "affinity": affinity,
             "execution_id": execution_id,
             "type": "execution.requested",
-            "payload": {"playbook": req.playbook, "workload": req.workload},
+            "payload": {"playbook": playbook, "workload": req.workload},
         },
         fill=True,
     )
     ack = await _publish_one(state, env)
     urn = str(Urn(tenant, project, execution_id, affinity))
+    out: dict[str, Any] = {"execution_id": execution_id, "urn": urn, "seq": ack.seq, "stream": ack.stream,
+                           "event_id": env.event_id}
+    if playbook is not None:
+        out["playbook"] = playbook
     return json_response(
-        {"execution_id": execution_id, "urn": urn, "seq": ack.seq, "stream": ack.stream, "event_id": env.event_id},
+        out,
         status=202,
         headers={"Location": _execution_url(tenant, project, execution_id, affinity)},
     )

@@ -35,7 +35,8 @@ def policy_of(request: Request) -> Policy:
     return policy
 
 
-async def _catalog(state: EdgeState) -> Catalog:
+async def catalog_of(state: EdgeState) -> Catalog:
+    """The catalog, in the KV bucket of the first cell (503 when the bucket does not exist)."""
     # The catalog is global: it lives on the first cell, next to the first shard's streams.
     js = await state.cells.js_for_shard(state.topology.cells[0].shards[0])
     try:
@@ -86,7 +87,7 @@ async def put_playbook(request: Request) -> Response:
     if playbook.path != path:
         raise Unprocessable(f"the playbook's path {playbook.path!r} disagrees with the URL ({path!r})", field="path")
     try:
-        registered = await (await _catalog(state)).add(tenant, project, source, policy=policy_of(request))
+        registered = await (await catalog_of(state)).add(tenant, project, source, policy=policy_of(request))
     except VersionConflict as e:
         raise Conflict(str(e)) from e
     except PlaybookError as e:  # a wasm step naming an unregistered plug-in (or a policy change since _validate)
@@ -105,7 +106,7 @@ async def get_playbook(request: Request) -> Response:
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
     version = _version_param(request)
     try:
-        pb = await (await _catalog(state)).get(tenant, project, request.path_params["path"], version)
+        pb = await (await catalog_of(state)).get(tenant, project, request.path_params["path"], version)
     except PlaybookNotFound as e:
         raise NotFound(str(e)) from e
     return json_response({"path": pb.path, "version": pb.version, "playbook": pb})
@@ -115,7 +116,7 @@ async def list_playbooks(request: Request) -> Response:
     state = state_of(request)
     tenant, project = _names(request)
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
-    found = await (await _catalog(state)).list(tenant, project)
+    found = await (await catalog_of(state)).list(tenant, project)
     return json_response({"playbooks": [{"path": path, "version": version} for path, version in found]})
 
 

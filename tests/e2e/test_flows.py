@@ -80,6 +80,7 @@ async def test_when_guard_takes_or_skips_a_step(
     assert put.status_code == 201, put.text
     start = await edge.post(f"{base}/executions", json={"playbook": {"path": "examples/when"}, "workload": {"notify": notify}})
     assert start.status_code == 202, start.text
+    assert start.json()["playbook"] == {"path": "examples/when", "version": 1}  # the latest, resolved and pinned
     execution_id = start.json()["execution_id"]
     events = await wait_for_wal(stack_js, TENANT, project, execution_id, ended, why=stack.proc.logs)
     served = await check_invariant(stack_js, edge, TENANT, project, execution_id)
@@ -203,6 +204,27 @@ async def test_cancel_stops_new_commands_and_lets_the_step_in_flight_finish(
 
 
 # --------------------------------------------------------------------------- bad playbooks
+
+
+async def test_http_start_of_an_unknown_playbook_is_a_404_and_writes_nothing(
+    stack: Stack, stack_js: JetStreamContext, edge: httpx.AsyncClient
+) -> None:
+    project = "start-unknown"
+    base = f"/api/v1/tenants/{TENANT}/projects/{project}"
+    shard = shard_for(TENANT, project, "", SHARDS)
+    unknown = await edge.post(f"{base}/executions", json={"playbook": {"path": "examples/linear"}})
+    assert unknown.status_code == 404 and unknown.headers["content-type"].startswith("application/problem+json")
+    assert unknown.json()["field"] == "playbook.path"
+    assert unknown.json()["detail"].startswith(f"no playbook examples/linear in {TENANT}/{project}")
+    put = await edge.put(f"{base}/playbooks/examples/linear", content=(EXAMPLES / "linear.yaml").read_bytes(),
+                         headers={"Content-Type": "application/yaml"})  # fmt: skip
+    assert put.status_code == 201, put.text
+    wrong = await edge.post(f"{base}/executions", json={"playbook": {"path": "examples/linear", "version": 2}})
+    assert wrong.status_code == 404 and wrong.json()["field"] == "playbook.version", wrong.text
+    # Nothing of this tenant/project reached its shard's WAL (other tests' executions may land there meanwhile).
+    with pytest.raises(NotFoundError):
+        await stack_js.get_msg(wal_stream(shard), seq=1, next=True, subject=f"wal.{shard}.{TENANT}.{project}.>")
+
 
 
 @pytest.mark.parametrize("name", ["unknown_tool", "missing_step", "cycle", "bad_when"])

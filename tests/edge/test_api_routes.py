@@ -94,7 +94,7 @@ async def down_app(tmp_path: Path) -> AsyncIterator[Starlette]:
 
 
 async def start(client: httpx.AsyncClient, tenant: str = "acme", project: str = "web", **body: Any) -> dict[str, Any]:
-    resp = await client.post(base(tenant, project), json=body or {"playbook": {"path": "demo/x", "version": 1}}, headers=H)
+    resp = await client.post(base(tenant, project), json=body, headers=H)
     assert resp.status_code == 202, resp.text
     out: dict[str, Any] = resp.json()
     return out
@@ -104,16 +104,30 @@ async def wal_last_seq(js: JetStreamContext, shard_count: int = 4) -> list[int]:
     return [(await js.stream_info(wal_stream(n))).state.last_seq for n in range(shard_count)]
 
 
+async def wal_messages(js: JetStreamContext, shard_count: int = 4) -> list[int]:
+    return [(await js.stream_info(wal_stream(n))).state.messages for n in range(shard_count)]
+
+
+async def register(client: httpx.AsyncClient, path: str = "demo/x", version: int = 1, tenant: str = "acme") -> None:
+    """Register a one-step noop playbook, so that a start may name it."""
+    source = f"path: {path}\nversion: {version}\nsteps:\n  - {{name: a, tool: {{kind: noop, result: {version}}}}}\n"
+    url = f"/api/v1/tenants/{tenant}/projects/web/playbooks/{path}"
+    resp = await client.put(url, content=source, headers={**H, "Content-Type": "application/yaml"})
+    assert resp.status_code in (200, 201), resp.text
+
+
 # --- POST start -------------------------------------------------------------------------------
 
 
 async def test_start_answers_202_and_writes_execution_requested(client: httpx.AsyncClient, js: JetStreamContext) -> None:
+    await register(client, "demo/etl", 3)
     body = {"playbook": {"path": "demo/etl", "version": 3}, "workload": {"n": 3, "mode": "full"}}
     resp = await client.post(base(), json=body, headers=H)
     assert resp.status_code == 202, resp.text
     assert resp.headers["content-type"] == "application/json"
     out = resp.json()
-    assert set(out) >= {"execution_id", "urn", "seq", "stream", "event_id"}
+    assert set(out) == {"execution_id", "urn", "seq", "stream", "event_id", "playbook"}
+    assert out["playbook"] == {"path": "demo/etl", "version": 3}
     x = out["execution_id"]
     assert isinstance(x, str) and x.isdigit() and int(x) > 0
     assert out["urn"] == f"noetl://acme/web/executions/{x}"
@@ -133,6 +147,49 @@ async def test_start_answers_202_and_writes_execution_requested(client: httpx.As
     # Two starts are two executions.
     again = await start(client)
     assert again["execution_id"] != x and again["seq"] == out["seq"] + 1
+    assert "playbook" not in again  # none named
+
+
+async def test_start_pins_the_version_it_resolved(client: httpx.AsyncClient, js: JetStreamContext) -> None:
+    await register(client, "demo/etl", 1)
+    await register(client, "demo/etl", 2)
+    latest = await start(client, playbook={"path": "demo/etl"})
+    assert latest["playbook"] == {"path": "demo/etl", "version": 2}
+    older = await start(client, playbook={"path": "demo/etl", "version": 1})
+    assert older["playbook"] == {"path": "demo/etl", "version": 1}
+    await register(client, "demo/etl", 3)  # registered after the start: what was recorded stays
+    for started, version in ((latest, 2), (older, 1)):
+        env = decode_envelope((await js.get_msg(started["stream"], started["seq"])).data or b"")
+        assert env.payload["playbook"] == {"path": "demo/etl", "version": version}
+        got = await client.get(f"{base()}/{started['execution_id']}?min_seq={started['seq']}", headers=H)
+        assert got.json()["playbook"] == {"path": "demo/etl", "version": version}
+
+
+async def test_start_of_an_unknown_playbook_is_a_404_and_publishes_nothing(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    await register(client, "demo/etl", 1)
+    before = (await wal_messages(js), await wal_last_seq(js))
+
+    body = assert_problem(await client.post(base(), json={"playbook": {"path": "demo/nope"}}, headers=H), 404)
+    assert body["field"] == "playbook.path"
+    assert body["detail"].startswith("no playbook demo/nope in acme/web: register it first")
+    body = assert_problem(
+        await client.post(base() + "?affinity=eu-2", json={"playbook": {"path": "demo/nope", "version": 1}}, headers=H), 404
+    )
+    assert body["field"] == "playbook.path"
+    body = assert_problem(await client.post(base(), json={"playbook": {"path": "demo/etl", "version": 5}}, headers=H), 404)
+    assert body["field"] == "playbook.version"
+    assert body["detail"] == "no version 5 of playbook demo/etl in acme/web (the latest is version 1)"
+    # The catalog is per tenant and project: acme/web's playbook is unknown to globex/web.
+    body = assert_problem(await client.post(base("globex"), json={"playbook": {"path": "demo/etl"}}, headers=H), 404)
+    assert body["detail"].startswith("no playbook demo/etl in globex/web")
+
+    for ref in ({"path": "../etl"}, {"path": "demo/etl", "version": 0}, {"path": "demo/etl", "version": "1"},
+                {"version": 1}, {"path": "demo/etl", "extra": 1}, "demo/etl"):
+        body = assert_problem(await client.post(base(), json={"playbook": ref}, headers=H), 422)
+        assert "$.playbook" in body["detail"], body
+    assert (await wal_messages(js), await wal_last_seq(js)) == before
 
 
 async def test_start_with_affinity_and_defaults(client: httpx.AsyncClient, js: JetStreamContext) -> None:
@@ -312,6 +369,7 @@ async def test_oversize_body_and_payload_are_413(client: httpx.AsyncClient, js: 
 
 
 async def test_get_projection_etag_and_conditional(client: httpx.AsyncClient) -> None:
+    await register(client, "demo/x", 1)
     started = await start(client, playbook={"path": "demo/x", "version": 1}, workload={"n": 3})
     x = started["execution_id"]
     url = f"{base()}/{x}"
