@@ -7,7 +7,8 @@ module importing anything else cannot be instantiated: :class:`WasmImportDenied`
 names the import and the plug-in. Every call runs in a new ``Store`` with fuel,
 a memory limit and an epoch deadline (one ticker thread per host advances the
 epoch while calls run), and each way a guest can misbehave becomes a typed :class:`WasmError`
-whose ``type`` the data worker reports in its ``call.error`` event.
+whose ``type`` the data worker reports in its ``call.error`` event. A trap is replayed once with
+twice the memory to tell a trap after a refused ``memory.grow`` (``wasm_memory``) from any other.
 
 ABI: the module exports ``memory``, ``alloc(size: i32) -> i32`` and
 ``run(ptr: i32, len: i32) -> i64`` returning ``(out_ptr << 32) | out_len``.
@@ -61,7 +62,9 @@ __all__ = [
 HOST_FUNCTIONS: Final = ("event_publish", "result_put", "object_put", "log")
 HOST_MODULE: Final = "noetl"
 PAGE: Final = 65536
-NEAR_LIMIT: Final = 16 * PAGE
+MAX_MEMORY: Final = 65536 * PAGE  # wasm32's 4 GiB
+# Fuel a replay may burn past the first run's (unflushed fuel of the trapping block, a few steps past the grow).
+REPLAY_FUEL_MARGIN: Final = 1_000_000
 # Return codes of the host functions (documented in docs/plugins.md).
 OK, E_BOUNDS, E_INVALID, E_DENIED, E_LIMIT = 0, -1, -2, -3, -4
 
@@ -168,6 +171,15 @@ class Invocation:
     output: bytes
     intents: list[Intent]
     fuel_used: int
+
+
+@dataclass(frozen=True)
+class _Guest:
+    """The exports of one instance that the ABI uses."""
+
+    memory: wasmtime.Memory
+    alloc: wasmtime.Func
+    run: wasmtime.Func
 
 
 _local = threading.local()
@@ -310,34 +322,17 @@ class WasmHost:
                 f"plug-in {plugin} imports {', '.join(denied)}, which it is not granted (granted: {granted})",
                 plugin=plugin,
             )
-        store = wasmtime.Store(self.engine)
-        store.set_fuel(self.fuel)
-        store.set_limits(memory_size=self.memory_limit)
-        store.set_epoch_deadline(self._deadline_ticks)
+        store = self._store(fuel=self.fuel, memory_limit=self.memory_limit)
         state = Call(grants)
         _local.call = state
-        memory: wasmtime.Memory | None = None
+        guest: _Guest | None = None
         self._ticker.begin()
         try:
-            instance = self._linker(grants.functions).instantiate(store, module.module)
-            exports = instance.exports(store)
-            found, alloc, run = exports["memory"], exports["alloc"], exports["run"]
-            assert isinstance(found, wasmtime.Memory) and isinstance(alloc, wasmtime.Func)  # checked by compile()
-            assert isinstance(run, wasmtime.Func)
-            memory = found
-            ptr = alloc(store, len(data)) & 0xFFFFFFFF
-            if ptr + len(data) > memory.data_len(store) or (ptr == 0 and data):
-                if len(data) + memory.data_len(store) > self.memory_limit:
-                    raise WasmMemoryLimit(
-                        f"plug-in {plugin}: an input of {len(data)} bytes does not fit under the memory limit of "
-                        f"{self.memory_limit} bytes", plugin=plugin,
-                    )  # fmt: skip
-                raise WasmAbiError(f"plug-in {plugin}: alloc({len(data)}) returned an unusable pointer {ptr}", plugin=plugin)
-            if data:
-                memory.write(store, data, ptr)
-            packed = run(store, ptr, len(data))
+            guest = self._instantiate(store, module, grants)
+            packed = self._run(store, guest, data, plugin)
             if packed < 0:
                 raise WasmRefused(f"plug-in {plugin} refused its input: run returned error code {packed}", plugin=plugin)
+            memory = guest.memory
             out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
             if out_ptr + out_len > memory.data_len(store):
                 raise WasmAbiError(
@@ -346,7 +341,7 @@ class WasmHost:
                 )  # fmt: skip
             output = bytes(memory.read(store, out_ptr, out_ptr + out_len)) if out_len else b""
         except wasmtime.Trap as e:
-            raise self._trap_error(e, plugin, store, memory) from e
+            raise self._trap_error(e, module, data, grants, store, guest) from e
         except wasmtime.WasmtimeError as e:
             raise self._setup_error(e, plugin, module) from e
         finally:
@@ -354,24 +349,80 @@ class WasmHost:
             _local.call = None
         return Invocation(output=output, intents=state.intents, fuel_used=self.fuel - store.get_fuel())
 
+    def _store(self, *, fuel: int, memory_limit: int) -> wasmtime.Store:
+        store = wasmtime.Store(self.engine)
+        store.set_fuel(fuel)
+        store.set_limits(memory_size=memory_limit)
+        store.set_epoch_deadline(self._deadline_ticks)
+        return store
+
+    def _instantiate(self, store: wasmtime.Store, module: WasmModule, grants: Grants) -> _Guest:
+        exports = self._linker(grants.functions).instantiate(store, module.module).exports(store)
+        memory, alloc, run = exports["memory"], exports["alloc"], exports["run"]
+        assert isinstance(memory, wasmtime.Memory) and isinstance(alloc, wasmtime.Func)  # checked by compile()
+        assert isinstance(run, wasmtime.Func)
+        return _Guest(memory=memory, alloc=alloc, run=run)
+
+    def _run(self, store: wasmtime.Store, guest: _Guest, data: bytes, plugin: str) -> int:
+        """Copy ``data`` in through the guest's ``alloc`` and ``run`` it; the packed result."""
+        memory = guest.memory
+        ptr = guest.alloc(store, len(data)) & 0xFFFFFFFF
+        if ptr + len(data) > memory.data_len(store) or (ptr == 0 and data):
+            if len(data) + memory.data_len(store) > self.memory_limit:
+                raise WasmMemoryLimit(
+                    f"plug-in {plugin}: an input of {len(data)} bytes does not fit under the memory limit of "
+                    f"{self.memory_limit} bytes", plugin=plugin,
+                )  # fmt: skip
+            raise WasmAbiError(f"plug-in {plugin}: alloc({len(data)}) returned an unusable pointer {ptr}", plugin=plugin)
+        if data:
+            memory.write(store, data, ptr)
+        packed: int = guest.run(store, ptr, len(data))
+        return packed
+
     def _trap_error(
-        self, trap: wasmtime.Trap, plugin: str, store: wasmtime.Store, memory: wasmtime.Memory | None
-    ) -> WasmError:
+        self, trap: wasmtime.Trap, module: WasmModule, data: bytes, grants: Grants, store: wasmtime.Store,
+        guest: _Guest | None,
+    ) -> WasmError:  # fmt: skip
+        plugin = grants.plugin
         code = trap.trap_code
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return WasmFuelExhausted(f"plug-in {plugin} ran out of fuel ({self.fuel} units)", plugin=plugin)
         if code == wasmtime.TrapCode.INTERRUPT:
             return WasmTimeout(f"plug-in {plugin} ran longer than {self.timeout_s} s", plugin=plugin)
         name = code.name.lower() if code is not None else "trap"
-        used = memory.data_len(store) if memory is not None else 0
-        # A refused memory.grow is not a trap (it returns -1) and wasmtime-py cannot make it one; the guest
-        # traps right after. Memory within NEAR_LIMIT of the limit at the trap is taken as the cause.
-        if self.memory_limit - used < max(NEAR_LIMIT, self.memory_limit // 16):
+        used = guest.memory.data_len(store) if guest is not None else 0
+        if self._grow_was_refused(module, data, grants, fuel_used=self.fuel - store.get_fuel()):
             return WasmMemoryLimit(
-                f"plug-in {plugin} hit the memory limit of {self.memory_limit} bytes ({used} in use when it "
-                f"trapped: {name})", plugin=plugin,
+                f"plug-in {plugin} hit the memory limit of {self.memory_limit} bytes (a memory.grow was refused; "
+                f"{used} in use when it trapped: {name})", plugin=plugin,
             )  # fmt: skip
         return WasmTrap(f"plug-in {plugin} trapped: {name} ({used} bytes of memory in use)", plugin=plugin)
+
+    def _grow_was_refused(self, module: WasmModule, data: bytes, grants: Grants, *, fuel_used: int) -> bool:
+        """Whether the call that just trapped had a ``memory.grow`` refused by the memory limit.
+
+        A refused grow is no trap (it returns -1, and the guest usually traps soon after), and wasmtime-py's
+        store limiter has no callback to report it. So the call is replayed in a fresh store with twice the
+        limit and only the fuel the first run burnt (plus a margin): the guest is deterministic (same module
+        and input, host functions that only record intents), so the replay repeats the first run step for
+        step up to its first refused grow, which it is granted, and grows past the limit there. Without a
+        refused grow the replay stays within the limit. A single grow past twice the limit is not told apart.
+        """
+        store = self._store(
+            fuel=max(1, min(self.fuel, fuel_used + REPLAY_FUEL_MARGIN)),
+            memory_limit=min(2 * self.memory_limit, MAX_MEMORY),
+        )
+        outer = getattr(_local, "call", None)
+        _local.call = Call(grants)  # the replay's intents are thrown away
+        guest: _Guest | None = None
+        try:
+            guest = self._instantiate(store, module, grants)
+            self._run(store, guest, data, grants.plugin)
+        except (wasmtime.Trap, wasmtime.WasmtimeError, WasmError):
+            pass
+        finally:
+            _local.call = outer
+        return guest is not None and guest.memory.data_len(store) > self.memory_limit
 
     def _setup_error(self, error: wasmtime.WasmtimeError, plugin: str, module: WasmModule) -> WasmError:
         text = _first_line(error)

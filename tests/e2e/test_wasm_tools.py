@@ -88,7 +88,8 @@ async def test_trap_loop_and_memory_bomb_are_call_errors_while_others_complete(
 ) -> None:
     project = "isolation"
     register(stack, build(stack, SCORE, tmp_path / "score.wasm"), project, "tools/score")
-    bad = {"trap": ("t", "wasm_trap"), "loop": ("l", "wasm_fuel"), "bomb": ("m", "wasm_memory")}
+    bad = {"trap": ("t", "wasm_trap"), "loop": ("l", "wasm_fuel"), "bomb": ("m", "wasm_memory"),
+           "doubling": ("M", "wasm_memory")}  # refused at about half the 64 MiB limit, then a trap  # fmt: skip
     for name, (action, _) in bad.items():
         wasm = build(stack, PROBE, tmp_path / f"{name}.wasm", "PURE", f"ALWAYS='{action}'")
         register(stack, wasm, project, f"tools/{name}")

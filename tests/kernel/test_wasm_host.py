@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import wasmtime
 
 from kernel.toolchain import build
 from kernel.wasm import (
     HOST_FUNCTIONS,
+    PAGE,
     Grants,
     WasmAbiError,
     WasmError,
@@ -169,14 +171,36 @@ def test_memory_bomb_hits_the_limit(host: WasmHost, wasm_dir: Path) -> None:
         host.invoke(module(host, wasm_dir, "PURE"), b"e" + b"x" * (5 * 1024 * 1024), grants=user(frozenset()))
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"M",  # doubles its memory until refused (at about half the limit), then unreachable
+        b"k64",  # asks for the whole limit in one grow, then unreachable
+        b"w64",  # the same, then writes through the pointer the refused grow gave (-1 pages): out of bounds
+    ],
+)
+def test_a_trap_after_a_refused_grow_is_wasm_memory(host: WasmHost, wasm_dir: Path, body: bytes) -> None:
+    with pytest.raises(WasmMemoryLimit, match=r"memory limit of 4194304 bytes \(a memory.grow was refused") as e:
+        host.invoke(module(host, wasm_dir, "PURE"), body, grants=user(frozenset()))
+    assert e.value.type == "wasm_memory"
+
+
+def test_a_trap_after_a_granted_grow_near_the_limit_stays_wasm_trap(host: WasmHost, wasm_dir: Path) -> None:
+    m = module(host, wasm_dir, "PURE")
+    [initial] = [e.type.limits.min for e in m.module.exports if isinstance(e.type, wasmtime.MemoryType)]
+    near = host.memory_limit // PAGE - initial - 2  # leaves two pages of the limit
+    assert host.invoke(m, b"w%d" % near, grants=user(frozenset())).output == str(initial).encode()  # granted
+    with pytest.raises(WasmTrap, match="trapped: unreachable") as e:
+        host.invoke(m, b"k%d" % near, grants=user(frozenset()))
+    assert e.value.type == "wasm_trap" and f"({host.memory_limit - 2 * PAGE} bytes" in str(e.value)
+
+
 def test_output_outside_memory_is_an_abi_error(host: WasmHost, wasm_dir: Path) -> None:
     with pytest.raises(WasmAbiError, match="outside its"):
         host.invoke(module(host, wasm_dir, "PURE"), b"b", grants=user(frozenset()))
 
 
 def test_modules_that_break_the_abi_are_refused(host: WasmHost) -> None:
-    import wasmtime
-
     with pytest.raises(WasmAbiError, match="not a valid WASM module"):
         host.compile(b"\0asm garbage", name="bad")
     no_run = wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "alloc") (param i32) (result i32) i32.const 0))')

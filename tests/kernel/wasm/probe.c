@@ -4,6 +4,8 @@
  *   'r' result_put(rest)        'o' object_put(rest)       'x' call the host with an out-of-bounds range
  *   't' trap (unreachable)      'l' loop forever           'm' grow memory until refused, then trap
  *   'd' divide by zero          'b' return an output range outside memory
+ *   'M' double memory until refused, then trap    'k<pages>' grow memory by <pages> once, then trap either way
+ *   'w<pages>' grow by <pages>, then write through the pointer the grow returned (out of bounds if refused)
  *   'f' return -5 (refuse the input)
  *   'v' answer VERSION (-DVERSION=N at build time, 0 by default)
  *
@@ -57,6 +59,12 @@ static unsigned long long code(int c) {
 
 static volatile int zero = 0;
 
+static unsigned long pages(const unsigned char *p, int n) {
+    unsigned long v = 0;
+    for (int i = 0; i < n && p[i] >= '0' && p[i] <= '9'; i++) v = v * 10 + (p[i] - '0');
+    return v;
+}
+
 __attribute__((export_name("run"))) unsigned long long run(const unsigned char *in, int len) {
     if (len < 1) return out(in, 0);
     const unsigned char *rest = in + 1;
@@ -84,6 +92,18 @@ __attribute__((export_name("run"))) unsigned long long run(const unsigned char *
         for (;;) {
             if (__builtin_wasm_memory_grow(0, 16) == (unsigned long)-1) __builtin_trap();
         }
+    case 'M':
+        for (;;) {
+            if (__builtin_wasm_memory_grow(0, __builtin_wasm_memory_size(0)) == (unsigned long)-1) __builtin_trap();
+        }
+    case 'k':
+        __builtin_wasm_memory_grow(0, pages(rest, n));
+        __builtin_trap();
+    case 'w': {
+        unsigned long old = __builtin_wasm_memory_grow(0, pages(rest, n));
+        *(volatile unsigned char *)(old * 65536ul) = 1; /* -1 * 65536 wraps to 0xFFFF0000: outside memory */
+        return code((int)old);
+    }
     case 'd': return code(10 / zero);
     case 'f': return (unsigned long long)-5ll;
     case 'b': return out((const unsigned char *)0x7FFFFFF0ul, 4096);
