@@ -19,10 +19,11 @@ import pyarrow as pa
 
 from kernel.host import Manifest, Retry, ShardContext
 from projector.cache import CacheEntry, Pointer, ProjectionCache, SegmentPointer
+from projector.compaction import Compactor, compaction_settings
 from projector.errors import ProjectorError
 from projector.fold import WalEvent
 from projector.projection import canonical
-from projector.snapshots import SegmentRow
+from projector.snapshots import SegmentRow, SnapshotStore
 from system_playbooks.materialize.rows import build_rows, input_table
 
 CATCH_UP_WAIT = 5.0
@@ -45,6 +46,7 @@ class MaterializePlugin:
             rows = WasmRows(manifest.module)
         if rows is not None:
             self.rows = rows
+        self.compact_segments, self.compact_grace_s = compaction_settings()
 
     async def _caught_up(self, cache: ProjectionCache, want: dict[str, int]) -> dict[str, CacheEntry]:
         # The project plug-in folds the same events on its own consumer: wait (bounded) for it.
@@ -80,7 +82,8 @@ class MaterializePlugin:
         rows = [SegmentRow(execution_id=r["execution_id"], tenant=r["tenant"], project=r["project"], status=r["status"],
                            last_seq=r["last_seq"], event_count=r["event_count"], projection=r["projection"])
                 for r in built]  # fmt: skip
-        segment = await asyncio.to_thread(ctx.snapshots(write=True).write_segment, ctx.shard, rows)
+        store = ctx.snapshots(write=True)
+        segment = await asyncio.to_thread(store.write_segment, ctx.shard, rows)
         for index, r in enumerate(built):
             if not r["pointer"]:
                 continue
@@ -90,3 +93,10 @@ class MaterializePlugin:
             except ProjectorError:
                 pass  # folded further meanwhile: the newer projection stays inline, a later batch takes it
         ctx.log.info("segment.written", segment=segment, rows=len(rows))
+        report = await self.compactor(store).compact(ctx.shard, cache)
+        if report is not None:
+            ctx.log.info("segments.compacted", segment=report.segment, inputs=report.inputs, rows=report.rows,
+                         pointers_moved=report.pointers_moved, deleted=report.deleted)
+
+    def compactor(self, store: SnapshotStore) -> Compactor:
+        return Compactor(store, min_segments=self.compact_segments, grace_s=self.compact_grace_s)
