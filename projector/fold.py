@@ -16,9 +16,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+import msgspec
+
 from locator.envelope import Envelope
 from projector.errors import FoldError
-from projector.projection import STEP_TERMINAL, TERMINAL, USER_EVENTS_KEPT, Projection, StepState, UserEvent, copy_projection
+from projector.projection import (
+    STEP_TERMINAL,
+    TERMINAL,
+    USER_EVENTS_KEPT,
+    USER_PAYLOAD_BUDGET,
+    Projection,
+    StepState,
+    UserEvent,
+    copy_projection,
+)
 
 
 class WalEvent(NamedTuple):
@@ -106,11 +117,36 @@ def _apply_step(p: Projection, env: Envelope, kind: str) -> None:
             step.error = payload["error"]
 
 
+_payload_json = msgspec.json.Encoder()
+
+
+def _bound_user_payloads(kept: list[UserEvent]) -> None:
+    """Omit the payloads that do not fit :data:`USER_PAYLOAD_BUDGET`, counted from the newest event back.
+
+    Walking newest to oldest and summing ``payload_bytes``, the first event that would overflow the
+    budget and every older one lose their payload. A newer event only adds to the sums of older ones,
+    so an omitted payload is never needed again and the omitted events are always the oldest: the
+    outcome is a function of the kept events alone, the same whether applied after every event or once
+    after a batch, and folding in any number of batches equals folding at once. A kept event without a
+    size (stored before sizes were recorded) is measured first.
+    """
+    total = 0
+    for event in reversed(kept):
+        if event.payload_omitted:
+            return  # and so is every older one
+        if event.payload_bytes == 0:
+            event.payload_bytes = len(_payload_json.encode(event.payload))
+        total += event.payload_bytes
+        if total > USER_PAYLOAD_BUDGET:  # the total only grows: every older one is over too
+            event.payload, event.payload_omitted = {}, True
+
+
 def _apply(p: Projection, seq: int, env: Envelope) -> None:
     kind = env.type
     if kind.startswith("user."):
         p.user_event_count += 1
-        p.user_events.append(UserEvent(seq=seq, type=kind, ts=env.ts, payload=env.payload))
+        size = len(_payload_json.encode(env.payload))
+        p.user_events.append(UserEvent(seq=seq, type=kind, ts=env.ts, payload=env.payload, payload_bytes=size))
         if len(p.user_events) > USER_EVENTS_KEPT:
             del p.user_events[0]
     elif kind == "execution.requested":
@@ -149,4 +185,6 @@ def fold(projection: Projection | None, events: Iterable[WalEvent]) -> Projectio
                 continue
             _check_identity(p, env)
         _apply(p, seq, env)
+    if p is not None and p.user_events:
+        _bound_user_payloads(p.user_events)
     return p

@@ -11,6 +11,8 @@ from typing import Any
 import msgspec
 
 USER_EVENTS_KEPT = 100
+# Payload bytes (compact JSON) the kept user events may hold together; see projector.fold._bound_user_payloads.
+USER_PAYLOAD_BUDGET = 256 * 1024
 
 
 class StepState(msgspec.Struct, kw_only=True):
@@ -24,10 +26,16 @@ class StepState(msgspec.Struct, kw_only=True):
 
 
 class UserEvent(msgspec.Struct, kw_only=True):
+    """One kept ``user.*`` event. ``payload_bytes`` is the size of its payload as compact JSON; an event
+    whose payload fell outside :data:`USER_PAYLOAD_BUDGET` keeps its seq, type, ts and size, with
+    ``payload`` ``{}`` and ``payload_omitted`` true (the WAL still holds it whole)."""
+
     seq: int
     type: str
     ts: str
     payload: dict[str, Any]
+    payload_bytes: int = 0
+    payload_omitted: bool = False
 
 
 class Projection(msgspec.Struct, kw_only=True):

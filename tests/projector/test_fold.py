@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from locator import new_event
 from locator.envelope import KNOWN_TYPES, Envelope
 from projector.errors import FoldError
 from projector.fold import WalEvent, fold
-from projector.projection import USER_EVENTS_KEPT, Projection, canonical, decode_projection
+from projector.projection import (
+    USER_EVENTS_KEPT,
+    USER_PAYLOAD_BUDGET,
+    Projection,
+    UserEvent,
+    canonical,
+    decode_projection,
+)
 
 
 def ev(type: str, seq: int, *, step: str | None = None, attempt: int | None = None, ts: str | None = None, **payload: Any) -> WalEvent:
@@ -242,3 +252,79 @@ def test_canonical_round_trip_and_key_order() -> None:
 
 def test_empty_fold() -> None:
     assert fold(None, []) is None
+
+
+# --------------------------------------------------------------------------- user payloads within a byte budget
+
+
+def big(seq: int, size: int, type: str = "user.blob") -> WalEvent:
+    """A user event whose payload encodes to exactly ``size`` bytes (``{"b":"…"}`` is 8 bytes plus the text)."""
+    return ev(type, seq, b="x" * (size - 8))
+
+
+def test_user_payloads_are_kept_within_the_byte_budget_newest_first() -> None:
+    sixty = 60_000
+    p = run(*(big(seq, sixty) for seq in range(1, 21)))
+    kept_whole = USER_PAYLOAD_BUDGET // sixty  # 4 of 60 KB fit 256 KiB, a fifth does not
+    assert [e.payload_omitted for e in p.user_events] == [True] * (20 - kept_whole) + [False] * kept_whole
+    assert all(e.payload_bytes == sixty for e in p.user_events)
+    assert all(e.payload == {} for e in p.user_events if e.payload_omitted)
+    assert all(len(e.payload["b"]) == sixty - 8 for e in p.user_events if not e.payload_omitted)
+    assert [e.seq for e in p.user_events] == list(range(1, 21)) and p.user_event_count == 20
+    # What was dropped says so in the served JSON: seq, type, ts and size stay; the payload is {}.
+    first = json.loads(canonical(p))["user_events"][0]
+    assert first == {"payload": {}, "payload_bytes": sixty, "payload_omitted": True, "seq": 1,
+                     "ts": "2026-11-22T08:00:01.000Z", "type": "user.blob"}  # fmt: skip
+    assert sum(e.payload_bytes for e in p.user_events if not e.payload_omitted) <= USER_PAYLOAD_BUDGET
+
+
+def test_a_small_event_after_an_omitted_one_keeps_its_payload_and_the_budget_is_a_suffix() -> None:
+    # The newest events keep their payloads while they fit; an event over the budget on its own is omitted
+    # even when newest, and so is every older one: omitted events are always the oldest.
+    p = run(big(1, 100), big(2, USER_PAYLOAD_BUDGET + 1), big(3, 50))
+    assert [e.payload_omitted for e in p.user_events] == [True, True, False]
+    p = run(big(1, 100), big(2, USER_PAYLOAD_BUDGET - 100), big(3, 100))
+    assert [e.payload_omitted for e in p.user_events] == [True, False, False]
+    p = run(big(1, 100), big(2, USER_PAYLOAD_BUDGET - 200), big(3, 100))
+    assert [e.payload_omitted for e in p.user_events] == [False, False, False]
+
+
+def test_a_projection_stored_before_payload_sizes_is_measured_and_bounded_on_its_next_fold() -> None:
+    events = [big(seq, 60_000) for seq in range(1, 8)]
+    old = run(*events)
+    # As the fold before the budget stored it: every payload whole, no size (decoded with the defaults).
+    old.user_events = [UserEvent(seq=w.seq, type=w.env.type, ts=w.env.ts, payload=w.env.payload) for w in events]
+    old = decode_projection(canonical(old).replace(b',"payload_bytes":0,"payload_omitted":false', b""))
+    assert all(e.payload_bytes == 0 and not e.payload_omitted for e in old.user_events)
+    then = fold(old, [ev("step.enter", 8, step="a")])
+    assert then is not None and canonical(then) == canonical(run(*events, ev("step.enter", 8, step="a")))
+
+
+_kinds = st.sampled_from(["user.a", "user.b.c", "step.enter", "step.exit", "execution.started", "call.error"])
+_sizes = st.one_of(st.integers(8, 300), st.integers(20_000, 70_000), st.just(USER_PAYLOAD_BUDGET + 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spec=st.lists(st.tuples(_kinds, _sizes), min_size=1, max_size=130),
+    cuts=st.lists(st.integers(0, 130), max_size=6),
+    through_kv=st.booleans(),
+)
+def test_folding_in_any_batches_equals_folding_at_once_with_big_payloads(
+    spec: list[tuple[str, int]], cuts: list[int], through_kv: bool
+) -> None:
+    events = [big(seq, size, kind) if kind.startswith("user.") else ev(kind, seq, step="s", attempt=1)
+              for seq, (kind, size) in enumerate(spec, start=1)]  # fmt: skip
+    whole = run(*events)
+    p: Projection | None = None
+    bounds = sorted({0, len(events), *(c for c in cuts if c <= len(events))})
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        p = fold(p, events[start:end])
+        if through_kv and p is not None:
+            p = decode_projection(canonical(p))  # as the project plug-in reads it back from KV
+    assert p is not None and canonical(p) == canonical(whole)
+    kept = whole.user_events
+    assert len(kept) <= USER_EVENTS_KEPT
+    assert sum(e.payload_bytes for e in kept if not e.payload_omitted) <= USER_PAYLOAD_BUDGET
+    flags = [e.payload_omitted for e in kept]
+    assert flags == sorted(flags, reverse=True)  # the omitted ones are the oldest
