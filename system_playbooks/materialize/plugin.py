@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 
 from kernel.host import Manifest, Retry, ShardContext
-from projector.cache import CacheEntry, Pointer, ProjectionCache, SegmentPointer
+from projector.cache import CacheEntry, EntryUnreadable, Pointer, ProjectionCache, SegmentPointer
 from projector.compaction import Compactor, compaction_settings
 from projector.errors import ProjectorError
 from projector.fold import WalEvent
@@ -55,7 +55,11 @@ class MaterializePlugin:
         pending = dict(want)
         while True:
             for execution_id, seq in list(pending.items()):
-                entry = await cache.get(execution_id)
+                try:
+                    entry = await cache.get(execution_id)
+                except EntryUnreadable:
+                    del pending[execution_id]  # system/project rejects its events: there is nothing to wait for
+                    continue
                 if entry is not None and entry.last_seq >= seq:
                     entries[execution_id] = entry
                     del pending[execution_id]

@@ -1,4 +1,10 @@
-"""``system/project``: fold each batch into KV, one compare-and-set write per execution per batch."""
+"""``system/project``: fold each batch into KV, one compare-and-set write per execution per batch.
+
+A projection larger than a KV value may be is stored by reference: a one-row
+Feather segment (the format ``system/materialize`` writes) and a pointer to it
+in KV. A write refused for a reason tied to one execution rejects that
+execution's events (the pump dead-letters them); the rest of the batch is folded.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,19 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from kernel.host import Reject, ShardContext
-from projector.cache import CacheConflict, CacheEntry, ProjectionCache
+from projector.cache import (
+    CacheConflict,
+    CacheEntry,
+    EntryRefused,
+    EntryTooLarge,
+    EntryUnreadable,
+    ProjectionCache,
+    pointer_to,
+)
 from projector.fold import WalEvent, fold
+from projector.projection import Projection, canonical
 from projector.replay import entry_projection
+from projector.snapshots import SegmentRow
 
 CONCURRENCY = 32
 REMEMBERED = 2000  # per shard: the entries this plug-in wrote last, so the next batch skips reading them
@@ -35,6 +51,17 @@ class ProjectPlugin:
         return held[1]
 
     async def _one(
+        self, ctx: ShardContext, cache: ProjectionCache, execution_id: str, events: list[WalEvent]
+    ) -> list[Reject]:
+        try:
+            return await self._latest(ctx, cache, execution_id, events)
+        except (EntryRefused, EntryUnreadable) as e:
+            # Tied to this execution alone: its events go to the DLQ with the reason, the shard goes on.
+            reason = "projection_unreadable" if isinstance(e, EntryUnreadable) else "projection_refused"
+            ctx.log.error("projection.isolated", execution_id=execution_id, reason=reason, error=str(e))
+            return [Reject(event.seq, reason, str(e)) for event in events]
+
+    async def _latest(
         self, ctx: ShardContext, cache: ProjectionCache, execution_id: str, events: list[WalEvent]
     ) -> list[Reject]:
         remembered = self._remembered(ctx)
@@ -64,12 +91,29 @@ class ProjectPlugin:
             return rejects  # nothing new: a redelivery of events already folded
         folded = fold(base, mine)
         assert folded is not None
-        revision = await cache.put(execution_id, folded, revision=None if entry is None else entry.revision)
+        revision = await self._write(ctx, cache, execution_id, folded, None if entry is None else entry.revision)
         remembered = self._remembered(ctx)
         remembered[execution_id] = CacheEntry(revision=revision, projection=folded)
         while len(remembered) > REMEMBERED:
             remembered.popitem(last=False)
         return rejects
+
+    async def _write(
+        self, ctx: ShardContext, cache: ProjectionCache, execution_id: str, folded: Projection, revision: int | None
+    ) -> int:
+        try:
+            return await cache.put(execution_id, folded, revision=revision)
+        except EntryTooLarge as e:
+            too_large = str(e)
+        # By reference: the segment first, then the pointer (compare-and-set), so a crash in between
+        # leaves the old entry and an unreferenced segment, and the redelivered batch does it again.
+        row = SegmentRow(execution_id=folded.execution_id, tenant=folded.tenant, project=folded.project,
+                         status=folded.status, last_seq=folded.last_seq, event_count=folded.event_count,
+                         projection=canonical(folded).decode())  # fmt: skip
+        segment = await asyncio.to_thread(ctx.snapshots(write=True).write_segment, ctx.shard, [row])
+        revision = await cache.put_pointer(execution_id, pointer_to(segment, 0, folded), revision=revision)
+        ctx.log.info("projection.by_reference", execution_id=execution_id, segment=segment, reason=too_large)
+        return revision
 
     async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Reject]:
         by_execution: dict[str, list[WalEvent]] = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from kernel.host import context_for, system_manifests
+from kernel.host import context_for, load_plugin, system_manifests
 from locator import new_event, shard_for
 from projector.cache import KvProjectionCache
 from projector.fold import WalEvent, fold
@@ -44,3 +44,84 @@ async def test_a_stale_remembered_entry_is_refolded_from_kv(js: JetStreamContext
     assert after is not None and after.projection is not None
     assert canonical(after.projection) == canonical(fold(None, first + second + third))  # type: ignore[arg-type]
     assert after.revision == entry.revision + 2
+
+
+def step_exits(execution_id: str, first_seq: int, count: int, size: int) -> list[WalEvent]:
+    """``count`` steps each ending with a result of ``size`` bytes: within every event limit, too big together."""
+    return [
+        WalEvent(first_seq + i, new_event(tenant="acme", project="web", execution_id=execution_id, type="step.exit",
+                                          step=f"s{first_seq + i}", attempt=1, payload={"result": "r" * size}))
+        for i in range(count)
+    ]  # fmt: skip
+
+
+async def test_a_projection_over_the_kv_limit_is_stored_by_reference_and_folded_on(
+    js: JetStreamContext, tmp_path: Path
+) -> None:
+    store = SnapshotStore(f"file://{tmp_path}/objects")
+    project, materialize = (m for m in system_manifests(["project", "materialize"]))
+    cache = await KvProjectionCache.open(js, SHARD)  # the limit the server announced: 1 MiB less headroom
+    ctx = context_for(project, SHARD, cache=cache, snapshots=store)
+    first, second = step_exits("88", 1, 10, 60_000), step_exits("88", 11, 10, 60_000)
+    small = events("89", 30, 2)
+    assert await ProjectPlugin().handle(ctx, first + small) == []
+    entry = await cache.get("88")
+    assert entry is not None and entry.projection is not None  # 600 KB still fits a KV value
+
+    # A new plug-in (a restarted kernel) remembers nothing: it reads the entry, folds, and the result no longer fits.
+    assert await ProjectPlugin().handle(ctx, second) == []
+    entry = await cache.get("88")
+    whole = fold(None, first + second)
+    assert whole is not None and len(canonical(whole)) > cache.max_value
+    assert entry is not None and entry.projection is None and entry.pointer is not None
+    assert (entry.pointer.last_seq, entry.pointer.status, entry.pointer.pointer.row) == (20, "RUNNING", 0)
+    row = store.read_row(entry.pointer.pointer.segment, 0)
+    assert row.projection.encode() == canonical(whole)
+    assert (row.execution_id, row.status, row.last_seq, row.event_count) == ("88", "RUNNING", 20, 20)
+    assert store.read_segment(entry.pointer.pointer.segment).num_rows == 1
+    others = await cache.get("89")
+    assert others is not None and others.projection is not None and others.projection.event_count == 2
+
+    # The next batch folds onto the projection read back through the pointer (again by a fresh plug-in),
+    # and the one after that onto the one it remembers; the execution ends while still too big for KV.
+    done = WalEvent(22, new_event(tenant="acme", project="web", execution_id="88", type="execution.completed"))
+    third = step_exits("88", 21, 1, 100)
+    assert await ProjectPlugin().handle(ctx, third) == []
+    plugin = ProjectPlugin()
+    assert await plugin.handle(ctx, [done]) == []
+    entry = await cache.get("88")
+    final = fold(None, first + second + third + [done])
+    assert final is not None and entry is not None and entry.pointer is not None
+    assert (entry.pointer.last_seq, entry.pointer.status) == (22, "COMPLETED")
+    assert store.read_row(entry.pointer.pointer.segment, 0).projection.encode() == canonical(final)
+
+    # materialize finds the pointer of the finished execution: it is materialized already, no row is written
+    # for it and the entry stays as it is; the small execution beside it gets its row.
+    before = len(store.list_segments(SHARD))
+    mctx = context_for(materialize, SHARD, cache=cache, snapshots=store)
+    await load_plugin(materialize).handle(mctx, [done, small[-1]])
+    segments = store.list_segments(SHARD)
+    assert len(segments) == before + 1
+    assert store.read_segment(segments[-1]).column("execution_id").to_pylist() == ["89"]
+    assert await cache.get("88") == entry
+
+
+async def test_an_entry_that_cannot_be_read_isolates_its_execution_not_the_batch(
+    js: JetStreamContext, tmp_path: Path
+) -> None:
+    project, materialize = (m for m in system_manifests(["project", "materialize"]))
+    cache, store = await KvProjectionCache.open(js, SHARD), SnapshotStore(f"file://{tmp_path}/objects")
+    ctx = context_for(project, SHARD, cache=cache, snapshots=store)
+    await cache.kv.put("66", b'{"pointer": "nowhere"}')  # written by something else than noetl-edge
+    broken, fine = events("66", 1, 2), events("67", 3, 2)
+    rejects = await ProjectPlugin().handle(ctx, [broken[0], fine[0], broken[1], fine[1]])
+    assert [(r.seq, r.reason) for r in rejects] == [(1, "projection_unreadable"), (2, "projection_unreadable")]
+    assert all("the cache entry of 66 is neither a projection nor a pointer" in r.detail for r in rejects)
+    entry = await cache.get("67")
+    assert entry is not None and entry.projection is not None
+    assert canonical(entry.projection) == canonical(fold(None, fine))  # type: ignore[arg-type]
+    # materialize does not wait for the isolated execution to be folded (it never will be): the others get rows.
+    await load_plugin(materialize).handle(context_for(materialize, SHARD, cache=cache, snapshots=store),
+                                          [broken[0], fine[0], broken[1], fine[1]])  # fmt: skip
+    (segment,) = store.list_segments(SHARD)
+    assert store.read_segment(segment).column("execution_id").to_pylist() == ["67"]
