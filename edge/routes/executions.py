@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unprocessable
-from edge.responses import json_response, read_json
+from edge.responses import convert, json_response, read_json
 from edge.routes.playbooks import catalog_of
 from edge.state import EdgeState, state_of
 from kernel.producer import Ack, Producer
@@ -59,8 +59,9 @@ def _int_param(request: Request, name: str, *, default: int | None = None, low: 
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    # isdigit() alone accepts '²' (int() then raises: a 500) and other non-ASCII digits.
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+    # isdigit() alone accepts '²' (int() then raises: a 500) and other non-ASCII digits; int() of
+    # thousands of digits raises too, so the length is checked first.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not low <= int(raw) <= high:
         raise Unprocessable(f"query parameter {name!r} must be an integer from {low} to {high}, got {raw!r}", field=name)
     return int(raw)
 
@@ -99,10 +100,7 @@ async def start(request: Request) -> Response:
     tenant, project, affinity = _names(request)
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
     body = await read_json(request, max_bytes=state.max_body)
-    try:
-        req = msgspec.convert(body or {}, StartRequest)
-    except msgspec.ValidationError as e:
-        raise Unprocessable(f"invalid start request: {e}") from e
+    req = convert({} if body is None else body, StartRequest, what="start request")
     affinity = check_name("affinity", req.affinity or affinity, allow_empty=True)
     # Resolved before anything is published: an unknown playbook is a 404 now, not a failed execution later.
     playbook = None if req.playbook is None else await _resolve(state, tenant, project, req.playbook)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
+import yaml
 from nats.js.errors import BucketNotFoundError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import BadRequest, EdgeError, NotFound, Unavailable, Unprocessable
-from edge.responses import json_response, read_body
+from edge.responses import MAX_BODY_DEPTH, decode_json, json_response, read_body
 from edge.state import EdgeState, state_of
 from locator.names import check_name
 from locator.subjects import CATALOG_BUCKET
@@ -20,6 +22,7 @@ from system_playbooks.orchestrate.playbook import Playbook, PlaybookError, Polic
 
 BASE = "/api/v1/tenants/{tenant}/projects/{project}/playbooks"
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
+_YAML_EVENTS = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: C speed, its own nesting limit
 
 
 class Conflict(EdgeError):
@@ -45,20 +48,43 @@ async def catalog_of(state: EdgeState) -> Catalog:
         raise Unavailable(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap the topology first") from e
 
 
+def _yaml_too_deep(raw: bytes) -> bool:
+    """Whether YAML text nests deeper than a JSON body may, told by the parser's events before any loader
+    walks it (PyYAML's flow scanning is quadratic in the depth: 5,000 ``[`` take seconds)."""
+    depth = 0
+    try:
+        for event in yaml.parse(raw, Loader=_YAML_EVENTS):
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_BODY_DEPTH:
+                    return True
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+    except yaml.YAMLError as e:
+        return "nesting" in str(e)  # libyaml's own depth limit; any other error is the loader's to report
+    return False
+
+
 def _validate(raw: bytes, content_type: str, policy: Policy) -> tuple[Playbook, bytes | dict[str, Any]]:
     """The playbook and the source to register: YAML text, or the decoded JSON document."""
     try:
         if content_type in YAML_TYPES:
-            return load_playbook(raw, policy=policy), raw
-        try:
-            doc = msgspec.json.decode(raw)
-        except msgspec.DecodeError as e:
-            raise BadRequest(f"request body is not valid JSON (send YAML as application/yaml): {e}") from e
+            # YAML is only another spelling of the document: the same depth limit as JSON.
+            if _yaml_too_deep(raw):
+                raise BadRequest(f"the playbook is nested more than {MAX_BODY_DEPTH} levels deep", reason="too_deep")
+            playbook = load_playbook(raw, policy=policy)
+            msgspec.json.encode(playbook)  # and text only: a "\\ud800" escape is a lone surrogate, which no JSON carries
+            return playbook, raw
+        doc = decode_json(raw, what="request body (send YAML as application/yaml)")
         if not isinstance(doc, dict):
             raise PlaybookError("a playbook must be an object")
         return parse_playbook(doc, policy=policy), doc
     except PlaybookError as e:
         raise Unprocessable(f"invalid playbook: {e}", field=e.path) from e
+    except UnicodeError as e:
+        raise BadRequest(f"the playbook has a string that is not text (a lone surrogate escape?): {e}", reason="not_utf8") from e
+    except RecursionError as e:  # block nesting that the pure-Python loader recurses into
+        raise BadRequest(f"the playbook is nested more than {MAX_BODY_DEPTH} levels deep", reason="too_deep") from e
 
 
 def _url(tenant: str, project: str, playbook: Playbook) -> str:
@@ -69,7 +95,7 @@ def _version_param(request: Request) -> int | None:
     raw = request.query_params.get("version")
     if raw is None or raw == "" or raw == "latest":
         return None
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 2**53:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 16 or not 1 <= int(raw) <= 2**53:
         raise Unprocessable(f"query parameter 'version' must be a positive integer or 'latest', got {raw!r}", field="version")
     return int(raw)
 
@@ -82,7 +108,8 @@ async def put_playbook(request: Request) -> Response:
     if not raw:
         raise BadRequest("the body must be the playbook, as YAML (application/yaml) or JSON")
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    playbook, source = _validate(raw, content_type, policy_of(request))
+    # Off the event loop: parsing a large YAML document in pure Python must not stall every other request.
+    playbook, source = await asyncio.to_thread(_validate, raw, content_type, policy_of(request))
     path = request.path_params["path"]
     if playbook.path != path:
         raise Unprocessable(f"the playbook's path {playbook.path!r} disagrees with the URL ({path!r})", field="path")

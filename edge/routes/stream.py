@@ -25,8 +25,9 @@ _encoder = msgspec.json.Encoder()
 
 def _resume_after(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("after_seq") or "0"
-    if not (raw.isascii() and raw.isdigit()):
-        raise Unprocessable(f"Last-Event-ID / after_seq must be a WAL sequence number, got {raw!r}", field="last-event-id")
+    # Bounded like every seq parameter: int() of thousands of digits raises, and NATS takes an int64.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > 2**63 - 2:
+        raise Unprocessable(f"Last-Event-ID / after_seq must be a WAL sequence number, got {raw[:40]!r}", field="last-event-id")
     return int(raw)
 
 
