@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 import pyarrow as pa
+import structlog
 
 from kernel.host import Manifest, Retry, ShardContext
 from projector.cache import CacheEntry, EntryUnreadable, Pointer, ProjectionCache, SegmentPointer
@@ -27,6 +28,8 @@ from projector.snapshots import SegmentRow, SnapshotStore
 from system_playbooks.materialize.rows import build_rows, input_table
 
 CATCH_UP_WAIT = 5.0
+CATCH_UP_TRIES = 5  # batches retried this often (about 35 s) go on without the projections still behind
+log = structlog.get_logger("noetl.materialize")
 
 
 class MaterializePlugin:
@@ -38,7 +41,12 @@ class MaterializePlugin:
 
     rows: Callable[[pa.Table], pa.Table] = staticmethod(build_rows)
 
-    def __init__(self, manifest: Manifest | None = None, *, rows: Callable[[pa.Table], pa.Table] | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest | None = None, *, rows: Callable[[pa.Table], pa.Table] | None = None,
+        catch_up_wait: float = CATCH_UP_WAIT, catch_up_tries: int = CATCH_UP_TRIES,
+    ) -> None:
+        self.catch_up_wait = catch_up_wait
+        self.catch_up_tries = catch_up_tries
         if rows is None and manifest is not None and manifest.runtime == "wasm":
             # wasmtime is loaded only when a manifest asks for it
             from system_playbooks.materialize.wasm_rows import WasmRows
@@ -47,10 +55,11 @@ class MaterializePlugin:
         if rows is not None:
             self.rows = rows
         self.compact_segments, self.compact_grace_s = compaction_settings()
+        self._waits: dict[int, int] = {}  # first seq of a batch -> how often it waited for system/project
 
-    async def _caught_up(self, cache: ProjectionCache, want: dict[str, int]) -> dict[str, CacheEntry]:
+    async def _caught_up(self, cache: ProjectionCache, want: dict[str, int], first_seq: int) -> dict[str, CacheEntry]:
         # The project plug-in folds the same events on its own consumer: wait (bounded) for it.
-        deadline = asyncio.get_running_loop().time() + CATCH_UP_WAIT
+        deadline = asyncio.get_running_loop().time() + self.catch_up_wait
         entries: dict[str, CacheEntry] = {}
         pending = dict(want)
         while True:
@@ -66,6 +75,15 @@ class MaterializePlugin:
             if not pending:
                 return entries
             if asyncio.get_running_loop().time() > deadline:
+                if self._waits.get(first_seq, 0) >= self.catch_up_tries:
+                    # Waited long enough: system/project rejected these events (dead-lettered) or is stuck on
+                    # them, and the shard must not stall behind it. Their rows come with a later batch, if any.
+                    log.warning("materialize.skipped", executions=sorted(pending), first_seq=first_seq)
+                    self._waits.pop(first_seq, None)
+                    return entries
+                self._waits[first_seq] = self._waits.get(first_seq, 0) + 1
+                while len(self._waits) > 64:
+                    self._waits.pop(next(iter(self._waits)))
                 raise Retry(f"{len(pending)} projection(s) not folded up to this batch yet", delay=2.0)
             await asyncio.sleep(0.05)
 
@@ -74,7 +92,7 @@ class MaterializePlugin:
         for event in events:
             want[event.env.execution_id] = event.seq
         cache = ctx.cache(write=True)
-        entries = await self._caught_up(cache, want)
+        entries = await self._caught_up(cache, want, events[0].seq)
         ordered = sorted(entries.items())
         table = input_table(
             (execution_id, entry.revision, None if entry.projection is None else canonical(entry.projection))

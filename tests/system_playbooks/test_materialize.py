@@ -148,6 +148,7 @@ class CrashBeforePointer(MaterializePlugin):
     """The segment is written, then the process 'dies' before any pointer update."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls = 0
 
     async def handle(self, ctx: Any, events: Any) -> None:
@@ -179,3 +180,36 @@ async def test_crash_between_segment_and_pointer_loses_nothing(
     assert plugin.calls >= 2 and len(store.list_segments(SHARD)) >= 2  # the redelivered batch redid the write
     served = await newest_snapshot(cache, store, "300")
     assert served is not None and canonical(served) == await fresh(js, "300")
+
+
+async def test_a_batch_whose_projection_never_catches_up_goes_on_after_a_few_tries(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, pump_until: Any
+) -> None:
+    # system/project folded the first event but dead-lettered the second (say, refused): the KV entry never
+    # reaches the batch's last seq. Materialize waits a few tries, then goes on instead of stalling its shard.
+    from nats.js.errors import NotFoundError
+
+    from projector.fold import WalEvent, fold
+
+    events = history("77", finish=None)[:2]
+    producer = Producer(js, topology)
+    acks = [await producer.publish(e) for e in events]
+    cache = await KvProjectionCache.open(js, SHARD)
+    folded = fold(None, [WalEvent(acks[0].seq, events[0])])
+    assert folded is not None
+    await cache.put("77", folded, revision=None)
+    store = SnapshotStore(f"file://{tmp_path}/objects")
+    manifest = system_manifests(["materialize"])[0]
+    plugin = MaterializePlugin(catch_up_wait=0.1, catch_up_tries=2)
+    pump = Pump(js, shard=SHARD, shard_count=4, plugin=plugin, ctx=context_for(manifest, SHARD, cache=cache, snapshots=store),
+                consumer="materialize", fetch_wait=0.2)
+
+    async def acked() -> bool:
+        try:
+            info = await js.consumer_info(f"WAL_{SHARD}", f"materialize_{SHARD}")
+        except NotFoundError:
+            return False  # not created yet
+        return info.ack_floor.stream_seq >= acks[-1].seq
+
+    await pump_until([pump], acked, timeout=60)
+    assert store.list_segments(SHARD) == []  # nothing caught up, so nothing written; the shard went on
