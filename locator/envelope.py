@@ -59,6 +59,7 @@ POISON_REASONS = frozenset({NOT_UTF8, NOT_JSON, TOO_DEEP, INVALID_ENVELOPE, SUBJ
 # The deepest nesting a payload may have (the payload object itself is level 1). Everything that walks a
 # payload (the scrub, summaries, the fold's copies) then stays far from Python's recursion limit.
 MAX_DEPTH = 64
+MAX_ATTEMPT = 2**31 - 1  # an int32 in every language a consumer may be written in
 
 
 class EnvelopeError(LocatorError):
@@ -158,8 +159,8 @@ def validate_envelope(env: Envelope) -> Envelope:
     except LocatorError as e:
         raise EnvelopeError(str(e), field=getattr(e, "field", "$")) from e
     check_type(env.type)
-    if env.attempt is not None and env.attempt < 1:
-        raise EnvelopeError(f"attempt must be >= 1, got {env.attempt}", field="attempt")
+    if env.attempt is not None and not 1 <= env.attempt <= MAX_ATTEMPT:
+        raise EnvelopeError(f"attempt must be between 1 and {MAX_ATTEMPT}, got {str(env.attempt)[:24]}", field="attempt")
     try:
         parsed = datetime.fromisoformat(env.ts)
     except ValueError as e:

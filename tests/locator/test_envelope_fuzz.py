@@ -204,6 +204,7 @@ def test_known_shapes_get_their_reason() -> None:
         for raw in inputs:
             assert classify(subject, raw) == reason, (reason, raw[:80])
     assert classify(SUBJECTS[1], data) == "subject_mismatch"
+    assert classify(SUBJECTS[1], ENCODED[1].replace(b'"attempt":1', b'"attempt":' + b"9" * 30)) == "invalid_envelope"
     assert classify(subject, _shaped((0, 3, 0))[1]) == "valid"  # duplicate keys: the last one wins
     assert classify(subject, _shaped((0, 6, 3))[1]) == "valid"  # a 41-digit integer is JSON, kept exactly
     # Just at the limit is fine; one more level is poison.
