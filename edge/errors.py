@@ -43,6 +43,26 @@ class NotFound(EdgeError):
     status, title = 404, "Not Found"
 
 
+def unknown_execution(execution_id: str, tenant: str, project: str, affinity: str, *, then: str = "") -> NotFound:
+    """The 404 of an execution that is not on the shard its tenant, project and affinity name.
+
+    The affinity is part of the shard key, so an execution started with one is found only when asked with it;
+    the detail says which affinity was asked for (or that none was), and how to ask with one.
+
+    >>> str(unknown_execution("42", "acme", "web", ""))
+    "unknown execution 42 of acme/web (asked without an affinity: if it was started with one, ask with ?affinity=<a>)"
+    >>> str(unknown_execution("42", "acme", "web", "eu", then="start it first"))
+    "unknown execution 42 of acme/web with affinity 'eu' (an execution is found only with the affinity it was started with); start it first"
+    """
+    if affinity:
+        detail = f"unknown execution {execution_id} of {tenant}/{project} with affinity {affinity!r} " \
+                 "(an execution is found only with the affinity it was started with)"
+    else:
+        detail = f"unknown execution {execution_id} of {tenant}/{project} " \
+                 "(asked without an affinity: if it was started with one, ask with ?affinity=<a>)"
+    return NotFound(detail + (f"; {then}" if then else ""))
+
+
 class PayloadTooLarge(EdgeError):
     status, title = 413, "Content Too Large"
 

@@ -10,7 +10,7 @@ import nats.errors
 from opentelemetry import trace
 
 from edge.cells import CellClients
-from edge.errors import GatewayTimeout, NotFound, Unavailable, Unprocessable
+from edge.errors import GatewayTimeout, NotFound, Unavailable, Unprocessable, unknown_execution
 from locator.shard import shard_for
 from locator.subjects import wal_stream
 from projector.errors import ReplayLimitExceeded
@@ -108,12 +108,13 @@ class ReadPath:
     ) -> ReadResult:
         shard = shard_for(tenant, project, affinity, self.cells.topology.shard_count)
         try:
-            return await self._read(shard, tenant, project, execution_id, min_seq, as_of_seq)
+            return await self._read(shard, tenant, project, affinity, execution_id, min_seq, as_of_seq)
         except (nats.errors.Error, asyncio.TimeoutError, ConnectionError) as e:
             raise Unavailable(f"NATS did not answer for shard {shard}: {e!r}", headers={"Retry-After": "2"}) from e
 
     async def _read(
-        self, shard: int, tenant: str, project: str, execution_id: str, min_seq: int | None, as_of_seq: int | None
+        self, shard: int, tenant: str, project: str, affinity: str, execution_id: str, min_seq: int | None,
+        as_of_seq: int | None,
     ) -> ReadResult:
         if as_of_seq is not None:
             p = await self._replay(shard, tenant, project, execution_id, base=None, until=as_of_seq)
@@ -124,7 +125,7 @@ class ReadPath:
         if result is None:
             p = await self._replay(shard, tenant, project, execution_id, base=None, until=None)
             if p is None:
-                raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+                raise unknown_execution(execution_id, tenant, project, affinity)
             result = ReadResult(p, "replay")
         elif result.source == "snapshot":
             # A snapshot may be older than the WAL (the kernel replaces a pointer only when it folds

@@ -134,5 +134,5 @@ def test_test_command_in_a_fresh_clone_without_docker_compose(tmp_path: Path) ->
     assert proc.returncode == 0, out[-5000:]
     assert "tests/deploy/test_compose.py::test_the_compose_schema_accepts_the_file PASSED" in out, out[-5000:]
     assert "tests/deploy/test_compose.py::test_the_compose_schema_rejects_a_broken_service PASSED" in out
-    summary = out.rstrip().splitlines()[-1]
+    summary = proc.stdout.rstrip().splitlines()[-1]  # pytest's closing line (pip's notices go to stderr)
     assert re.search(r"\b\d+ passed\b", summary) and not re.search(r"failed|error|skipped", summary), summary

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from edge.cli.output import EXIT_RUNTIME, EXIT_USAGE
-from edge.cli.options import UsageError
+from edge.cli.options import UsageError, log_level
 from edge.cli.parsers import build_parser
 from kernel.errors import ConfigError, KernelError
 from locator.errors import LocatorError
@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kernel.logs import configure_logging
 
     try:
-        configure_logging(level=args.log_level, fmt=args.log_format)
+        configure_logging(level=log_level(args, stderr_is_a_terminal=sys.stderr.isatty()), fmt=args.log_format)
     except ValueError as e:
         print(f"noetl-edge: error: {e}", file=sys.stderr)
         return EXIT_USAGE

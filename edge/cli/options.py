@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from locator.topology import DEFAULT_NATS_URL, Topology, topology_from_env
@@ -43,7 +44,9 @@ def default_holder() -> str:
 def add_log_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
     g.add_argument(
-        "--log-level", default=os.environ.get("NOETL_LOG_LEVEL", "info"), help="debug, info, warning or error (env NOETL_LOG_LEVEL; default info)"
+        "--log-level",
+        default=None,
+        help="debug, info, warning or error (env NOETL_LOG_LEVEL; default info, but warning for `up` on a terminal)",
     )
     g.add_argument(
         "--log-format",
@@ -51,6 +54,24 @@ def add_log_options(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("NOETL_LOG_FORMAT", "auto"),
         help="auto = JSON when stderr is not a terminal (env NOETL_LOG_FORMAT)",
     )
+
+
+def log_level(args: argparse.Namespace, *, stderr_is_a_terminal: bool, env: Mapping[str, str] = os.environ) -> str:
+    """``--log-level``, else ``NOETL_LOG_LEVEL``, else ``info``; but ``warning`` for ``up`` whose logs go to a terminal.
+
+    On a terminal, ``up``'s start-up logs would scroll its ``ready`` line away from the person who waits for it.
+
+    >>> up = argparse.Namespace(command="up", log_level=None)
+    >>> log_level(up, stderr_is_a_terminal=True, env={}), log_level(up, stderr_is_a_terminal=False, env={})
+    ('warning', 'info')
+    >>> log_level(up, stderr_is_a_terminal=True, env={"NOETL_LOG_LEVEL": "debug"})
+    'debug'
+    """
+    if args.log_level:
+        return str(args.log_level)
+    if env.get("NOETL_LOG_LEVEL"):
+        return env["NOETL_LOG_LEVEL"]
+    return "warning" if stderr_is_a_terminal and getattr(args, "command", None) == "up" else "info"
 
 
 def add_topology_options(p: argparse.ArgumentParser, *, with_url: bool = True) -> None:

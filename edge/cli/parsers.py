@@ -11,6 +11,7 @@ for NATS, Starlette or Arrow.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from pathlib import Path
 from typing import TypeAlias
 
@@ -19,6 +20,9 @@ from locator.envelope import DEFAULT_PAYLOAD_CAP
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
+TENANT_HELP = "the tenant, e.g. acme (lowercase letters, digits, '_' or '-')"
+PROJECT_HELP = "the tenant's project, e.g. web; tenant, project and affinity pick the shard"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -26,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="noetl-edge: a pure event-sourced edge runtime on NATS JetStream. "
         "Exit codes: 0 ok, 1 runtime failure, 2 usage or validation error, 3 `replay --check` found a divergence.",
     )
+    parser.add_argument("--version", action="version", version=f"noetl-edge {importlib.metadata.version('noetl-edge')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster):
         add(sub)
@@ -117,9 +122,9 @@ def _publish(sub: Subparsers) -> None:
     src.add_argument("--json", metavar="ENVELOPE", help="the whole envelope as a JSON object")
     src.add_argument("--file", metavar="FILE", help="JSON-lines file of envelopes ('-' for stdin)")
     ev = p.add_argument_group("one event from flags")
-    ev.add_argument("--tenant")
-    ev.add_argument("--project")
-    ev.add_argument("--affinity", default="")
+    ev.add_argument("--tenant", help=TENANT_HELP)
+    ev.add_argument("--project", help=PROJECT_HELP)
+    ev.add_argument("--affinity", default="", help="the affinity key of the execution (default none)")
     ev.add_argument("--execution-id", help="decimal id (default: a new snowflake id)")
     ev.add_argument("--type", help="event type, e.g. user.note or step.exit")
     ev.add_argument("--step")
@@ -142,8 +147,8 @@ def _locate(sub: Subparsers) -> None:
         description="Compute where (tenant, project, affinity) lives with the FNV-1a locator. "
         "Prints one JSON object; events of an execution go to <subject_prefix>.<execution_id>.<type>.",
     )
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--project", required=True)
+    p.add_argument("--tenant", required=True, help=TENANT_HELP)
+    p.add_argument("--project", required=True, help=PROJECT_HELP)
     p.add_argument("--affinity", default="", help="optional affinity key (default empty)")
     add_topology_options(p, with_url=False)
     p.set_defaults(run="edge.cli.locate")
@@ -181,8 +186,8 @@ def _playbook(sub: Subparsers) -> None:
     show.add_argument("--version", type=int, default=None, metavar="N", help="the version (default: latest)")
 
     for q in (reg, ls, show):
-        q.add_argument("--tenant", required=True)
-        q.add_argument("--project", required=True)
+        q.add_argument("--tenant", required=True, help=TENANT_HELP)
+        q.add_argument("--project", required=True, help=PROJECT_HELP)
         add_topology_options(q)
         add_log_options(q)
 
@@ -255,8 +260,8 @@ def _worker(sub: Subparsers) -> None:
 
 
 def _execution_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--project", required=True)
+    p.add_argument("--tenant", required=True, help=TENANT_HELP)
+    p.add_argument("--project", required=True, help=PROJECT_HELP)
     p.add_argument("--affinity", default="", help="the affinity the execution was started with (default none)")
     add_topology_options(p)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,8 +47,14 @@ _STYLES = {
 _json = msgspec.json.Encoder(order="sorted")
 
 
+PIPED_WIDTH = 200  # stdout is not a terminal and COLUMNS is unset: rich's 80 would cut type names
+
+
 def _stdout() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = PIPED_WIDTH
+    return console
 
 
 def _stderr() -> Console:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge.errors import EdgeError, NotFound
+from edge.errors import EdgeError, NotFound, unknown_execution
 from edge.responses import json_response, read_json
 from edge.routes.executions import BASE, _exists, _names, _publish_one
 from edge.state import state_of
@@ -41,7 +41,7 @@ async def cancel(request: Request) -> Response:
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
     if not await _exists(state, shard, tenant, project, execution_id):
-        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+        raise unknown_execution(execution_id, tenant, project, affinity)
     env = envelope_from_dict(
         {
             "tenant": tenant,

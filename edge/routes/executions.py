@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unprocessable
+from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unprocessable, unknown_execution
 from edge.responses import convert, json_response, read_json
 from edge.routes.playbooks import catalog_of
 from edge.state import EdgeState, state_of
@@ -190,7 +190,7 @@ async def publish_events(request: Request) -> Response:
         raise Unprocessable(f"{len(errors)} invalid event(s); nothing was published", errors=errors)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
     if not await _exists(state, shard, tenant, project, execution_id):
-        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}; start it first")
+        raise unknown_execution(execution_id, tenant, project, affinity, then="start it first")
     producer = Producer(await state.cells.js_for_shard(shard), state.topology, payload_cap=state.payload_cap)
     results = await producer.publish_many(envelopes)
     if not all(isinstance(r, Ack) for r in results):
@@ -245,7 +245,7 @@ async def list_events(request: Request) -> Response:
             if len(page) >= limit:
                 break
     if not page and after_seq == 0:
-        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+        raise unknown_execution(execution_id, tenant, project, affinity)
     next_after = page[-1]["seq"] if len(page) == limit else None
     return json_response({"events": page, "next_after_seq": next_after})
 

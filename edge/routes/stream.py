@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from edge.errors import NotFound, Unprocessable
+from edge.errors import Unprocessable, unknown_execution
 from edge.routes.executions import BASE, _exists, _names
 from edge.state import state_of
 from kernel.scrub import scrub
@@ -39,7 +39,7 @@ async def stream(request: Request) -> Response:
     after = _resume_after(request)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
     if not await _exists(state, shard, tenant, project, execution_id):
-        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+        raise unknown_execution(execution_id, tenant, project, affinity)
     js = await state.cells.js_for_shard(shard)
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge.errors import NotFound, Unavailable
+from edge.errors import Unavailable, unknown_execution
 from edge.responses import json_response
 from edge.routes.executions import BASE, _exists, _int_param, _names, _paging
 from edge.state import state_of
@@ -128,7 +128,7 @@ async def get_timeline(request: Request) -> Response:
             raise Unavailable(str(e), headers={"Retry-After": "2"}) from e
         span.set_attribute("noetl.rows", len(rows))
     if read == 0 and not await _exists(state, shard, tenant, project, execution_id):
-        raise NotFound(f"unknown execution {execution_id} of {tenant}/{project}")
+        raise unknown_execution(execution_id, tenant, project, affinity)
     # A full page, or a page that stopped at the scan bound (a rare step, a long history): go on after it.
     next_after = rows[-1].seq if len(rows) == limit else cursor
     return json_response({"rows": rows, "next_after_seq": next_after})

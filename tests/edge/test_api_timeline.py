@@ -260,7 +260,8 @@ async def test_affinity_is_part_of_the_address(client: httpx.AsyncClient, js: Je
 async def test_unknown_execution_is_404(client: httpx.AsyncClient, wal: Wal) -> None:
     for params in ({}, {"step": "a"}, {"until_seq": 3}, {"after_seq": 2}):
         body = assert_problem(await client.get(url("7199999999"), params=params, headers=H), 404)
-        assert body["detail"] == "unknown execution 7199999999 of acme/web"
+        assert body["detail"] == ("unknown execution 7199999999 of acme/web "
+                                  "(asked without an affinity: if it was started with one, ask with ?affinity=<a>)")
     # Another project (and another tenant) does not see X.
     assert_problem(await client.get(url(X, project="other"), headers=H), 404)
     assert_problem(await client.get(url(X, tenant="globex"), headers=H), 404)

@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib.metadata
 import json
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -9,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import pytest
 
@@ -38,12 +45,49 @@ def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture
     assert "usage: noetl-edge" in capsys.readouterr().out
 
 
+def test_version_prints_the_package_version(cli: Any) -> None:
+    proc = cli("--version")
+    assert proc.stdout == f"noetl-edge {importlib.metadata.version('noetl-edge')}\n"
+    assert proc.stderr == ""
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command's parser with its words, e.g. (("playbook", "register"), parser)."""
+    out = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                out += _parsers(child, (*path, name))
+    return out
+
+
+def test_tenant_and_project_have_help_wherever_they_are_options() -> None:
+    having = {path: p for path, p in _parsers(build_parser())
+              if any(a.option_strings in (["--tenant"], ["--project"]) for a in p._actions)}
+    assert {"locate", "publish", "run", "cancel", "result", "replay"} <= {path[0] for path in having}
+    for path, p in having.items():
+        for action in p._actions:
+            if action.option_strings in (["--tenant"], ["--project"]):
+                assert action.help, f"noetl-edge {' '.join(path)} {action.option_strings[0]} has no help"
+        text = p.format_help()
+        for flag in ("--tenant", "--project"):
+            line = next(line for line in text.splitlines() if line.strip().startswith(f"{flag} "))
+            assert len(line.split(maxsplit=2)) == 3, f"noetl-edge {' '.join(path)} --help: {line!r} says nothing"
+
+
+@pytest.mark.parametrize("command", [["locate"], ["run"], ["playbook", "list"]])
+def test_help_explains_tenant_and_project(command: list[str], cli: Any) -> None:
+    out = cli(*command, "--help").stdout
+    assert "--tenant TENANT       the tenant, e.g. acme" in out
+    assert "--project PROJECT     the tenant's project, e.g. web" in out
+
+
 def test_every_registered_command_is_covered() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {  # type: ignore[arg-type]
         "up", "kernel", "edge", "worker", "publish", "locate", "playbook", "plugin", "run", "cancel", "result", "cluster",
-        "replay", "events",
+        "replay", "events", "history",
     }
 
 
@@ -270,6 +314,59 @@ async def test_up_bootstraps_prints_ready_and_stops_cleanly(
     )
     assert again.returncode == 2
     assert "was created with 3 shards" in again.stderr
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _up_on_a_terminal(cli_command: list[str], env: dict[str, str], data: Path) -> list[str]:
+    """``up`` with stdout and stderr on one pseudo-terminal, as a person runs it; stopped by SIGINT once it is
+    ready. Returns the terminal's lines, colours removed."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [*cli_command, "up", "--data-dir", str(data), "--nats-port", "0", "--http-port", "0"],
+        stdin=secondary, stdout=secondary, stderr=secondary, env=env, start_new_session=True,
+    )
+    os.close(secondary)
+    screen = b""
+    try:
+        while b"ready nats://" not in screen or not screen.endswith(b"\n"):
+            ready, _, _ = select.select([primary], [], [], 60)
+            assert ready, f"no ready line: {screen.decode(errors='replace')}"
+            screen += os.read(primary, 65536)
+        # Once ready, a request through the edge: whatever it logs lands after the ready line.
+        http = re.search(rb"ready nats://\S+ (http://\S+)", screen)
+        assert http
+        httpx.get(http.group(1).decode() + "/healthz", timeout=10).raise_for_status()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        with contextlib.suppress(OSError):  # EIO: the terminal's other end is closed
+            while chunk := os.read(primary, 65536):
+                screen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(primary)
+    return [ANSI.sub("", line) for line in screen.decode(errors="replace").splitlines() if line.strip()]
+
+
+def test_up_on_a_terminal_ends_its_start_up_with_the_ready_line(
+    tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str]
+) -> None:
+    env = {k: v for k, v in cli_environ.items() if k not in ("NOETL_LOG_LEVEL", "NOETL_LOG_FORMAT")}
+    lines = _up_on_a_terminal(cli_command, env, tmp_path / "data")
+    ready = [i for i, line in enumerate(lines) if line.startswith("ready nats://")]
+    assert len(ready) == 1, lines
+    # Info logs are off on a terminal: nothing scrolls the ready line away, before, after, or at Ctrl-C.
+    assert lines[ready[0]:] == [lines[ready[0]]], lines
+    assert not [line for line in lines if re.search(r"\[(info|debug)\s*\]", line)], lines
+    assert lines[0].startswith("noetl-edge: admin token for the HTTP API is in "), lines  # printed, not logged
+
+    # NOETL_LOG_LEVEL still turns them on: the same start-up, with its info logs on the terminal.
+    loud = _up_on_a_terminal(cli_command, env | {"NOETL_LOG_LEVEL": "info"}, tmp_path / "data")
+    assert [line for line in loud if re.search(r"\[info\s*\]\s+bootstrap\.done", line)], loud
+    assert any(line.startswith("ready nats://") for line in loud), loud
 
 
 async def test_up_takes_settings_from_env(tmp_path: Path, cli_command: list[str], cli_environ: dict[str, str]) -> None:

@@ -28,7 +28,7 @@ from edge.auth import TokenSpec
 from edge.cli import main as cli_main
 from kernel.producer import Producer
 from kernel.server import EmbeddedServer
-from locator import shard_for
+from locator import new_event, shard_for
 from locator.envelope import Envelope
 from locator.subjects import execution_filter
 from locator.topology import default_topology
@@ -87,6 +87,23 @@ async def test_timeline_table_is_the_golden_one(nats_server: EmbeddedServer, kno
     proc = run_cli("replay", URN, url=nats_server.url)
     golden("replay_timeline.txt", proc.stdout)
     assert "hunter2" not in proc.stdout and proc.stderr == ""
+
+
+async def test_piped_output_keeps_long_type_names(nats_server: EmbeddedServer, js: JetStreamContext) -> None:
+    """``replay … | less`` or ``> file``: no terminal, no COLUMNS; rich's 80 columns would cut the type with '…'."""
+    long_type = "user.quarterly_report.export_finished_for_every_region.emea_and_apac_sales"
+    note = new_event(tenant=TENANT, project=PROJECT, execution_id=EXECUTION, type=long_type,
+                     ts="2026-11-22T08:03:00.000Z", event_id="golden-long-type")
+    await publish(js, [*golden_history(), note])
+    env = {k: v for k, v in cli_env().items() if k not in ("COLUMNS", "LINES")}
+    piped = subprocess.run([cli_path(), "replay", URN, "--nats-url", nats_server.url], capture_output=True, text=True,
+                           timeout=120, env=env, check=False)
+    assert piped.returncode == 0, piped.stderr
+    assert long_type in piped.stdout and "…" not in piped.stdout
+    assert "execution.completed" in piped.stdout
+    # COLUMNS still rules when it is set: at 80 the type column is cut, as before.
+    narrow = run_cli("replay", URN, url=nats_server.url, columns=80)
+    assert long_type not in narrow.stdout and "user.quarterl…" in narrow.stdout
 
 
 async def test_json_output_is_the_golden_one(nats_server: EmbeddedServer, known: list[int]) -> None:
