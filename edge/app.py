@@ -27,6 +27,7 @@ from kernel.errors import PublishError
 from locator.errors import LocatorError
 from locator.ids import Snowflake
 from locator.topology import Topology
+from projector.archive import ArchiveError
 from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
 from system_playbooks.orchestrate.playbook import Policy
@@ -41,6 +42,11 @@ async def _locator_error(request: Request, exc: Exception) -> Response:
 
 async def _publish_error(request: Request, exc: Exception) -> Response:
     return await handle_edge_error(request, Unavailable(str(exc), headers={"Retry-After": "2"}))
+
+
+async def _archive_error(request: Request, exc: Exception) -> Response:
+    # The history archive (object storage) is away or a segment is unreadable: the tier, not the request, failed.
+    return await handle_edge_error(request, Unavailable(f"the history archive could not be read: {exc}", headers={"Retry-After": "5"}))
 
 
 async def _nats_error(request: Request, exc: Exception) -> Response:
@@ -117,6 +123,7 @@ def create_app(
             EdgeError: handle_edge_error,
             LocatorError: _locator_error,
             PublishError: _publish_error,
+            ArchiveError: _archive_error,
             nats.errors.Error: _nats_error,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,

@@ -13,6 +13,7 @@ from edge.cells import CellClients
 from edge.errors import GatewayTimeout, NotFound, Unavailable, Unprocessable, unknown_execution
 from locator.shard import shard_for
 from locator.subjects import wal_stream
+from projector.archive import HistoryArchive
 from projector.errors import ReplayLimitExceeded
 from projector.projection import Projection, decode_projection
 from projector.replay import entry_projection, replay
@@ -44,6 +45,7 @@ class ReadPath:
         self.replay_limit = replay_limit
         self.min_seq_wait = min_seq_wait
         self.snapshot_scan = snapshot_scan
+        self.archive = HistoryArchive.at(snapshots.base_url, storage_options=snapshots.storage_options)
 
     async def _replay(
         self, shard: int, tenant: str, project: str, execution_id: str, *, base: Projection | None, until: int | None
@@ -61,6 +63,7 @@ class ReadPath:
                     base=base,
                     limit=self.replay_limit,
                     until_seq=until,
+                    archive=self.archive,
                 )
             except ReplayLimitExceeded as e:
                 raise Unprocessable(str(e)) from e

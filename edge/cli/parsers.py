@@ -318,7 +318,8 @@ def _replay(sub: Subparsers) -> None:
         help="read an execution's history straight from its shard's WAL: timeline, state, diff, --check",
         description="Read every event of one execution from its shard's WAL (the KV cache and snapshots are "
         "not used, so it works with both wiped) and print a timeline: seq, time, time since the previous "
-        "event, type, step, attempt and a one-line summary. A bar shows progress on long histories. "
+        "event, type, step, attempt and a one-line summary (an execution retention archived is read from the "
+        "archive first, then the WAL). A bar shows progress on long histories. "
         "--check re-drives system/orchestrate's planner over the history and exits 3 at the first event "
         "where the playbook would decide differently. Exit codes: 0 ok, 1 runtime failure or unknown execution, "
         "2 usage error, 3 --check found a divergence.",
@@ -351,6 +352,9 @@ def _replay(sub: Subparsers) -> None:
                    help="with --check: use version N of the playbook instead")
     p.add_argument("--limit", type=int, default=1_000_000, metavar="N",
                    help="refuse histories longer than N events (default 1000000)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the history archive is read from once system/cleanup moved an execution out of the WAL: "
+                   f"file://<data-dir>/objects unless NOETL_OBJECTS_URL (env NOETL_DATA_DIR; default {default_data_dir()})")
     add_topology_options(p)
     p.set_defaults(run="edge.cli.replay")
 

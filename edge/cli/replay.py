@@ -24,7 +24,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError
 
 from edge.cli import replay_output as out
-from edge.cli.options import UsageError, resolve_topology
+from edge.cli.options import UsageError, default_data_dir, resolve_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
 from kernel.scrub import scrub_envelope
@@ -33,8 +33,10 @@ from locator.names import check_execution_id, check_name, check_step
 from locator.shard import shard_for
 from locator.subjects import CATALOG_BUCKET, execution_filter, wal_stream
 from locator.urn import Urn, parse_urn
+from projector.archive import HistoryArchive
 from projector.errors import ProjectorError
 from projector.fold import WalEvent
+from projector.objects import ObjectRoot
 from projector.replay import history
 from projector.timeline import parse_ts, timeline
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError
@@ -82,13 +84,18 @@ def _check_args(args: argparse.Namespace) -> datetime | None:
     return as_of
 
 
+def archive_of(args: argparse.Namespace) -> HistoryArchive:
+    """The history archive in the object store the kernels use (``--data-dir`` or ``NOETL_OBJECTS_URL``)."""
+    return HistoryArchive(ObjectRoot.from_env(data_dir=args.data_dir or default_data_dir()))
+
+
 async def read_history(js: JetStreamContext, urn: Urn, shard: int, shard_count: int, args: argparse.Namespace,
                        as_of: datetime | None) -> list[WalEvent]:
     events: list[WalEvent] = []
     with out.progress_bar(f"reading {urn.execution_id}") as progress:
         async for event in history(js, shard=shard, shard_count=shard_count, tenant=urn.tenant, project=urn.project,
                                    execution_id=urn.execution_id, limit=args.limit, until_seq=args.until_seq,
-                                   progress=progress):
+                                   progress=progress, archive=archive_of(args)):
             if as_of is not None:
                 at = parse_ts(event.env.ts)
                 if at is not None and at > as_of:

@@ -27,6 +27,7 @@ from locator.names import check_execution_id, check_name
 from locator.shard import shard_for
 from locator.subjects import execution_filter, wal_stream
 from locator.urn import Urn
+from projector.archive import ArchiveIndex
 from projector.replay import history
 from system_playbooks.orchestrate.catalog import PlaybookNotFound
 from system_playbooks.orchestrate.playbook import PATH_PATTERN
@@ -160,7 +161,8 @@ async def _exists(state: EdgeState, shard: int, tenant: str, project: str, execu
     try:
         await js.get_msg(wal_stream(shard), seq=1, next=True, subject=execution_filter(shard, tenant, project, execution_id))
     except NotFoundError:  # no event of this execution in the WAL (a timeout is not "unknown": it is a 503)
-        return False
+        ref, _ = await ArchiveIndex(js, shard).get(execution_id)  # or its history was moved to the archive
+        return ref is not None and (ref.tenant, ref.project) == (tenant, project)
     return True
 
 
@@ -237,7 +239,7 @@ async def list_events(request: Request) -> Response:
     page: list[dict[str, Any]] = []
     events = history(
         js, shard=shard, shard_count=state.topology.shard_count, tenant=tenant, project=project,
-        execution_id=execution_id, after_seq=after_seq, limit=2**62,
+        execution_id=execution_id, after_seq=after_seq, limit=2**62, archive=state.read.archive,
     )
     async with contextlib.aclosing(events):
         async for event in events:

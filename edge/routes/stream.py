@@ -19,6 +19,7 @@ from locator.envelope import EnvelopeError, decode_wal_message
 from locator.names import check_execution_id
 from locator.shard import shard_for
 from locator.subjects import execution_filter, wal_stream
+from projector.archive import archived_messages
 
 _encoder = msgspec.json.Encoder()
 
@@ -31,6 +32,16 @@ def _resume_after(request: Request) -> int:
     return int(raw)
 
 
+def _frame(seq: int, subject: str, data: bytes, shard_count: int) -> bytes | None:
+    """One SSE event for a stored message; None for poison, which is never served (the kernel dead-letters it)."""
+    try:
+        env = decode_wal_message(subject, data, shard_count=shard_count)
+    except EnvelopeError:
+        return None
+    body = _encoder.encode(scrub(msgspec.to_builtins(env)))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, env.type.encode(), body)
+
+
 async def stream(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -41,9 +52,14 @@ async def stream(request: Request) -> Response:
     if not await _exists(state, shard, tenant, project, execution_id):
         raise unknown_execution(execution_id, tenant, project, affinity)
     js = await state.cells.js_for_shard(shard)
+    # Archived history first (what system/cleanup moved out of the WAL), then the WAL after it.
+    ref, archived = await archived_messages(
+        js, state.read.archive, shard=shard, tenant=tenant, project=project, execution_id=execution_id, after_seq=after
+    )
+    start = max(after, ref.last_seq if ref is not None else 0)
     config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
-        opt_start_seq=after + 1 if after else None,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
+        opt_start_seq=start + 1 if start else None,
     )
     sub = await js.subscribe(
         execution_filter(shard, tenant, project, execution_id),
@@ -56,19 +72,19 @@ async def stream(request: Request) -> Response:
     async def events() -> AsyncIterator[bytes]:
         try:
             yield b"retry: 1000\n\n"
+            for m in archived:
+                frame = _frame(m.seq, m.subject, m.data, state.topology.shard_count)
+                if frame is not None:
+                    yield frame
             while True:
                 try:
                     msg = await sub.next_msg(timeout=state.sse_keepalive)
                 except nats.errors.TimeoutError:
                     yield b": keep-alive\n\n"
                     continue
-                seq = msg.metadata.sequence.stream
-                try:
-                    env = decode_wal_message(msg.subject, msg.data or b"", shard_count=state.topology.shard_count)
-                except EnvelopeError:
-                    continue  # poison is never served (the kernel dead-letters it)
-                data = _encoder.encode(scrub(msgspec.to_builtins(env)))
-                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, env.type.encode(), data)
+                frame = _frame(msg.metadata.sequence.stream, msg.subject, msg.data or b"", state.topology.shard_count)
+                if frame is not None:
+                    yield frame
         finally:
             try:
                 await sub.unsubscribe()

@@ -31,6 +31,7 @@ from locator.envelope import Envelope, EnvelopeError, decode_wal_message
 from locator.names import check_execution_id, check_step
 from locator.shard import shard_for
 from locator.subjects import wal_stream
+from projector.archive import HistoryArchive
 from projector.errors import ProjectorError
 from projector.fold import WalEvent
 from projector.replay import history
@@ -48,11 +49,13 @@ class _Execution:
     tenant: str
     project: str
     execution_id: str
+    archive: HistoryArchive
 
     def history(self, *, after_seq: int = 0, until_seq: int | None = None) -> AsyncGenerator[WalEvent, None]:
         return history(
             self.js, shard=self.shard, shard_count=self.shard_count, tenant=self.tenant, project=self.project,
             execution_id=self.execution_id, after_seq=after_seq, until_seq=until_seq, limit=UNBOUNDED,
+            archive=self.archive,
         )
 
     def owns(self, env: Envelope) -> bool:
@@ -118,7 +121,8 @@ async def get_timeline(request: Request) -> Response:
     raw_step = request.query_params.get("step")
     step = None if raw_step is None else check_step(raw_step)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
-    ex = _Execution(await state.cells.js_for_shard(shard), shard, state.topology.shard_count, tenant, project, execution_id)
+    ex = _Execution(await state.cells.js_for_shard(shard), shard, state.topology.shard_count, tenant, project, execution_id,
+                    state.read.archive)
     attributes: dict[str, str | int] = {"noetl.execution_id": execution_id, "noetl.shard": shard}
     with tracer.start_as_current_span("edge.read.timeline", attributes=attributes) as span:
         try:
