@@ -28,6 +28,7 @@ from locator.errors import LocatorError
 from locator.ids import Snowflake
 from locator.topology import Topology
 from projector.archive import ArchiveError
+from projector.objects import ObjectRoot
 from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
 from system_playbooks.orchestrate.playbook import Policy
@@ -92,7 +93,7 @@ def create_app(
     the default allows neither. ``results`` holds large step results (default: beside the snapshots).
     """
     cells = CellClients(topology)
-    metrics = EdgeMetrics()
+    metrics = EdgeMetrics(objects=ObjectRoot(snapshots.base_url, storage_options=snapshots.storage_options))
     state = EdgeState(
         topology=topology,
         cells=cells,

@@ -1,7 +1,16 @@
-"""Prometheus metrics: request counts and latency (middleware), and per-shard NATS figures at scrape time."""
+"""Prometheus metrics: request counts and latency (middleware), and per-shard NATS figures at scrape time.
+
+The tiers of history (see docs/history.md): the WAL's messages, bytes,
+subjects and interior deletes and the KV buckets' keys and bytes come from
+the server at every scrape (a ``STREAM.INFO`` per stream, no listing); the
+object store's segments are listed at most once per ``objects_ttl`` (60 s)
+and served from that listing in between, since a listing costs one request
+per page on S3.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -9,16 +18,25 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from locator.subjects import cmd_stream, dlq_stream, wal_stream
+from kernel.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
+from locator.subjects import cmd_stream, dlq_stream, hist_bucket, proj_bucket, wal_stream
+from projector.objects import ObjectRoot
 
 
 access_log = structlog.get_logger("noetl.edge.access")
 
 
 class EdgeMetrics:
-    """One registry per app, so several apps (tests) never share counters."""
+    """One registry per app, so several apps (tests) never share counters.
 
-    def __init__(self) -> None:
+    ``objects``: the object store whose history and snapshot segments are
+    counted (none: those gauges are absent), listed at most every ``objects_ttl`` seconds.
+    """
+
+    def __init__(self, *, objects: ObjectRoot | None = None, objects_ttl: float = 60.0) -> None:
+        self.objects = objects
+        self.objects_ttl = objects_ttl
+        self._listed: dict[int, tuple[float, tuple[ObjectFigures, ObjectFigures]]] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "noetl_edge_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=self.registry
@@ -33,6 +51,27 @@ class EdgeMetrics:
         self.dlq = Gauge("noetl_dlq_messages", "messages in DLQ_<shard>", ["shard"], registry=self.registry)
         self.wal = Gauge("noetl_wal_last_seq", "last sequence of WAL_<shard>", ["shard"], registry=self.registry)
         self.up = Gauge("noetl_shard_reachable", "1 if the shard's cell answered this scrape", ["shard"], registry=self.registry)
+        r = self.registry
+        self.wal_messages = Gauge("noetl_wal_messages", "messages in WAL_<shard>", ["shard"], registry=r)
+        self.wal_bytes = Gauge("noetl_wal_bytes", "bytes of WAL_<shard>", ["shard"], registry=r)
+        self.wal_subjects = Gauge("noetl_wal_subjects", "subjects holding a message in WAL_<shard>", ["shard"], registry=r)
+        self.wal_deleted = Gauge(
+            "noetl_wal_deleted", "interior deletes of WAL_<shard> (e.g. archived histories purged)", ["shard"], registry=r
+        )
+        self.kv_keys = Gauge("noetl_kv_keys", "keys of KV proj_<shard> and hist_<shard>", ["shard", "bucket"], registry=r)
+        self.kv_bytes = Gauge("noetl_kv_bytes", "bytes of KV proj_<shard> and hist_<shard>", ["shard", "bucket"], registry=r)
+        self.archived = Gauge(
+            "noetl_history_archived_executions", "executions with an archived history (keys of KV hist_<shard>)",
+            ["shard"], registry=r,
+        )
+        self.segments = Gauge(
+            "noetl_segments", "objects under history/shard=<n>/ and segments/shard=<n>/ (listed at most once a minute)",
+            ["shard", "tier"], registry=r,
+        )
+        self.segment_bytes = Gauge(
+            "noetl_segment_bytes", "bytes under history/shard=<n>/ and segments/shard=<n>/ (listed at most once a minute)",
+            ["shard", "tier"], registry=r,
+        )
 
     async def refresh(self, js_for_shard: object, shards: range) -> None:
         """Read the per-shard figures from NATS (a shard whose cell is down reports reachable 0)."""
@@ -42,7 +81,19 @@ class EdgeMetrics:
             label = str(shard)
             try:
                 js = await js_for_shard(shard)  # type: ignore[operator]
-                self.wal.labels(label).set((await js.stream_info(wal_stream(shard))).state.last_seq)
+                wal = await stream_figures(js, wal_stream(shard))
+                self.wal.labels(label).set(wal.last_seq)
+                self.wal_messages.labels(label).set(wal.messages)
+                self.wal_bytes.labels(label).set(wal.bytes)
+                self.wal_subjects.labels(label).set(wal.subjects)
+                self.wal_deleted.labels(label).set(wal.deleted)
+                for name, bucket in (("proj", proj_bucket(shard)), ("hist", hist_bucket(shard))):
+                    figures = await bucket_figures(js, bucket)
+                    if figures is not None:
+                        self.kv_keys.labels(label, name).set(figures.keys)
+                        self.kv_bytes.labels(label, name).set(figures.bytes)
+                        if name == "hist":
+                            self.archived.labels(label).set(figures.keys)
                 self.pending_commands.labels(label).set((await js.stream_info(cmd_stream(shard))).state.messages)
                 self.dlq.labels(label).set((await js.stream_info(dlq_stream(shard))).state.messages)
                 for consumer in ("project", "materialize"):
@@ -54,6 +105,23 @@ class EdgeMetrics:
                 self.up.labels(label).set(1)
             except (EdgeError, Exception):  # a scrape reports what it can
                 self.up.labels(label).set(0)
+            await self._refresh_objects(shard)
+
+    async def _refresh_objects(self, shard: int) -> None:
+        if self.objects is None:
+            return
+        now = time.monotonic()
+        listed = self._listed.get(shard)
+        if listed is None or now - listed[0] >= self.objects_ttl:
+            try:
+                figures = await asyncio.to_thread(shard_objects, self.objects, shard)
+            except Exception:  # an object store that does not answer: the last listing stands
+                return
+            listed = self._listed[shard] = (now, figures)
+        label = str(shard)
+        for tier, f in zip(("history", "snapshot"), listed[1], strict=True):
+            self.segments.labels(label, tier).set(f.objects)
+            self.segment_bytes.labels(label, tier).set(f.bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

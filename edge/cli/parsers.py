@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noetl-edge {importlib.metadata.version('noetl-edge')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster, _history):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -433,3 +433,47 @@ def _cluster(sub: Subparsers) -> None:
         a.add_argument("--timeout", type=float, default=30.0, metavar="S", help="give up after S seconds (default 30)")
         add_log_options(a)
     p.set_defaults(run="edge.cli.cluster")
+
+
+def _history(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "history",
+        help="the tiers of execution history (WAL, KV, archive): `history stats`, `history archive --now`",
+        description="Executions' histories live in the shard's WAL until system/cleanup archives the ended ones "
+        "(NOETL_HISTORY_RETENTION, default 7d) into Arrow IPC segments under <objects>/history/shard=<n>/. "
+        "See docs/history.md.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    stats = actions.add_parser(
+        "stats", help="per shard: executions in the WAL and archived, WAL messages/bytes/subjects, KV keys, object bytes",
+        description="Per shard: the WAL stream as the server counts it (messages, bytes, subjects, first and last "
+        "seq, interior deletes), the executions whose subjects it holds and how many of them ended, the keys and "
+        "bytes of KV proj_<n> and hist_<n> (hist keys = executions archived), and the history and snapshot "
+        "segments in the object store. Rich tables on a terminal, else one JSON object (or with --json).",
+    )  # fmt: skip
+    stats.add_argument("--json", action="store_true", help="one JSON object even on a terminal")
+    stats.add_argument("--results", action="store_true",
+                       help="also count the stored step results (a walk of <objects>/results/: slow on large stores)")
+    archive = actions.add_parser(
+        "archive", help="archive every ended execution now, ignoring the retention (--now)",
+        description="Find every execution with a terminal event (execution.completed, .failed or .cancelled) in "
+        "the WAL, write its whole stored history to history segments (--batch executions per segment), read it "
+        "back and verify it, record it in KV hist_<n>, then purge it from the WAL, whatever "
+        "NOETL_HISTORY_RETENTION says. Safe while kernels run: the archive ref is written compare-and-set and an "
+        "execution already archived is skipped, so this command and system/cleanup never lose or double an event. "
+        "A progress bar on a terminal, then 'archived N executions, M messages, K segments' (or --json).",
+    )  # fmt: skip
+    archive.add_argument("--now", action="store_true", required=True,
+                         help="archive what has ended now (required: the retention-driven archive is system/cleanup's)")
+    archive.add_argument("--tenant", default=None, help="only this tenant's executions")
+    archive.add_argument("--project", default=None, help="only this project's executions (needs --tenant)")
+    archive.add_argument("--batch", type=int, default=500, metavar="N", help="executions per segment (default 500)")
+    archive.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    for a in (stats, archive):
+        a.add_argument("--shard", type=int, default=None, metavar="N", help="only shard N (default every shard)")
+        a.add_argument("--data-dir", type=Path, default=None,
+                       help=f"base of the default file:// object store (env NOETL_DATA_DIR; default {default_data_dir()}); "
+                       "NOETL_OBJECTS_URL overrides it")  # fmt: skip
+        add_topology_options(a)
+        add_log_options(a)
+    p.set_defaults(run="edge.cli.history")

@@ -36,6 +36,7 @@ LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard
         ["playbook", "list"], ["playbook", "show"], ["run"], ["cancel"], ["result"],
         ["cluster"], ["cluster", "up"], ["cluster", "status"], ["cluster", "down"], ["cluster", "bootstrap"],
         ["cluster", "replicas"], ["replay"], ["events"], ["events", "tail"],
+        ["history"], ["history", "stats"], ["history", "archive"],
     ],
 )
 def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
