@@ -50,7 +50,7 @@ def unknown_execution(execution_id: str, tenant: str, project: str, affinity: st
     the detail says which affinity was asked for (or that none was), and how to ask with one.
 
     >>> str(unknown_execution("42", "acme", "web", ""))
-    "unknown execution 42 of acme/web (asked without an affinity: if it was started with one, ask with ?affinity=<a>)"
+    'unknown execution 42 of acme/web (asked without an affinity: if it was started with one, ask with ?affinity=<a>)'
     >>> str(unknown_execution("42", "acme", "web", "eu", then="start it first"))
     "unknown execution 42 of acme/web with affinity 'eu' (an execution is found only with the affinity it was started with); start it first"
     """
