@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kernel.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
+from projector.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
 from locator.subjects import cmd_stream, dlq_stream, hist_bucket, proj_bucket, wal_stream
 from projector.objects import ObjectRoot
 

@@ -1,7 +1,7 @@
 """``noetl-edge history stats|archive``: the tiers of history, and archiving ended executions now.
 
 ``stats`` prints, per shard, what the WAL, the KV buckets and the object store
-hold (see :mod:`kernel.historystats`): rich tables on a terminal, JSON
+hold (see :mod:`projector.historystats`): rich tables on a terminal, JSON
 otherwise or with ``--json``. ``archive --now`` archives every execution
 whose terminal event is in the WAL, whatever ``NOETL_HISTORY_RETENTION``
 says, with the same :class:`projector.archive.Archiver` ``system/cleanup``
@@ -29,7 +29,7 @@ from edge.cli.output import EXIT_OK, print_json
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
-from kernel.historystats import HistoryStats, ShardStats, ended_executions, object_figures, shard_stats
+from projector.historystats import HistoryStats, ShardStats, ended_executions, object_figures, shard_stats
 from locator.names import check_name
 from locator.subjects import wal_stream
 from locator.topology import Topology

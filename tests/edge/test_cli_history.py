@@ -51,7 +51,7 @@ async def publish_executions(js: JetStreamContext, topology: Topology) -> None:
 
 
 async def server_figures(js: JetStreamContext, shard: int) -> dict[str, int]:
-    """The WAL's figures as nats-py reads them from the server (independent of kernel.historystats)."""
+    """The WAL's figures as nats-py reads them from the server (independent of projector.historystats)."""
     info = await js.stream_info(wal_stream(shard))
     listed = await js.stream_info(wal_stream(shard), subjects_filter=f"wal.{shard}.>")
     return {
