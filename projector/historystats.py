@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -149,6 +150,47 @@ async def ended_executions(
         async for subject in stream_subjects(js, wal_stream(shard), terminal_filter(shard, tenant, project, event_type)):
             found.add(execution_of(subject))
     return sorted(found, key=lambda x: (int(x[2]) if x[2].isdigit() else 0, x))
+
+
+async def idle_executions(
+    js: JetStreamContext, shard: int, *, idle_s: float, tenant: str | None = None, project: str | None = None,
+    now: float | None = None,
+) -> list[tuple[str, str, str]]:
+    """Executions in the WAL with no terminal event whose last event is older than ``idle_s`` seconds.
+
+    "Last event" is the projection's ``updated_at`` (the ``ts`` of the newest event folded); an
+    execution the kernel has not folded yet is not idle. In id order, like :func:`ended_executions`.
+    """
+    from datetime import datetime
+
+    from projector.cache import KvProjectionCache
+    from projector.errors import ProjectorError
+
+    ended = set(await ended_executions(js, shard, tenant=tenant, project=project))
+    seen: set[tuple[str, str, str]] = set()
+    async for subject in stream_subjects(js, wal_stream(shard), f"wal.{shard}.{tenant or '*'}.{project or '*'}.>"):
+        try:
+            seen.add(execution_of(subject))
+        except ValueError:
+            continue  # too short to be an event's subject (poison)
+    cache = await KvProjectionCache.open(js, shard)
+    cutoff = (time.time() if now is None else now) - idle_s
+    idle = []
+    for execution in sorted(seen - ended, key=lambda x: (int(x[2]) if x[2].isdigit() else 0, x)):
+        try:
+            entry = await cache.get(execution[2])
+        except ProjectorError:
+            continue
+        p = None if entry is None else entry.projection
+        if p is None or (p.tenant, p.project) != execution[:2]:
+            continue  # not folded (or by reference, which only a big projection is): not judged idle here
+        try:
+            updated = datetime.fromisoformat(p.updated_at).timestamp()
+        except ValueError:
+            continue
+        if updated <= cutoff:
+            idle.append(execution)
+    return idle
 
 
 def object_figures(root: ObjectRoot, *parts: str, recursive: bool = False) -> ObjectFigures:

@@ -29,12 +29,14 @@ from edge.cli.output import EXIT_OK, print_json
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
-from projector.historystats import HistoryStats, ShardStats, ended_executions, object_figures, shard_stats
+from kernel.host import PluginError
 from locator.names import check_name
 from locator.subjects import wal_stream
 from locator.topology import Topology
 from projector.archive import ArchiveError, ArchiveReport, Archiver, HistoryArchive
+from projector.historystats import HistoryStats, ShardStats, ended_executions, idle_executions, object_figures, shard_stats
 from projector.objects import ObjectRoot
+from system_playbooks.cleanup.plugin import RetentionPolicy
 
 log = structlog.get_logger("noetl.cli.history")
 
@@ -217,7 +219,7 @@ async def _archive_batch(archiver: Archiver, batch: list[tuple[str, str, str]]) 
 
 async def archive_shard(
     js: JetStreamContext, shard: int, archive: HistoryArchive, *, tenant: str | None, project: str | None,
-    batch: int, progress: Progress,
+    batch: int, progress: Progress, idle_s: float | None = None,
 ) -> ShardArchive:  # fmt: skip
     """Archive the shard's ended executions, ``batch`` per segment, until a fresh look finds none not tried.
 
@@ -229,7 +231,10 @@ async def archive_shard(
     executions = messages = 0
     segments: list[str] = []
     while True:
-        new = [x for x in await ended_executions(js, shard, tenant=tenant, project=project) if x not in tried]
+        found = await ended_executions(js, shard, tenant=tenant, project=project)
+        if idle_s is not None:
+            found += await idle_executions(js, shard, idle_s=idle_s, tenant=tenant, project=project)
+        new = [x for x in found if x not in tried]
         if not new:
             return ShardArchive(shard=shard, executions=executions, messages=messages, segments=segments)
         tried.update(new)
@@ -247,14 +252,14 @@ async def archive_shard(
 
 
 async def archive_now(args: argparse.Namespace, topology: Topology, shards: list[int], archive: HistoryArchive,
-                      tenant: str | None, project: str | None) -> ArchiveSummary:  # fmt: skip
+                      tenant: str | None, project: str | None, idle_s: float | None = None) -> ArchiveSummary:  # fmt: skip
     done: list[ShardArchive] = []
     with Progress().shown() as progress:
         for urls, group in cell_groups(args, topology, shards):
             async with _cell(urls, topology, group, "noetl-history-archive") as js:
                 for shard in group:
                     done.append(await archive_shard(js, shard, archive, tenant=tenant, project=project,
-                                                    batch=args.batch, progress=progress))  # fmt: skip
+                                                    batch=args.batch, progress=progress, idle_s=idle_s))  # fmt: skip
     done.sort(key=lambda s: s.shard)
     return ArchiveSummary(
         executions=sum(s.executions for s in done), messages=sum(s.messages for s in done),
@@ -269,10 +274,18 @@ def _archive(args: argparse.Namespace) -> int:
         raise UsageError("--project needs --tenant (a project name is only unique within its tenant)")
     if not 1 <= args.batch <= 100_000:
         raise UsageError(f"--batch must be 1..100000, got {args.batch}")
+    idle_s = None
+    if args.idle is not None:
+        try:
+            idle_s = RetentionPolicy.parse(args.idle).seconds
+        except PluginError as e:
+            raise UsageError(str(e).replace("NOETL_HISTORY_RETENTION", "--idle")) from e
+        if idle_s is None:
+            raise UsageError("--idle needs a duration (30s, 12h, 7d…), not 'off': leave --idle out instead")
     topology = resolve_topology(args)
     shards = selected_shards(args, topology)
     archive = HistoryArchive(objects_root(args))
-    summary = asyncio.run(archive_now(args, topology, shards, archive, tenant, project))
+    summary = asyncio.run(archive_now(args, topology, shards, archive, tenant, project, idle_s))
     if args.json:
         print_json(summary)
     else:

@@ -465,6 +465,9 @@ def _history(sub: Subparsers) -> None:
     )  # fmt: skip
     archive.add_argument("--now", action="store_true", required=True,
                          help="archive what has ended now (required: the retention-driven archive is system/cleanup's)")
+    archive.add_argument("--idle", default=None, metavar="DURATION",
+                         help="also archive executions that never ended and have had no event for DURATION (30s, 12h, "
+                         "7d…): the idle-age rule for raw event streams; an event that comes later is read after the archive")
     archive.add_argument("--tenant", default=None, help="only this tenant's executions")
     archive.add_argument("--project", default=None, help="only this project's executions (needs --tenant)")
     archive.add_argument("--batch", type=int, default=500, metavar="N", help="executions per segment (default 500)")

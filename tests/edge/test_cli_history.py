@@ -190,6 +190,8 @@ async def test_metrics_gauges_report_the_tiers(
         (["history", "archive", "--now", "--tenant", "Acme!"], "tenant"),
         (["history", "archive", "--now", "--batch", "0"], "--batch must be"),
         (["history", "archive"], "--now"),
+        (["history", "archive", "--now", "--idle", "soon"], "--idle"),
+        (["history", "archive", "--now", "--idle", "off"], "--idle needs a duration"),
     ],
 )
 async def test_bad_input_exits_2_with_one_line_and_changes_nothing(
@@ -283,3 +285,51 @@ async def test_archive_now_beside_a_running_cleanup_loses_and_doubles_nothing(
         assert await read_stored(js, shard=ACME, tenant="acme", project="web", execution_id=x) == []
         read = [e.env.event_id for e in await _history(js, x, archive)]
         assert sorted(read) == sorted(ids), x  # each event once: none lost, none doubled
+
+
+async def test_archive_idle_moves_executions_that_never_ended_and_went_quiet(
+    nats_server: EmbeddedServer, js: JetStreamContext, topology: Topology, tmp_path: Path, cli: Any
+) -> None:
+    """The idle-age rule: a raw stream with no terminal event is archived once it has been quiet long enough."""
+    from kernel.host import context_for, system_manifests
+    from kernel.pump import Pump
+    from projector.cache import KvProjectionCache
+    from system_playbooks.project.plugin import ProjectPlugin
+
+    producer = Producer(js, topology)
+    old, fresh = "2026-01-01T00:00:00.000Z", None
+    for x, ts in (("7", old), ("8", fresh)):  # 7 went quiet long ago; 8 is still talking
+        await producer.publish(ev(x, "user.reading", payload={"v": 1}, ts=ts))
+        await producer.publish(ev(x, "user.reading", payload={"v": 2}, ts=ts))
+    cache = await KvProjectionCache.open(js, ACME)
+    manifest = system_manifests(["project"])[0]
+    ctx = context_for(manifest, ACME, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/objects"))
+    pump = Pump(js, shard=ACME, shard_count=4, plugin=ProjectPlugin(), ctx=ctx, consumer="project", fetch_wait=0.2)
+    import asyncio
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(pump.run(stop))
+    try:
+        for _ in range(200):
+            if [await cache.get(x) for x in ("7", "8")].count(None) == 0:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    # Without --idle nothing of them is archived (they never ended).
+    plain = json.loads(cli("history", "archive", "--now", "--tenant", "acme", "--json", "--nats-url", nats_server.url,
+                           "--data-dir", str(tmp_path)).stdout)
+    assert plain["executions"] == 0
+    out = json.loads(cli("history", "archive", "--now", "--idle", "1h", "--tenant", "acme", "--json", "--nats-url",
+                         nats_server.url, "--data-dir", str(tmp_path)).stdout)
+    assert out["executions"] == 1 and out["messages"] == 2
+    index = ArchiveIndex(js, ACME)
+    assert (await index.get("7"))[0] is not None and (await index.get("8"))[0] is None
+    assert await read_stored(js, shard=ACME, tenant="acme", project="web", execution_id="7") == []
+    assert len(await read_stored(js, shard=ACME, tenant="acme", project="web", execution_id="8")) == 2
+    archive = HistoryArchive.at(f"file://{tmp_path}/objects")
+    events = [e async for e in history(js, shard=ACME, shard_count=4, tenant="acme", project="web", execution_id="7",
+                                       archive=archive)]
+    assert [e.env.payload["v"] for e in events] == [1, 2]
