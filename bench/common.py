@@ -10,6 +10,7 @@ import queue
 import signal
 import subprocess
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from kernel.natsbin import find_nats_server
@@ -23,12 +24,14 @@ def child_env() -> dict[str, str]:
 class Proc:
     """A child process: stdout lines through a reader thread, stderr to a log file."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, *, stop_wait: float = 40.0) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, *, stop_wait: float = 40.0, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.stop_wait = stop_wait
         self.log_path = log_dir / f"{name}.stderr"
         self._err = self.log_path.open("w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err, text=True, env=child_env())
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err, text=True, env={**child_env(), **(env or {})})
         self._lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -1,0 +1,92 @@
+"""bench/soak.py: a quick run archives everything it published and prints one JSON document (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "soak.py"
+
+
+def _run(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO, check=False)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_run_archives_every_execution_and_prints_the_documented_json(tmp_path: Path) -> None:
+    out_file = tmp_path / "soak.json"
+    proc = _run("--quick", "--json-out", str(out_file))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)  # one JSON document, nothing else on stdout
+    assert json.loads(out_file.read_text()) == out
+    assert out["bench"] == "soak" and out["quick"] is True and out["retention"] == "2s"
+    assert (out["events"], out["executions"], out["events_per_execution"]) == (2000, 200, 10)
+    assert out["events_requested"] == 2000 and out["stopped_by_publish_budget"] is False
+
+    # Everything published left the WAL for the archive: no message, no subject left; one ref per execution.
+    assert out["drain"]["drained"] is True
+    final = out["final"]
+    assert final["published_events"] == 2000
+    assert (final["wal_messages"], final["wal_subjects"]) == (0, 0)
+    assert final["hist_keys"] == 200 and final["proj_keys"] == 200
+    objects = out["objects"]
+    assert objects["archived_events"] == 2000 and objects["history_bytes"] > 0 and objects["history_files"] >= 1
+    assert objects["history_bytes_per_archived_event"] == round(objects["history_bytes"] / 2000, 1)
+    assert objects["segment_files"] >= 1 and objects["segment_bytes"] > 0
+    assert out["publish"]["events_per_s"] > 0 and set(out["publish"]["held_back_s"]) == {
+        "fold_lag", "archive_overdue", "nats_busy",
+    }  # fmt: skip
+
+    # Every read was checked by the bench (status, event count, ETag); here: how many, and from where.
+    reads = out["reads"]
+    assert reads["rounds"] == 2 and reads["reads_per_round"] == 10
+    latency = reads["latency_ms"]
+    assert set(latency) == {"baseline_trivial", "warm", "cold", "as_of_seq"}
+    for stats in latency.values():
+        assert stats["samples"] == 20 and 0 < stats["best"] <= stats["p50"] <= stats["p99"]
+    assert sum(reads["sources"]["cold"].values()) == 20 and set(reads["sources"]["cold"]) <= {"snapshot", "cache"}
+    assert reads["sources"]["as_of_seq"] == {"replay": 20}  # as_of_seq replays the archive
+    assert reads["goal_cold_p99_ms"] == 20.0 and reads["meets_goal"] is (latency["cold"]["p99"] <= 20.0)
+
+    # The series: one value per sample for every figure, publishing first, then the drain.
+    series = out["series"]
+    n = len(series["t"])
+    assert n >= 2 and series["t"] == sorted(series["t"])
+    assert all(len(v) == n for v in series.values())
+    assert series["phase"][0] == "publish" and series["phase"][-1] == "drain"
+    assert series["hist_keys"][-1] == 200 and series["wal_messages"][-1] == 0
+    assert all(len(per) == 4 for per in series["wal_messages_per_stream"])
+    assert max(series["wal_consumers"]) >= 16  # the kernel's four durable consumers per shard, at least
+    assert max(series["wal_messages"]) == out["plateau"]["wal_messages"]["peak"] > 0
+    assert out["plateau"]["wal_messages"]["last_over_peak"] == 0.0
+    verdicts = {"plateaued": True, "grew": False, "undetermined": None}
+    for key, verdict in verdicts.items():
+        assert all(out["plateau"][name]["plateaued"] is verdict for name in out[key])
+    assert sorted(out["plateaued"] + out["grew"] + out["undetermined"]) == sorted(out["plateau"])
+    assert out["final"]["nats_rss_mb"] > 0 and len(out["loadavg_1m"]) == 3
+    assert "unknown" not in out["versions"].values()
+    assert "[bench]" in proc.stderr  # progress goes to stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--events", "15", "--executions", "10"), "--events must be a multiple of --executions"),
+        (("--events", "10", "--executions", "10"), "at least 2 events per execution"),
+        (("--retention", "off"), "--retention must be a duration"),
+        (("--retention", "5x"), "is not a duration"),
+        (("--window", "0"), "--window"),
+        (("--publish-budget", "-1"), "--publish-budget and --max-rate >= 0"),
+    ],
+)
+def test_bad_arguments_are_refused(args: tuple[str, ...], message: str) -> None:
+    proc = _run(*args, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
