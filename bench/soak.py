@@ -34,8 +34,10 @@ nats-server's resident memory (VmRSS of ``up``'s nats-server child, from
 reported over time with its peak, its last value and ``last / peak``, and a
 ``growth`` figure: the peak over the second half of the publishing phase
 over the peak over its first half (about 2 for a series that grows with the
-total, about 1 for one that has plateaued; plateaued means <= 1.25). The
-JSON lists what plateaued and what grew.
+total, about 1 for one that has plateaued; plateaued means <= 1.25, judged
+only when the events published grew by half or more between the halves,
+otherwise ``undetermined``). The JSON lists what plateaued, what grew and
+what could not be told.
 
 **Reads**, once every execution is archived (``hist`` keys = M, the WAL
 empty; bounded by ``--drain-timeout``): a warm execution (4 events, never
@@ -106,6 +108,7 @@ from system_playbooks.cleanup.plugin import RetentionPolicy  # noqa: E402
 
 GOAL_P99_MS = 20.0
 PLATEAU_GROWTH = 1.25  # second-half peak / first-half peak at or under this: plateaued
+MIN_TOTAL_GROWTH = 1.5  # ... judged only if the events published grew at least this much between the halves
 SHARDS = 4
 TENANT = "soak"
 FOLD_CONSUMERS = ("project", "materialize", "orchestrate")
@@ -305,6 +308,10 @@ def plateau(series: Series) -> dict[str, dict[str, Any]]:
     """Per figure: peak, last, last / peak, and the publishing phase's second-half peak over its first-half peak."""
     publish_t = [t for t, ph in zip(series.t, series.phase) if ph == "publish"]
     mid = (publish_t[0] + publish_t[-1]) / 2 if publish_t else 0.0
+    published = [(t, v) for t, ph, v in zip(series.t, series.phase, series.values.get("published_events", [])) if ph == "publish"]
+    early, late = [v for t, v in published if t <= mid], [v for t, v in published if t > mid]
+    # A verdict needs the total to have grown meanwhile: a stalled publisher makes anything look flat.
+    total_grew = bool(early and late and max(early) > 0 and max(late) / max(early) >= MIN_TOTAL_GROWTH)
     out: dict[str, dict[str, Any]] = {}
     for name in series.names:
         if name == "published_events":
@@ -323,8 +330,8 @@ def plateau(series: Series) -> dict[str, dict[str, Any]]:
             "last": last,
             "last_over_peak": round(last / peak, 3) if peak else None,
             "growth": growth,
-            # None: too few samples while publishing to tell (a run shorter than two sample intervals)
-            "plateaued": None if growth is None else growth <= PLATEAU_GROWTH,
+            # None: too few samples while publishing, or the published total grew too little to tell
+            "plateaued": None if growth is None or not total_grew else growth <= PLATEAU_GROWTH,
         }
     return out
 
