@@ -30,15 +30,14 @@ import msgspec
 import nats.errors
 import pyarrow as pa
 import pyarrow.ipc
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from locator.subjects import execution_filter, hist_bucket, wal_stream
 from projector.errors import ProjectorError
 from projector.objects import ObjectRoot
+from projector.walread import StoredMessage, read_subject
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -59,16 +58,6 @@ _BATCH_ROWS_KEY = b"noetl.batch_rows"
 
 class ArchiveError(ProjectorError):
     """An archive segment could not be written, read, or did not match what the WAL held."""
-
-
-class StoredMessage(NamedTuple):
-    """One WAL message as the stream stored it."""
-
-    seq: int
-    stored_at_ns: int
-    subject: str
-    headers: dict[str, str]
-    data: bytes
 
 
 class ArchivePart(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,16 +106,6 @@ def digest(messages: Iterable[StoredMessage]) -> str:
     return h.hexdigest()
 
 
-def _stored_at(msg: Msg) -> int:
-    """Nanoseconds since the epoch at which the stream stored ``msg`` (a token of its reply subject)."""
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9:
-        return int(tokens[7])
-    if len(tokens) >= 11:
-        return int(tokens[9])
-    return int(msg.metadata.timestamp.timestamp() * 1e9)
-
-
 async def read_stored(
     js: JetStreamContext,
     *,
@@ -138,29 +117,15 @@ async def read_stored(
     idle_timeout: float = 5.0,
 ) -> list[StoredMessage]:
     """Every message of the execution's WAL subject after ``after_seq``, as stored (poison included)."""
-    stream = wal_stream(shard)
-    subject = execution_filter(shard, tenant, project, execution_id)
     try:
-        first = await js.get_msg(stream, seq=after_seq + 1, next=True, subject=subject)
-    except NotFoundError:
-        return []
-    assert first.seq is not None
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first.seq)
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, inactive_threshold=30.0)
-    out: list[StoredMessage] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout)
-            except nats.errors.TimeoutError as e:
-                raise ArchiveError(f"reading {execution_id} from {stream} stalled: no message for {idle_timeout}s") from e
-            meta = msg.metadata
-            headers = {k: v for k, v in (msg.headers or {}).items()}
-            out.append(StoredMessage(meta.sequence.stream, _stored_at(msg), msg.subject, headers, msg.data or b""))
-            if meta.num_pending == 0:
-                return out
-    finally:
-        await sub.unsubscribe()
+        return [
+            m async for m in read_subject(
+                js, wal_stream(shard), execution_filter(shard, tenant, project, execution_id), after_seq=after_seq,
+                idle_timeout=idle_timeout,
+            )
+        ]
+    except ProjectorError as e:
+        raise ArchiveError(f"reading {execution_id} from {wal_stream(shard)}: {e}") from e
 
 
 class ArchivedExecution(NamedTuple):

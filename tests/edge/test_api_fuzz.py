@@ -471,7 +471,7 @@ def odd_but_valid(execution_id: str) -> list[Envelope]:
         ev("step.enter", execution_id, step="fetch", attempt=1, ts="2026-11-22T08:00:00.000+14:00"),
         ev("user.deep", execution_id, payload={"deep": deep}),
         ev("execution.requested", execution_id, payload={"playbook": "x" * 500, "workload": [1]}),
-        ev("step.exit", execution_id, step="fetch", attempt=10**30, result_ref=None,
+        ev("step.exit", execution_id, step="fetch", attempt=2**31 - 1, result_ref=None,
            payload={"result": {"big": -(10**30), "password": "hunter2", "s": "\u2028\x00é"}}),
         ev("call.error", execution_id, step="other", payload={"error": "just a string", "iteration": True}),
         ev("callback.waiting", execution_id, step="wait", payload={"callback_id": "é" * 40, "command_id": 5, "timeout_s": None}),
