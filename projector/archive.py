@@ -245,6 +245,18 @@ class HistoryArchive:
             raise ArchiveError(f"history segment {part.segment} has {len(messages)} of rows {part.row}+{part.rows}")
         return messages
 
+    def verify_segment(self, uri: str, parts: Sequence[ArchivePart]) -> None:
+        """Read the whole segment once and check every part's count, seq range and digest against it."""
+        try:
+            table = pyarrow.ipc.open_file(pa.py_buffer(self.root.read(self.root.path_of(uri)))).read_all()
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise ArchiveError(f"could not read back history segment {uri}: {e}") from e
+        for part in parts:
+            messages = _messages(table.slice(part.row, part.rows))
+            if (len(messages), messages[0].seq if messages else None, messages[-1].seq if messages else None,
+                    digest(messages)) != (part.rows, part.first_seq, part.last_seq, part.digest):
+                raise ArchiveError(f"history segment {uri} rows {part.row}+{part.rows} do not match the WAL")
+
     def verify(self, part: ArchivePart) -> None:
         """Read ``part`` back and check its count, seq range and digest; raise :class:`ArchiveError` if any differs."""
         messages = self.read_part(part)
@@ -365,7 +377,7 @@ class Archiver:
                     self.js, shard=self.shard, tenant=tenant, project=project, execution_id=execution_id,
                     after_seq=ref.last_seq if ref else 0,
                 )
-                if ref is not None and ref.parts:
+                if ref is not None and ref.parts and await self._holds_archived(tenant, project, execution_id, ref.last_seq):
                     await self._purge(tenant, project, execution_id, ref.last_seq)  # a crash left archived events behind
                 return (ArchivedExecution(tenant, project, execution_id, messages), ref, revision) if messages else None
 
@@ -375,22 +387,41 @@ class Archiver:
             return ArchiveReport(0, 0, None)
         uri, parts = await asyncio.to_thread(self.archive.write_segment, self.shard, [f[0] for f in found])
         self._fault("after_write")
-        for part in parts.values():
-            await asyncio.to_thread(self.archive.verify, part)
+        await asyncio.to_thread(self.archive.verify_segment, uri, list(parts.values()))
         self._fault("after_verify")
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        for ex, ref, revision in found:
-            new = ArchiveRef(
-                tenant=ex.tenant, project=ex.project, parts=(*(ref.parts if ref else ()), parts[ex.execution_id]),
-                archived_at=now,
-            )
-            await index.put(ex.execution_id, new, revision=revision)
+
+        async def record(ex: ArchivedExecution, ref: ArchiveRef | None, revision: int | None) -> None:
+            async with gate:
+                new = ArchiveRef(
+                    tenant=ex.tenant, project=ex.project, parts=(*(ref.parts if ref else ()), parts[ex.execution_id]),
+                    archived_at=now,
+                )
+                await index.put(ex.execution_id, new, revision=revision)
+
+        await asyncio.gather(*(record(*f) for f in found))
         self._fault("after_record")
-        for i, (ex, _, _) in enumerate(found):
-            await self._purge(ex.tenant, ex.project, ex.execution_id, parts[ex.execution_id].last_seq)
-            if i == 0:
-                self._fault("during_purge")
+        first, rest = found[0][0], [f[0] for f in found[1:]]
+        await self._purge(first.tenant, first.project, first.execution_id, parts[first.execution_id].last_seq)
+        self._fault("during_purge")
+
+        async def purge(ex: ArchivedExecution) -> None:
+            async with gate:
+                await self._purge(ex.tenant, ex.project, ex.execution_id, parts[ex.execution_id].last_seq)
+
+        await asyncio.gather(*(purge(ex) for ex in rest))
         return ArchiveReport(len(found), sum(len(f[0].messages) for f in found), uri)
+
+    async def _holds_archived(self, tenant: str, project: str, execution_id: str, last_seq: int) -> bool:
+        """Whether the WAL still holds a message of the execution at or below ``last_seq`` (one direct get)."""
+        try:
+            msg = await self.js.get_msg(
+                wal_stream(self.shard), seq=1, next=True, subject=execution_filter(self.shard, tenant, project, execution_id),
+                direct=True,
+            )
+        except NotFoundError:
+            return False
+        return msg.seq is not None and msg.seq <= last_seq
 
     async def _purge(self, tenant: str, project: str, execution_id: str, last_seq: int) -> None:
         # Purge the execution's subject up to and including last_seq: a late event after it stays.
