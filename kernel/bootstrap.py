@@ -217,6 +217,10 @@ def global_assets(*, replicas: int, settings: StreamSettings, cell: str | None =
             cell,
         ),
         _obj_asset(sub.PLUGINS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas), cell),
+        # Credentials (kernel/keychain.py), encrypted; the history keeps a credential's last versions.
+        _kv_asset(
+            KeyValueConfig(bucket=sub.KEYCHAIN_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas), cell
+        ),
     ]
 
 

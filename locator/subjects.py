@@ -16,6 +16,7 @@ from locator.names import check_execution_id, check_name
 CATALOG_BUCKET = "catalog"
 LEASES_BUCKET = "leases"
 PLUGINS_BUCKET = "plugins"
+KEYCHAIN_BUCKET = "keychain"
 
 
 def wal_stream(shard: int) -> str:
