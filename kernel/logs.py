@@ -8,6 +8,8 @@ from typing import Literal
 
 import structlog
 
+from kernel.masking import mask_log_event
+
 Format = Literal["auto", "json", "console"]
 
 
@@ -36,6 +38,7 @@ def configure_logging(*, level: str = "info", fmt: Format = "auto") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            mask_log_event,  # a credential resolved for the tool call running here never reaches a log line
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -38,7 +38,10 @@ its first word is ``max``, ``min`` or ``num``, or its last word is ``count``,
 ``password_policy``, ``secret_used``).
 
 The value under a sensitive key is replaced by :data:`MASK` whatever its type:
-a dict or list there is masked whole, and so is ``None``.
+a dict or list there is masked whole, and so is ``None``. One exception: the
+keychain's audit record, a ``credentials`` key holding a list of
+``alias@version`` strings (what a step event records), is kept as it is:
+aliases name credentials, they are not credentials.
 
 Strings
 -------
@@ -187,6 +190,14 @@ def _scrub(value: Any, depth: int) -> Any:
     return scrub_text(value) if isinstance(value, str) else value
 
 
+_AUDIT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}@[0-9]{1,18}$")
+
+
+def _is_audit(key: str, item: Any) -> bool:
+    """``credentials: ["api@2", …]``: which keychain versions a step used, never a value."""
+    return key == "credentials" and type(item) is list and all(type(u) is str and _AUDIT.match(u) for u in item)
+
+
 def _scrub_dict(mapping: dict[Any, Any], depth: int) -> dict[Any, Any] | str:
     if depth > MAX_DEPTH:
         return DEPTH_MARK
@@ -194,7 +205,7 @@ def _scrub_dict(mapping: dict[Any, Any], depth: int) -> dict[Any, Any] | str:
     # The loop inlines the common leaf cases: a call per value would double the cost.
     for key, item in mapping.items():
         if isinstance(key, str) and is_sensitive_key(key):
-            scrubbed[key] = MASK
+            scrubbed[key] = list(item) if _is_audit(key, item) else MASK
         elif type(item) is str:
             scrubbed[key] = scrub_text(item)
         elif type(item) in _ATOMS:

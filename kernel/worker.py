@@ -67,7 +67,8 @@ class CommandRunner(Protocol):
     """Runs one command as step attempt ``attempt``; returns a JSON value or a ``pyarrow.Table``.
 
     Whatever it raises is reported as ``call.error``: ``{"type": e.type, "message": str(e)}``
-    when the exception has a string ``type`` attribute, else the exception's class name.
+    when the exception has a string ``type`` attribute, else the exception's class name; a mapping
+    ``report`` attribute adds its fields to the event's payload (e.g. which credentials the step used).
     """
 
     async def __call__(self, command: Command, *, attempt: int) -> Any: ...
@@ -391,20 +392,26 @@ class Worker:
                 error = {"type": "timeout", "message": f"the step did not finish within {command.timeout} s"}
             return self._failed(command, d, attempt, error)
         except Exception as e:
-            return self._failed(command, d, attempt, error_payload(e))
+            report = getattr(e, "report", None)
+            return self._failed(command, d, attempt, error_payload(e), report if isinstance(report, Mapping) else {})
+        extra = value.payload if isinstance(value, Reported) else {}
         try:
             return await self._result_event(command, attempt, value)
         except ResultError as e:
-            return self._failed(command, d, attempt, {"type": "result_store", "message": str(e)})
+            return self._failed(command, d, attempt, {"type": "result_store", "message": str(e)}, extra)
         except (TypeError, msgspec.EncodeError) as e:
-            return self._failed(command, d, attempt, {"type": "bad_result", "message": f"result is not JSON: {e}"})
+            return self._failed(command, d, attempt, {"type": "bad_result", "message": f"result is not JSON: {e}"}, extra)
 
-    def _failed(self, command: Command, d: _Delivery, attempt: int, error: dict[str, str]) -> Envelope:
+    def _failed(
+        self, command: Command, d: _Delivery, attempt: int, error: dict[str, str], extra: Mapping[str, Any] | None = None
+    ) -> Envelope:
         self.log.info("command.failed", attempt=attempt, error_type=error["type"], error=error["message"][:200])
-        return self._error_event(command, d, attempt, error)
+        return self._error_event(command, d, attempt, error, extra)
 
-    def _error_event(self, command: Command, d: _Delivery, attempt: int, error: dict[str, str]) -> Envelope:
-        payload = {"error": error, "iteration": command.iteration, "command_id": command.command_id}
+    def _error_event(
+        self, command: Command, d: _Delivery, attempt: int, error: dict[str, str], extra: Mapping[str, Any] | None = None
+    ) -> Envelope:
+        payload = {**(extra or {}), "error": error, "iteration": command.iteration, "command_id": command.command_id}
         return self._event(command, "call.error", f"{command.command_id}:error:{d.number}", attempt, payload=payload)
 
     async def _result_event(self, command: Command, attempt: int, value: Any) -> Envelope:

@@ -72,6 +72,14 @@ def _iteration(payload: dict[str, Any]) -> str:
     return f" [{it}]" if isinstance(it, int) and not isinstance(it, bool) else ""
 
 
+def _credentials(payload: dict[str, Any]) -> str:
+    # Which keychain credential versions the step used (aliases only, never a value).
+    used = payload.get("credentials")
+    if isinstance(used, list) and used and all(isinstance(u, str) for u in used):
+        return " using " + ", ".join(used)
+    return ""
+
+
 def summarize(env: Envelope) -> str:
     """A one-line, human summary of an event (never longer than :data:`SUMMARY_WIDTH`)."""
     p, kind = env.payload, env.type
@@ -97,9 +105,9 @@ def summarize(env: Envelope) -> str:
         text = f"timer {p['timer']} fired" + _iteration(p)
     elif kind in ("step.exit", "command.completed"):
         text = ("result " + (f"by reference {env.result_ref}" if env.result_ref else _short(p.get("result")))
-                + _iteration(p))
+                + _iteration(p) + _credentials(p))
     elif kind in ("call.error", "step.failed", "execution.failed"):
-        text = "error " + _error(p) + _iteration(p)
+        text = "error " + _error(p) + _iteration(p) + _credentials(p)
     elif kind == "step.retry":
         text = f"retry as attempt {env.attempt}" + _iteration(p)
     elif kind == "callback.waiting":

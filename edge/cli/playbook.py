@@ -34,10 +34,10 @@ async def _with_catalog(args: argparse.Namespace, work: Callable[[Catalog], Awai
     nc = await connect(connect_urls(args, topology), name="noetl-playbook")
     try:
         try:
-            kv = await nc.jetstream().key_value(CATALOG_BUCKET)
+            catalog = await Catalog.open(nc.jetstream())
         except BucketNotFoundError as e:
             raise KernelError(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap first (`noetl-edge up` does it)") from e
-        return await work(Catalog(kv))
+        return await work(catalog)
     finally:
         await close(nc)
 
@@ -54,7 +54,7 @@ def _register(args: argparse.Namespace) -> int:
             done = await catalog.add(args.tenant, args.project, Path(args.file), policy=policy)
         except VersionConflict as e:
             return fail(str(e), EXIT_RUNTIME)
-        except PlaybookError as e:  # a wasm step names a plug-in the project has not registered: nothing written
+        except PlaybookError as e:  # an unregistered wasm plug-in or an unset keychain alias: nothing written
             return fail(f"{args.file}: {e}", EXIT_USAGE)
         pb = done.playbook
         print_json({"tenant": args.tenant, "project": args.project, "path": pb.path, "version": pb.version, "created": done.created})

@@ -121,14 +121,14 @@ def run(args: argparse.Namespace) -> int:
             shard = shard_for(args.tenant, args.project, args.affinity, topology.shard_count)
             await check_topology(js, topology, shard=shard)
             try:
-                catalog = Catalog(await js.key_value(CATALOG_BUCKET))
+                catalog = await Catalog.open(js)
             except BucketNotFoundError as e:
                 raise KernelError(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap first") from e
             try:
                 await catalog.add(args.tenant, args.project, Path(args.file), policy=policy)
             except VersionConflict as e:
                 raise KernelError(f"{e} (bump `version:` in {args.file})") from e
-            except PlaybookError as e:  # a wasm step names a plug-in the project has not registered
+            except PlaybookError as e:  # an unregistered wasm plug-in or an unset keychain alias
                 raise UsageError(f"{args.file}: {e}") from None
             execution_id = Snowflake().next_str()
             env = new_event(

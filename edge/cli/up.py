@@ -73,7 +73,8 @@ async def _serve(
     # The worker pool: the same loop as `noetl-edge worker`, in this process.
     workers = asyncio.create_task(
         run_workers(
-            [server.url], server.topology, runner=ToolRunner(policy, wasm_host=WasmLimits.from_env(os.environ).host()),
+            [server.url], server.topology,
+            runner=ToolRunner(policy, wasm_host=WasmLimits.from_env(os.environ).host(), data_dir=server.data_dir),
             results=results, stop=stop,
             concurrency=env_int("NOETL_WORKER_CONCURRENCY", 4),
         )

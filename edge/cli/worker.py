@@ -23,8 +23,10 @@ def run(args: argparse.Namespace) -> int:
     pool = check_name("pool", args.pool)
     concurrency = args.concurrency if args.concurrency is not None else env_int("NOETL_WORKER_CONCURRENCY", DEFAULT_CONCURRENCY)
     topology = resolve_topology(args)
-    results = ResultStore.from_env(data_dir=args.data_dir or default_data_dir())
-    runner = ToolRunner(policy_from_env(os.environ), wasm_host=WasmLimits.from_env(os.environ).host())
+    data_dir = args.data_dir or default_data_dir()
+    results = ResultStore.from_env(data_dir=data_dir)
+    # The keychain key (for steps that reference credentials): NOETL_KEYCHAIN_KEY(_FILE) or <data_dir>/keychain.key.
+    runner = ToolRunner(policy_from_env(os.environ), wasm_host=WasmLimits.from_env(os.environ).host(), data_dir=data_dir)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -43,7 +43,7 @@ async def catalog_of(state: EdgeState) -> Catalog:
     # The catalog is global: it lives on the first cell, next to the first shard's streams.
     js = await state.cells.js_for_shard(state.topology.cells[0].shards[0])
     try:
-        return Catalog(await js.key_value(CATALOG_BUCKET))
+        return await Catalog.open(js)
     except BucketNotFoundError as e:
         raise Unavailable(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap the topology first") from e
 
@@ -117,7 +117,7 @@ async def put_playbook(request: Request) -> Response:
         registered = await (await catalog_of(state)).add(tenant, project, source, policy=policy_of(request))
     except VersionConflict as e:
         raise Conflict(str(e)) from e
-    except PlaybookError as e:  # a wasm step naming an unregistered plug-in (or a policy change since _validate)
+    except PlaybookError as e:  # an unregistered wasm plug-in, an unset keychain alias (or a policy change since _validate)
         raise Unprocessable(f"invalid playbook: {e}", field=e.path) from e
     pb = registered.playbook
     return json_response(

@@ -20,6 +20,13 @@ records from the same bucket (``_plugins.*``, see :mod:`kernel.plugins`) and
 refuses the playbook with :class:`UnknownPlugin` naming the step, before
 anything is written.
 
+Every keychain alias a step references (``auth.credential`` of an ``http``
+step, the values of a ``python`` step's ``credentials``) must be set in the
+tenant/project: :meth:`Catalog.add` looks for its key in the KV bucket
+``keychain`` (only whether it exists: reading a value needs the platform key,
+which the catalog never has) and refuses the playbook with
+:class:`UnknownCredential` naming the path, before anything is written.
+
 A version is immutable: it is written with ``create`` (compare-and-set
 against "no such key"), so a second registration of the same version is
 accepted only with the same content. ``latest`` is moved with compare-and-set
@@ -34,17 +41,20 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from kernel.plugins import PluginRegistryError, find_record
 from locator.names import check_name
+from locator.subjects import CATALOG_BUCKET, KEYCHAIN_BUCKET
 from system_playbooks.orchestrate.errors import OrchestrateError, PlaybookError
 from system_playbooks.orchestrate.playbook import (
     PATH_PATTERN,
     Playbook,
     Policy,
     WasmTool,
+    credential_refs,
     load_playbook,
     parse_playbook,
 )
@@ -54,6 +64,7 @@ __all__ = [
     "CatalogError",
     "PlaybookNotFound",
     "Registered",
+    "UnknownCredential",
     "UnknownPlugin",
     "VersionConflict",
     "latest_key",
@@ -85,6 +96,14 @@ class UnknownPlugin(PlaybookError):
 
     >>> str(UnknownPlugin("no plug-in tools/score registered for acme/web", path="steps[2].tool.plugin"))
     'steps[2].tool.plugin: no plug-in tools/score registered for acme/web'
+    """
+
+
+class UnknownCredential(PlaybookError):
+    """A step references a keychain alias that is not set in the playbook's tenant/project.
+
+    >>> str(UnknownCredential("unknown credential 'api' in acme/web", path="steps[1].tool.auth.credential"))
+    "steps[1].tool.auth.credential: unknown credential 'api' in acme/web"
     """
 
 
@@ -124,8 +143,22 @@ class Catalog:
     ...     assert await catalog.list("acme", "web") == [("demo/x", 1)]
     """
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, *, keychain: KeyValue | None = None) -> None:
         self.kv = kv
+        self.keychain = keychain
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> Catalog:
+        """The catalog in ``js``'s ``catalog`` bucket, with the ``keychain`` bucket for alias checks when it exists.
+
+        Raises ``BucketNotFoundError`` when the catalog bucket does not exist.
+        """
+        kv = await js.key_value(CATALOG_BUCKET)
+        try:
+            keychain: KeyValue | None = await js.key_value(KEYCHAIN_BUCKET)
+        except BucketNotFoundError:
+            keychain = None
+        return cls(kv, keychain=keychain)
 
     async def register(
         self, tenant: str, project: str, source: str | bytes | Path | Mapping[str, Any], *, policy: Policy
@@ -140,12 +173,14 @@ class Catalog:
 
         Raises :class:`PlaybookError` (nothing written) for an invalid playbook, :class:`UnknownPlugin`
         (a :class:`PlaybookError`, nothing written) for a ``tool: wasm`` step whose plug-in is not registered,
+        :class:`UnknownCredential` (likewise) for a keychain alias not set in the tenant/project,
         and :class:`VersionConflict` when the version exists with other content.
         Registering the same content again is a no-op that answers ``created=False``.
         """
         playbook = parse_playbook(source, policy=policy) if isinstance(source, Mapping) else load_playbook(source, policy=policy)
         key = version_key(tenant, project, playbook.path, playbook.version)
         await self.check_plugins(tenant, project, playbook)
+        await self.check_credentials(tenant, project, playbook)
         data = _encoder.encode(playbook)
         created = True
         try:
@@ -185,6 +220,26 @@ class Catalog:
                     "(`noetl-edge plugin register`)",
                     path=f"steps[{i}].tool.plugin",
                 )
+
+    async def check_credentials(self, tenant: str, project: str, playbook: Playbook) -> None:
+        """Raise :class:`UnknownCredential` for the first keychain alias not set in ``tenant``/``project``.
+
+        Only the key's existence is read (``<tenant>.<project>.<alias>`` in the ``keychain`` bucket): never a value.
+        """
+        for path, alias in credential_refs(playbook):
+            if self.keychain is None:
+                raise UnknownCredential(
+                    f"credential {alias!r} cannot be checked: the KV bucket {KEYCHAIN_BUCKET!r} does not exist "
+                    "(bootstrap first; `noetl-edge up` does it)",
+                    path=path,
+                )
+            try:
+                await self.keychain.get(f"{tenant}.{project}.{alias}")
+            except KeyNotFoundError:  # never set, or deleted
+                raise UnknownCredential(
+                    f"unknown credential {alias!r} in {tenant}/{project} (set it with `noetl-edge credential set`)",
+                    path=path,
+                ) from None
 
     async def _raise_latest(self, key: str, version: int) -> None:
         while True:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from locator.names import STEP_PATTERN
+from locator.names import NAME_PATTERN, STEP_PATTERN
 from system_playbooks.orchestrate.errors import ExpressionError, PlaybookError
 from system_playbooks.orchestrate.expressions import FUNCTIONS, LITERALS, ROOTS, Expression, compile_expression
 from system_playbooks.orchestrate.templates import compile_template
@@ -39,6 +39,7 @@ __all__ = [
     "MAX_PLAYBOOK_BYTES",
     "Arc",
     "CallbackTool",
+    "HttpAuth",
     "HttpTool",
     "Loop",
     "NoopTool",
@@ -50,6 +51,7 @@ __all__ = [
     "Step",
     "Tool",
     "WasmTool",
+    "credential_refs",
     "load_playbook",
     "parse_playbook",
 ]
@@ -60,6 +62,10 @@ CALL_RE: Final = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]
 LOOP_VAR_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # What an expression may name outside a loop step's tool; there it may also name the loop's ``as`` and ``index``.
 DATA_ROOTS: Final = frozenset({"workload", "steps"})
+# A credential alias follows the name rule of tenants and projects; a python tool's name for it is an identifier.
+ALIAS_RE: Final = re.compile(NAME_PATTERN)
+CREDENTIAL_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 
 StepName = Annotated[str, msgspec.Meta(pattern=STEP_PATTERN)]
 PlaybookPath = Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, max_length=255)]
@@ -108,10 +114,33 @@ class _Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 
 class PythonTool(_Struct, frozen=True, tag="python", tag_field="kind"):
-    """Call ``package.module:function`` with the rendered ``args`` as keyword arguments."""
+    """Call ``package.module:function`` with the rendered ``args`` as keyword arguments.
+
+    ``credentials`` maps a name to a keychain alias of the project: the worker resolves each
+    right before the call and passes the value (text) as ``noetl["credentials"][name]``.
+    """
 
     call: str
     args: dict[str, Any] = {}
+    credentials: dict[str, str] = {}
+
+
+class HttpAuth(_Struct, frozen=True):
+    """Authenticate an ``http`` request with the keychain credential ``credential`` of the project.
+
+    ``bearer`` sends ``Authorization: Bearer <value>``; ``basic`` sends the value
+    (``user:password``) as ``Authorization: Basic <base64>``; ``header`` sends the
+    value in the header named ``header``. The value is resolved on the worker only.
+    """
+
+    type: Literal["bearer", "basic", "header"]
+    credential: str
+    header: str | None = None
+
+    @property
+    def header_name(self) -> str:
+        """The header the credential goes in."""
+        return self.header if self.type == "header" and self.header else "Authorization"
 
 
 class HttpTool(_Struct, frozen=True, tag="http", tag_field="kind"):
@@ -122,6 +151,7 @@ class HttpTool(_Struct, frozen=True, tag="http", tag_field="kind"):
     headers: dict[str, str] = {}
     body: Any = None
     timeout: Seconds = 30.0
+    auth: HttpAuth | None = None
 
 
 class WasmTool(_Struct, frozen=True, tag="wasm", tag_field="kind"):
@@ -217,6 +247,25 @@ class Playbook(_Struct, frozen=True):
             if step.name == name:
                 return step
         raise KeyError(name)
+
+
+def credential_refs(playbook: Playbook) -> list[tuple[str, str]]:
+    """(path, alias) of every keychain alias the playbook references, in document order.
+
+    >>> pb = parse_playbook({"path": "demo/c", "version": 1, "steps": [{"name": "a", "tool": {
+    ...     "kind": "http", "url": "https://api.example.com/", "auth": {"type": "bearer", "credential": "api"}}}]},
+    ...     policy=Policy(http_hosts=("api.example.com",)))
+    >>> credential_refs(pb)
+    [('steps[0].tool.auth.credential', 'api')]
+    """
+    refs: list[tuple[str, str]] = []
+    for i, step in enumerate(playbook.steps):
+        match step.tool:
+            case HttpTool(auth=HttpAuth(credential=alias)):
+                refs.append((f"steps[{i}].tool.auth.credential", alias))
+            case PythonTool(credentials=credentials):
+                refs.extend((f"steps[{i}].tool.credentials.{name}", alias) for name, alias in credentials.items())
+    return refs
 
 
 # --- loading --------------------------------------------------------------
@@ -498,7 +547,14 @@ def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str]
     tool = f"{where}.tool"
     inside = around if step.loop is None else _Scope(step, True, DATA_ROOTS | {step.loop.as_, "index"}, steps, loops)
     match step.tool:
-        case PythonTool(call=call, args=args):
+        case PythonTool(call=call, args=args, credentials=credentials):
+            for name, alias in credentials.items():
+                if CREDENTIAL_NAME_RE.fullmatch(name) is None:
+                    raise PlaybookError(
+                        f"invalid credential name {name!r}: an identifier (letters, digits, '_'), at most 63 characters",
+                        path=f"{tool}.credentials",
+                    )
+                _check_alias(alias, f"{tool}.credentials.{name}")
             if CALL_RE.fullmatch(call) is None:
                 raise PlaybookError(f"invalid call {call!r}: expected 'package.module:function'", path=f"{tool}.call")
             if not policy.allows_call(call):
@@ -508,7 +564,9 @@ def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str]
                     path=f"{tool}.call",
                 )
             _template(args, f"{tool}.args", inside)
-        case HttpTool(url=url, headers=headers, body=body):
+        case HttpTool(url=url, headers=headers, body=body, auth=auth):
+            if auth is not None:
+                _check_auth(auth, headers, f"{tool}.auth")
             _check_url(url, f"{tool}.url", policy)
             _template(url, f"{tool}.url", inside)
             _template(headers, f"{tool}.headers", inside)
@@ -519,6 +577,28 @@ def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str]
             _template(result, f"{tool}.result", inside)
         case CallbackTool():
             pass
+
+
+def _check_alias(alias: str, path: str) -> None:
+    if ALIAS_RE.fullmatch(alias) is None:
+        raise PlaybookError(f"invalid credential alias {alias!r}: must match {NAME_PATTERN}", path=path)
+
+
+def _check_auth(auth: HttpAuth, headers: Mapping[str, str], path: str) -> None:
+    _check_alias(auth.credential, f"{path}.credential")
+    if auth.type == "header":
+        if auth.header is None:
+            raise PlaybookError("type 'header' needs the name of the header the credential goes in", path=f"{path}.header")
+        if HEADER_NAME_RE.fullmatch(auth.header) is None:
+            raise PlaybookError(f"invalid header name {auth.header!r}", path=f"{path}.header")
+    elif auth.header is not None:
+        raise PlaybookError(f"only type 'header' takes a header name (type {auth.type!r} uses Authorization)",
+                            path=f"{path}.header")  # fmt: skip
+    wanted = auth.header_name.lower()
+    for name in headers:
+        if name.lower() == wanted:
+            raise PlaybookError(f"header {name!r} is set by auth from the keychain: remove it from headers",
+                                path=f"{path[: -len('.auth')]}.headers.{name}")  # fmt: skip
 
 
 def _check_url(url: str, path: str, policy: Policy) -> None:

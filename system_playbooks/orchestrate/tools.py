@@ -8,30 +8,47 @@ published by anyone who can publish there (defense in depth).
 Every failure is a :class:`ToolError` with a short ``type`` and a
 ``message``, which the worker reports as the ``call.error`` event's
 ``{"type", "message"}``.
+
+Credentials: a tool that references keychain aliases (``http`` ``auth``,
+``python`` ``credentials``) has them resolved by :class:`ToolRunner` right
+before the call, always in the command's own tenant/project, with the
+worker's platform key; the values live in memory for that call only. The
+result, the error message and the log lines of the call pass through an
+:class:`~kernel.masking.ExactMask` of those values, and the success or
+failure event records ``credentials: ["alias@version", …]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
+import nats.errors
 import pyarrow as pa
+import structlog
 from nats.js import JetStreamContext
 
+from kernel.keychain import Keychain, KeychainError, PlatformKey, Resolved, Scope, UnknownCredential
+from kernel.masking import ExactMask, masking
 from kernel.wasm import WasmHost
+from kernel.worker import Reported
 from locator.command import Command
 from locator.topology import Topology
 from system_playbooks.orchestrate.errors import OrchestrateError
 from system_playbooks.orchestrate.playbook import (
     CALL_RE,
     CallbackTool,
+    HttpAuth,
     HttpTool,
     NoopTool,
     Policy,
@@ -41,7 +58,9 @@ from system_playbooks.orchestrate.playbook import (
 )
 from system_playbooks.orchestrate.wasm_tool import WasmTools
 
-__all__ = ["MAX_HTTP_BODY", "ToolContext", "ToolError", "ToolRunner", "run_tool"]
+__all__ = ["MAX_HTTP_BODY", "ToolContext", "ToolError", "ToolRunner", "run_tool", "tool_aliases"]
+
+log = structlog.get_logger("noetl.orchestrate.tools")
 
 MAX_HTTP_BODY: Final = 32 * 1024 * 1024
 _JSON_TYPES: Final = ("application/json", "+json")
@@ -55,10 +74,11 @@ class ToolError(OrchestrateError):
     {'type': 'denied', 'message': 'no'}
     """
 
-    def __init__(self, type: str, message: str) -> None:
+    def __init__(self, type: str, message: str, *, report: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.type = type
         self.message = message
+        self.report = dict(report or {})  # extra fields for the call.error payload (the credentials used)
 
     def payload(self) -> dict[str, str]:
         return {"type": self.type, "message": self.message}
@@ -77,9 +97,42 @@ class ToolContext:
     project: str = ""
     affinity: str = ""
     wasm: WasmTools | None = None  # set once the worker bound the runner to its NATS connection
+    secrets: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)  # alias -> value, this call only
 
-    def noetl(self) -> dict[str, Any]:
-        return {"execution_id": self.execution_id, "step": self.step, "iteration": self.iteration, "attempt": self.attempt}
+    def noetl(self, credentials: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The ``noetl`` argument of a Python tool; with ``credentials`` (name -> alias) their values as text."""
+        context: dict[str, Any] = {"execution_id": self.execution_id, "step": self.step, "iteration": self.iteration,
+                                   "attempt": self.attempt}  # fmt: skip
+        if credentials:
+            context["credentials"] = {name: self.secret_text(alias) for name, alias in credentials.items()}
+        return context
+
+    def secret(self, alias: str) -> bytes:
+        """The resolved value of ``alias``; a ``credential`` :class:`ToolError` when it was not resolved."""
+        value = self.secrets.get(alias)
+        if value is None:
+            raise ToolError("credential", f"credential {alias!r} was not resolved for this call")
+        return value
+
+    def secret_text(self, alias: str) -> str:
+        try:
+            return self.secret(alias).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ToolError("credential", f"credential {alias!r} is not UTF-8 text") from None
+
+
+def tool_aliases(tool: Tool) -> list[str]:
+    """The keychain aliases ``tool`` references, each once, in order.
+
+    >>> tool_aliases(HttpTool(url="https://x/", auth=HttpAuth(type="bearer", credential="api")))
+    ['api']
+    """
+    match tool:
+        case HttpTool(auth=HttpAuth(credential=alias)):
+            return [alias]
+        case PythonTool(credentials=credentials):
+            return list(dict.fromkeys(credentials.values()))
+    return []
 
 
 def _parse(tool: dict[str, Any]) -> Tool:
@@ -100,7 +153,7 @@ def _builtins(value: Any) -> Any:
         raise ToolError("bad_result", f"the tool returned a value that is not JSON-serializable: {e}") from e
 
 
-async def run_tool(tool: dict[str, Any], ctx: ToolContext) -> Any:
+async def run_tool(tool: dict[str, Any] | Tool, ctx: ToolContext) -> Any:
     """Run one rendered tool (``msgspec.to_builtins`` of a playbook :data:`Tool`) and return its result.
 
     Raises :class:`ToolError` on any failure.
@@ -114,7 +167,7 @@ async def run_tool(tool: dict[str, Any], ctx: ToolContext) -> Any:
     ...
     system_playbooks.orchestrate.tools.ToolError: call 'os:getcwd' is not allowed by the operator policy (allowed module prefixes: none)
     """
-    match _parse(tool):
+    match _parse(tool) if isinstance(tool, dict) else tool:
         case NoopTool(result=result):
             return _builtins(result)
         case PythonTool() as python:
@@ -147,17 +200,23 @@ def _resolve(call: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def _arguments(fn: Callable[..., Any], call: str, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
-    if "noetl" in args:
+def _arguments(fn: Callable[..., Any], tool: PythonTool, ctx: ToolContext) -> dict[str, Any]:
+    call = tool.call
+    if "noetl" in tool.args:
         raise ToolError("bad_args", f"{call!r}: the argument name 'noetl' is reserved for the runtime")
-    kwargs = dict(args)
+    kwargs = dict(tool.args)
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
-        return kwargs  # a builtin without a signature: let the call itself complain
-    parameter = signature.parameters.get("noetl")
-    if parameter is not None and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-        kwargs["noetl"] = ctx.noetl()
+        signature = None  # a builtin without a signature: let the call itself complain
+    parameter = None if signature is None else signature.parameters.get("noetl")
+    takes_noetl = parameter is not None and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    if tool.credentials and not takes_noetl:
+        raise ToolError("bad_args", f"{call!r} declares credentials but takes no 'noetl' argument to receive them")
+    if signature is None:
+        return kwargs
+    if takes_noetl:
+        kwargs["noetl"] = ctx.noetl(tool.credentials)
     try:
         signature.bind(**kwargs)
     except TypeError as e:
@@ -165,12 +224,12 @@ def _arguments(fn: Callable[..., Any], call: str, args: dict[str, Any], ctx: Too
     return kwargs
 
 
-def _call_sync(call: str, args: dict[str, Any], ctx: ToolContext) -> tuple[Any, bool]:
+def _call_sync(tool: PythonTool, ctx: ToolContext) -> tuple[Any, bool]:
     """Import and call in a worker thread; (result, True) or (coroutine function, False) for async ones."""
-    fn = _resolve(call)
+    fn = _resolve(tool.call)
     if inspect.iscoroutinefunction(fn):
         return fn, False
-    kwargs = _arguments(fn, call, args, ctx)
+    kwargs = _arguments(fn, tool, ctx)
     try:
         return fn(**kwargs), True
     except ToolError:
@@ -187,10 +246,10 @@ async def _run_python(tool: PythonTool, ctx: ToolContext) -> Any:
         allowed = ", ".join(ctx.policy.python_allow) or "none"
         raise ToolError("denied", f"call {call!r} is not allowed by the operator policy (allowed module prefixes: {allowed})")
     # In a thread: the import and a synchronous tool must not block the loop (heartbeats, other commands).
-    value, done = await asyncio.to_thread(_call_sync, call, tool.args, ctx)
+    value, done = await asyncio.to_thread(_call_sync, tool, ctx)
     if done and not inspect.isawaitable(value):
         return value
-    awaitable = value if done else value(**_arguments(value, call, tool.args, ctx))
+    awaitable = value if done else value(**_arguments(value, tool, ctx))
     try:
         return await awaitable
     except ToolError:
@@ -219,6 +278,9 @@ async def _run_http(tool: HttpTool, ctx: ToolContext) -> dict[str, Any]:
     if not ctx.policy.allows_host(host):
         allowed = ", ".join(ctx.policy.http_hosts) or "none"
         raise ToolError("denied", f"host {host!r} is not allowed by the operator policy (allowed hosts: {allowed})")
+    headers = dict(tool.headers)
+    if tool.auth is not None:
+        headers[tool.auth.header_name] = _auth_header(tool.auth, ctx)
     content: dict[str, Any] = {}
     if isinstance(tool.body, str):
         content["content"] = tool.body.encode()
@@ -230,7 +292,7 @@ async def _run_http(tool: HttpTool, ctx: ToolContext) -> dict[str, Any]:
         async with asyncio.timeout(tool.timeout):
             # No redirects: a Location on another host would slip past the host allow-list.
             async with httpx.AsyncClient(timeout=tool.timeout, follow_redirects=False) as client:
-                async with client.stream(tool.method, tool.url, headers=tool.headers, **content) as response:
+                async with client.stream(tool.method, tool.url, headers=headers, **content) as response:
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body += chunk
@@ -238,7 +300,7 @@ async def _run_http(tool: HttpTool, ctx: ToolContext) -> dict[str, Any]:
                             raise ToolError("http_too_large", f"{what}: response body over {MAX_HTTP_BODY} bytes")
     except (httpx.TimeoutException, TimeoutError) as e:
         raise ToolError("timeout", f"{what}: no complete answer within {tool.timeout} s") from e
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise ToolError("http_error", f"{what}: {type(e).__name__}: {e}") from e
     text = body.decode(response.encoding or "utf-8", errors="replace")
     if response.status_code >= 400:
@@ -253,6 +315,21 @@ async def _run_http(tool: HttpTool, ctx: ToolContext) -> dict[str, Any]:
     return {"status": response.status_code, "headers": dict(response.headers), "body": parsed}
 
 
+def _auth_header(auth: HttpAuth, ctx: ToolContext) -> str:
+    value = ctx.secret_text(auth.credential)
+    if any(c in value for c in "\r\n\0"):
+        raise ToolError("credential", f"credential {auth.credential!r} holds a line break or NUL: not a header value")
+    match auth.type:
+        case "bearer":
+            return f"Bearer {value}"
+        case "basic":
+            if ":" not in value:
+                raise ToolError("credential", f"credential {auth.credential!r} is not 'user:password' (basic auth)")
+            return "Basic " + base64.b64encode(value.encode("utf-8")).decode("ascii")
+        case _:
+            return value
+
+
 # --- the worker's runner --------------------------------------------------------------------------
 
 
@@ -262,14 +339,51 @@ class ToolRunner:
     >>> # await run_workers(urls, topology, runner=ToolRunner(policy_from_env(os.environ)), ...)
     """
 
-    def __init__(self, policy: Policy, *, wasm_host: WasmHost | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        wasm_host: WasmHost | None = None,
+        data_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.policy = policy
         self.wasm_host = wasm_host
         self.wasm: WasmTools | None = None
+        self.data_dir = data_dir
+        self.env = env
+        self.keychain: Keychain | None = None
+        self.no_keychain = "this worker is not bound to the keychain"
 
     def bind(self, js: JetStreamContext, topology: Topology) -> None:
-        """Called by the worker with its connection: ``wasm`` tools then load modules from the plug-in registry."""
+        """Called by the worker with its connection: ``wasm`` tools then load modules from the plug-in registry,
+        and credentials are resolved from the keychain with the platform key (``NOETL_KEYCHAIN_KEY``,
+        ``NOETL_KEYCHAIN_KEY_FILE`` or ``<data_dir>/keychain.key``)."""
         self.wasm = WasmTools(js, topology, host=self.wasm_host)
+        if self.data_dir is None:
+            self.no_keychain = "this worker was started without a data directory to find the keychain key in"
+            return
+        try:
+            self.keychain = Keychain(js, PlatformKey.from_env(data_dir=self.data_dir, env=self.env))
+        except KeychainError as e:
+            # Not fatal: steps without credentials run; a step with one fails with call.error type credential.
+            self.no_keychain = f"this worker has no keychain key: {e}"
+            log.warning("keychain.unavailable", reason=str(e))
+
+    async def _resolve(self, scope: Scope, aliases: list[str]) -> dict[str, Resolved]:
+        if self.keychain is None:
+            raise ToolError("credential", f"cannot resolve credential {aliases[0]!r}: {self.no_keychain}")
+        resolved: dict[str, Resolved] = {}
+        for alias in aliases:
+            try:
+                resolved[alias] = await self.keychain.resolve(scope, alias)
+            except UnknownCredential:
+                raise ToolError("credential", f"unknown credential {alias!r} in {scope.tenant}/{scope.project}") from None
+            except KeychainError as e:
+                raise ToolError("credential", f"credential {alias!r}: {e}") from None
+            except (nats.errors.Error, OSError) as e:
+                raise ToolError("credential", f"credential {alias!r}: the keychain is unreachable: {e!r}") from None
+        return resolved
 
     async def __call__(self, command: Command, *, attempt: int) -> Any:
         ctx = ToolContext(
@@ -283,4 +397,32 @@ class ToolRunner:
             affinity=command.affinity,
             wasm=self.wasm,
         )
-        return await run_tool(command.tool, ctx)
+        tool = _parse(command.tool)
+        aliases = tool_aliases(tool)
+        if not aliases:
+            return await run_tool(tool, ctx)
+        # Always the command's own tenant/project: a command naming another tenant's alias resolves nothing of it.
+        resolved = await self._resolve(Scope(command.tenant, command.project), aliases)
+        used = [f"{alias}@{r.version}" for alias, r in resolved.items()]
+        mask = ExactMask(_mask_values(tool, resolved))
+        with masking(mask):
+            try:
+                value = await run_tool(tool, dataclasses.replace(ctx, secrets={a: r.value for a, r in resolved.items()}))
+            except ToolError as e:
+                raise ToolError(e.type, mask.text(e.message), report={**e.report, "credentials": used}) from None
+            except Exception as e:  # noqa: BLE001 - the message may hold a value: mask it, keep the type
+                raise ToolError(type(e).__name__, mask.text(str(e) or type(e).__name__),
+                                report={"credentials": used}) from None  # fmt: skip
+        if isinstance(value, Reported):
+            return Reported(mask.value(value.value), {**mask.value(dict(value.payload)), "credentials": used})
+        return Reported(mask.value(value), {"credentials": used})
+
+
+def _mask_values(tool: Tool, resolved: Mapping[str, Resolved]) -> list[bytes]:
+    """What to mask: each value, and for basic auth also its password alone (its base64 comes with each)."""
+    values = [r.value for r in resolved.values()]
+    if isinstance(tool, HttpTool) and tool.auth is not None and tool.auth.type == "basic":
+        password = resolved[tool.auth.credential].value.partition(b":")[2]
+        if password:
+            values.append(password)
+    return values
