@@ -193,6 +193,15 @@ class PlatformKey:
         return cls.from_file(path)
 
 
+def old_keys_from_env(env: Mapping[str, str] | None = None) -> list[PlatformKey]:
+    """Earlier platform keys still accepted for reading: ``NOETL_KEYCHAIN_OLD_KEY_FILES`` (comma-separated paths).
+
+    Give them to every reader while a rewrap runs, so no step fails between the rewrap and the restart.
+    """
+    env = os.environ if env is None else env
+    return [PlatformKey.from_file(Path(p.strip())) for p in env.get("NOETL_KEYCHAIN_OLD_KEY_FILES", "").split(",") if p.strip()]
+
+
 def check_alias(alias: object) -> str:
     if not isinstance(alias, str) or _ALIAS.fullmatch(alias) is None:
         shown = repr(alias) if not isinstance(alias, str) or len(alias) <= 80 else repr(alias[:77] + "...")
@@ -207,7 +216,7 @@ def _check_scope(scope: Scope) -> Scope:
     return scope
 
 
-def _check_value(value: bytes) -> bytes:
+def check_value(value: bytes) -> bytes:
     if not isinstance(value, (bytes, bytearray)):
         raise KeychainError(f"a credential value must be bytes, got {type(value).__name__}")
     if not value:
@@ -336,7 +345,7 @@ class Keychain:
         """Store ``value`` as the alias's next version (1 for a new alias); nothing is written on an error."""
         _check_scope(scope)
         check_alias(alias)
-        value = _check_value(value)
+        value = check_value(value)
         if self._from_env(scope, alias):
             raise KeychainError(f"system/system/{alias} comes from the environment (NOETL_KEYCHAIN_ENV_VARS): set it there")
         key = scope.key(alias)

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noetl-edge {importlib.metadata.version('noetl-edge')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster, _history):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster, _history, _credential):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -480,3 +480,55 @@ def _history(sub: Subparsers) -> None:
         add_topology_options(a)
         add_log_options(a)
     p.set_defaults(run="edge.cli.history")
+
+
+def _credential(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "credential",
+        help="the keychain: set, list, show, delete, rotate credentials by alias; rewrap under a new platform key",
+        description="Credentials live encrypted in KV 'keychain' (one key per tenant, project and alias, versioned), "
+        "under the platform key (NOETL_KEYCHAIN_KEY, NOETL_KEYCHAIN_KEY_FILE or <data-dir>/keychain.key). "
+        "No command takes a value as an argument or prints one. See docs/keychain.md.",
+    )  # fmt: skip
+    p.set_defaults(run="edge.cli.credential")
+    commands = p.add_subparsers(dest="credential_command", required=True, metavar="SUBCOMMAND")
+    put = commands.add_parser(
+        "set", help="store a credential's next version (the value from stdin or --from-file)",
+        description="Read the value from stdin (one trailing newline dropped; a prompt without echo on a terminal) "
+        "or --from-file PATH (verbatim), 1 to 16384 bytes, and store it as the alias's next version. Prints its metadata.",
+    )  # fmt: skip
+    rotate = commands.add_parser(
+        "rotate", help="like set, for an alias that exists (exit 1 if it does not)",
+        description="Store a new version of an existing credential; runs after it resolve the new version.",
+    )  # fmt: skip
+    show = commands.add_parser("show", help="one credential's metadata (never the value)",
+                               description="alias, version, created_at, key id and size; exit 1 if the alias is not set.")
+    delete = commands.add_parser("delete", help="remove a credential and every version of it",
+                                 description="Purge the alias's versions from KV 'keychain'; exit 1 if it is not set.")
+    ls = commands.add_parser("list", help="credentials' metadata: one project (--tenant and --project) or every one")
+    rewrap = commands.add_parser(
+        "rewrap", help="re-wrap every credential's data key under a new platform key; prints the count",
+        description="Unwrap each data key with the current platform key (or NOETL_KEYCHAIN_OLD_KEY_FILES) and wrap "
+        "it under the new one (--new-key-file PATH or NOETL_KEYCHAIN_NEW_KEY, base64 of 32 bytes), compare-and-set "
+        "per credential; values are not re-encrypted, older versions are dropped. Then make the new key every "
+        "process's platform key.",
+    )  # fmt: skip
+    rewrap.add_argument("--new-key-file", default=None, metavar="PATH", help="the new platform key (base64 of 32 bytes)")
+    for q in (put, rotate):
+        q.add_argument("--from-file", default=None, metavar="PATH", help="read the value from PATH (verbatim) instead of stdin")
+        # Caught only to refuse them without echoing the value back (argparse would print it).
+        q.add_argument("given", nargs="*", help=argparse.SUPPRESS)
+        q.add_argument("--value", default=None, help=argparse.SUPPRESS)
+    for q in (put, rotate, show, delete):
+        q.add_argument("--tenant", required=True, help=TENANT_HELP)
+        q.add_argument("--project", required=True, help=PROJECT_HELP)
+        q.add_argument("--alias", required=True, help="the credential's alias (lowercase letters, digits, '_' or '-')")
+    ls.add_argument("--tenant", default=None, help="only this tenant's credentials (with --project)")
+    ls.add_argument("--project", default=None, help="only this project's credentials (with --tenant)")
+    for q in (show, ls):
+        q.add_argument("--json", action="store_true", help="JSON even on a terminal")
+    for q in (put, rotate, show, delete, ls, rewrap):
+        q.add_argument("--data-dir", type=Path, default=None,
+                       help=f"where <data-dir>/keychain.key is (env NOETL_DATA_DIR; default {default_data_dir()})")
+        add_topology_options(q)
+        add_log_options(q)
