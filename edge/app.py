@@ -19,11 +19,12 @@ from edge.cells import CellClients
 from edge.errors import EdgeError, Unprocessable, Unavailable, handle_edge_error, handle_http_exception, handle_unexpected
 from edge.metrics import EdgeMetrics, MetricsMiddleware
 from edge.readpath import ReadPath
-from edge.routes import control, executions, playbooks, stream, system, timeline
+from edge.routes import control, credentials, executions, playbooks, stream, system, timeline
 from edge.routes import results as result_routes
 from edge.state import EdgeState
 from kernel.bootstrap import check_topology
 from kernel.errors import PublishError
+from kernel.keychain import KeychainError, PlatformKey
 from locator.errors import LocatorError
 from locator.ids import Snowflake
 from locator.topology import Topology
@@ -48,6 +49,11 @@ async def _publish_error(request: Request, exc: Exception) -> Response:
 async def _archive_error(request: Request, exc: Exception) -> Response:
     # The history archive (object storage) is away or a segment is unreadable: the tier, not the request, failed.
     return await handle_edge_error(request, Unavailable(f"the history archive could not be read: {exc}", headers={"Retry-After": "5"}))
+
+
+async def _keychain_error(request: Request, exc: Exception) -> Response:
+    # Input is checked before the keychain is called: what is left is the store (no bucket, an unreadable entry).
+    return await handle_edge_error(request, Unavailable(f"the keychain failed: {exc}"))
 
 
 async def _nats_error(request: Request, exc: Exception) -> Response:
@@ -80,6 +86,7 @@ def create_app(
     sse_keepalive: float = 15.0,
     policy: Policy | None = None,
     results: ResultStore | None = None,
+    keychain_key: PlatformKey | None = None,
 ) -> Starlette:
     """Build the edge for a topology; NATS connections open in the lifespan.
 
@@ -87,10 +94,11 @@ def create_app(
     >>> app = create_app(topology=default_topology(), snapshots=SnapshotStore("file:///tmp/objects"),
     ...                  tokens=[TokenSpec(name="t", role="read", tenants=("*",), token="x")])
     >>> sorted({r.path for r in app.routes})[:3]
-    ['/api/v1/callbacks/{token}', '/api/v1/locate', '/api/v1/tenants/{tenant}/projects/{project}/executions']
+    ['/api/v1/callbacks/{token}', '/api/v1/locate', '/api/v1/tenants/{tenant}/projects/{project}/credentials']
 
     ``policy`` is what tenants' playbooks may reach (python module prefixes, http hosts);
     the default allows neither. ``results`` holds large step results (default: beside the snapshots).
+    ``keychain_key`` is the platform key the credential routes write with (without it a PUT is a 503).
     """
     cells = CellClients(topology)
     metrics = EdgeMetrics(objects=ObjectRoot(snapshots.base_url, storage_options=snapshots.storage_options))
@@ -118,13 +126,14 @@ def create_app(
             await cells.close()
 
     app = Starlette(
-        routes=[*executions.routes, *control.routes, *result_routes.routes, *playbooks.routes, *stream.routes, *timeline.routes, *system.routes],
+        routes=[*executions.routes, *control.routes, *result_routes.routes, *playbooks.routes, *credentials.routes, *stream.routes, *timeline.routes, *system.routes],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         exception_handlers={
             EdgeError: handle_edge_error,
             LocatorError: _locator_error,
             PublishError: _publish_error,
             ArchiveError: _archive_error,
+            KeychainError: _keychain_error,
             nats.errors.Error: _nats_error,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
@@ -133,6 +142,7 @@ def create_app(
     )
     app.state.edge = state
     app.state.policy = policy if policy is not None else Policy()
+    app.state.keychain_key = keychain_key
     return app
 
 
@@ -150,4 +160,14 @@ def app_from_env(data_dir: Path) -> Starlette:
         snapshots=SnapshotStore.from_env(data_dir=data_dir),
         policy=policy_from_env(os.environ),
         results=ResultStore.from_env(data_dir=data_dir),
+        keychain_key=keychain_key_from_env(data_dir),
     )
+
+
+def keychain_key_from_env(data_dir: Path) -> PlatformKey | None:
+    """The platform key as ``up`` and the kernel find it, or None (the credential routes then refuse to write)."""
+    try:
+        return PlatformKey.from_env(data_dir=data_dir)
+    except KeychainError as e:
+        log.warning("edge.no_keychain_key", reason=str(e))
+        return None

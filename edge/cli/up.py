@@ -28,6 +28,7 @@ from system_playbooks.orchestrate.wasm_tool import WasmLimits
 from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
 from kernel.errors import ServerStartError
+from kernel.keychain import KeychainError, PlatformKey
 from kernel.server import EmbeddedServer, default_data_dir, free_port, port_in_use
 from locator.topology import DEFAULT_SHARDS, default_topology
 
@@ -53,7 +54,8 @@ def _record_shard_count(data_dir: Path, shards: int) -> None:
 
 
 async def _serve(
-    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, tokens: list[TokenSpec]
+    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, tokens: list[TokenSpec],
+    keychain_key: PlatformKey,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -68,7 +70,9 @@ async def _serve(
         await close(nc)
     policy = policy_from_env(os.environ)
     results = ResultStore.from_env(data_dir=server.data_dir)
-    app = create_app(topology=server.topology, tokens=tokens, snapshots=snapshots, policy=policy, results=results)
+    app = create_app(
+        topology=server.topology, tokens=tokens, snapshots=snapshots, policy=policy, results=results, keychain_key=keychain_key
+    )
     edge = asyncio.create_task(serve(app, [http], stop))
     # The worker pool: the same loop as `noetl-edge worker`, in this process.
     workers = asyncio.create_task(
@@ -124,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
         path = ensure_admin_token(data_dir)
         tokens = load_tokens(data_dir=data_dir)
         print(f"noetl-edge: admin token for the HTTP API is in {path} (mode 0600)", file=sys.stderr, flush=True)
+    try:
+        keychain_key = PlatformKey.from_env(data_dir=data_dir, create=True)
+    except KeychainError as e:
+        raise UsageError(str(e)) from e
+    if keychain_key.created:
+        print(f"noetl-edge: platform key for the keychain is in {keychain_key.source} (mode 0600; keep a copy)", file=sys.stderr, flush=True)
     http = f"{args.host}:{args.http_port}"
     server = EmbeddedServer(
         data_dir=data_dir,
@@ -139,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         server.start()
         server.topology = topology.with_urls("local", (server.url,))
         install_uvloop()
-        asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, tokens))
+        asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, tokens, keychain_key))
     except KeyboardInterrupt:
         log.info("shutdown", reason="interrupted")
     finally:

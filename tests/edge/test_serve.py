@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from kernel.keychain import PlatformKey
 from kernel.bootstrap import bootstrap
 from kernel.connect import close, connect
 from kernel.server import EmbeddedServer, free_port
@@ -214,9 +215,16 @@ async def test_up_serves_projections_over_http_and_a_second_edge_agrees(tmp_path
     token_file = up.data / "token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert f"admin token for the HTTP API is in {token_file}" in up.proc.stderr()
+    key_file = up.data / "keychain.key"  # the keychain's platform key, created on the first start like the token
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert up.proc.stderr().count(f"platform key for the keychain is in {key_file}") == 1
     await wait_listening(up.http, up.proc)
 
     async with client_for(up.http, up.token) as client:
+        # The admin token may store a credential; the edge wraps it under the key up created.
+        r = await client.put("/api/v1/tenants/acme/projects/web/credentials/api", content=b"up-secret-1")
+        assert r.status_code == 201 and r.json()["key_id"] == PlatformKey.from_file(key_file).id, r.text
+        assert b"up-secret-1" not in r.content
         execution_id, first_seq = await start_execution(client)
         acks = await publish(client, execution_id, STEP_EVENTS)
         last = acks[-1]["seq"]
