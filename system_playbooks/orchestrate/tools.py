@@ -38,7 +38,7 @@ import pyarrow as pa
 import structlog
 from nats.js import JetStreamContext
 
-from kernel.keychain import Keychain, KeychainError, PlatformKey, Resolved, Scope, UnknownCredential
+from kernel.keychain import Keychain, KeychainError, PlatformKey, Resolved, Scope, UnknownCredential, old_keys_from_env
 from kernel.masking import ExactMask, masking
 from kernel.wasm import WasmHost
 from kernel.worker import Reported
@@ -364,7 +364,9 @@ class ToolRunner:
             self.no_keychain = "this worker was started without a data directory to find the keychain key in"
             return
         try:
-            self.keychain = Keychain(js, PlatformKey.from_env(data_dir=self.data_dir, env=self.env))
+            # The old keys too (NOETL_KEYCHAIN_OLD_KEY_FILES): during a rewrap this worker reads either wrapping.
+            self.keychain = Keychain(js, PlatformKey.from_env(data_dir=self.data_dir, env=self.env),
+                                     old_keks=old_keys_from_env(self.env), env=self.env)
         except KeychainError as e:
             # Not fatal: steps without credentials run; a step with one fails with call.error type credential.
             self.no_keychain = f"this worker has no keychain key: {e}"

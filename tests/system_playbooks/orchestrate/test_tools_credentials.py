@@ -232,3 +232,29 @@ steps:
     assert (await js.stream_info("KV_" + kv._name)).state.messages == 0  # noqa: SLF001 - nothing written at all
     registered = await catalog.add("acme", "web", text.replace("ALIAS", "api"), policy=POLICY)
     assert registered.created and await catalog.list("acme", "web") == [("demo/creds", 1)]
+
+
+async def test_a_worker_given_the_old_key_too_reads_through_a_platform_key_rotation(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, echo: str
+) -> None:
+    old, new = PlatformKey.generate(), PlatformKey.generate()
+    old_file, new_file = tmp_path / "old.key", tmp_path / "new.key"
+    for key, path in ((old, old_file), (new, new_file)):
+        path.write_text(base64.b64encode(key.key).decode())
+    token = "tok-" + secrets.token_hex(12)
+    await Keychain(js, old).set(Scope("acme", "web"), "api", token.encode())
+    tool = {"kind": "http", "url": f"{echo}/", "auth": {"type": "bearer", "credential": "api"}}
+    # Step 2 of the rotation: workers restarted with the new key and the old one as read-only.
+    env = {"NOETL_KEYCHAIN_KEY_FILE": str(new_file), "NOETL_KEYCHAIN_OLD_KEY_FILES": str(old_file)}
+    runner = ToolRunner(POLICY, data_dir=tmp_path, env=env)
+    runner.bind(js, topology)
+    out = await runner(command(tool), attempt=1)  # still wrapped under the old key
+    assert isinstance(out, Reported) and SEEN[-1]["authorization"] == f"Bearer {token}"
+    assert await Keychain(js, old).rewrap(new) == 1
+    out = await runner(command(tool), attempt=1)  # now under the new one
+    assert isinstance(out, Reported) and SEEN[-1]["authorization"] == f"Bearer {token}"
+    # Without the old key, a worker on the new key alone could not have read it before the rewrap.
+    alone = ToolRunner(POLICY, data_dir=tmp_path, env={"NOETL_KEYCHAIN_KEY_FILE": str(old_file)})
+    alone.bind(js, topology)
+    with pytest.raises(ToolError, match="wrapped under key"):
+        await alone(command(tool), attempt=1)
