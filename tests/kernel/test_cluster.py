@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from kernel.bootstrap import StreamSettings, global_assets, shard_assets
+
 from kernel.cluster import STATE_FILE, LocalCluster
 from kernel.connect import close, connect
 from kernel.natsbin import find_nats_server
@@ -101,6 +103,11 @@ def cluster_cli(tmp_path: Path) -> Iterator[ClusterCli]:
         cli.teardown()
 
 
+# Every stream the bootstrap of a 4-shard topology lays out (KV and object buckets are streams too).
+ASSETS = 4 * len(shard_assets(0, shard_count=4, replicas=3, settings=StreamSettings())) + len(
+    global_assets(replicas=3, settings=StreamSettings())
+)
+
 @pytest.mark.slow
 def test_cluster_up_status_replicas_down(cluster_cli: ClusterCli) -> None:
     urls = cluster_cli.up()
@@ -113,7 +120,7 @@ def test_cluster_up_status_replicas_down(cluster_cli: ClusterCli) -> None:
     wal = {s["name"]: s for s in status["streams"] if s["name"].startswith("WAL_")}
     assert sorted(wal) == ["WAL_0", "WAL_1", "WAL_2", "WAL_3"]
     assert all(s["leader"] and len(s["followers"]) == 2 for s in wal.values())
-    assert len(status["streams"]) == 23  # 4 × (WAL, CMD, DLQ, proj KV, hist KV) + catalog, leases, plugins
+    assert len(status["streams"]) == ASSETS  # 4 × (WAL, CMD, DLQ, proj KV, hist KV) + catalog, leases, keychain, plugins
 
     pids = cluster_cli.pids()
     assert cluster_cli.up() == urls and cluster_cli.pids() == pids  # up again: nothing restarted
@@ -132,7 +139,7 @@ def test_cluster_up_status_replicas_down(cluster_cli: ClusterCli) -> None:
 
     # The explicit change, both ways; the local topology file follows.
     changed = cluster_cli("replicas", "1").stdout.splitlines()
-    assert len(changed) == 23 and "WAL_0 3 -> 1" in changed
+    assert len(changed) == ASSETS and "WAL_0 3 -> 1" in changed
     assert {len(s["followers"]) for s in cluster_cli.status()["streams"]} == {0}
     assert load_topology(cluster_cli.data_dir / "topology.yaml").replicas == 1
     cluster_cli("bootstrap", "--nats-url", urls[0])  # R1 now matches
