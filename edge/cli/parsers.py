@@ -80,7 +80,7 @@ def _kernel(sub: Subparsers) -> None:
     p.add_argument("--cell", default=None, help="the cell whose shards to fold (default: the topology's first)")
     p.add_argument(
         "--plugins", default=None, metavar="LIST",
-        help="comma-separated system plug-ins to run: project, orchestrate, materialize (default all). A kernel "
+        help="comma-separated system plug-ins to run: project, orchestrate, materialize, cleanup (default all). A kernel "
         "running some of them leases shards in a group of its own, so e.g. `--plugins orchestrate` and "
         "`--plugins project,materialize` in two processes each hold every shard",
     )
