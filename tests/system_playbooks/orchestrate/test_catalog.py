@@ -47,13 +47,15 @@ def catalog(kv: KeyValue) -> Catalog:
 
 
 async def snapshot(kv: KeyValue) -> dict[str, tuple[int, bytes]]:
-    """Every key with its revision and value: what 'nothing changed' is compared with."""
-    try:
-        keys = await kv.keys()
-    except Exception:  # NoKeysError: an empty bucket
-        return {}
+    """Every key with its revision and value: what 'nothing changed' is compared with.
+
+    The keys come from the bucket's stream (the subjects that hold a message), not from ``kv.keys()``,
+    whose watcher can report an empty bucket when it starts before its first message arrives.
+    """
+    info = await kv._js.stream_info(f"KV_{kv._name}", subjects_filter=f"$KV.{kv._name}.>")
     out: dict[str, tuple[int, bytes]] = {}
-    for key in keys:
+    for subject in sorted(info.state.subjects or {}):
+        key = subject.removeprefix(f"$KV.{kv._name}.")
         entry = await kv.get(key)
         out[key] = (entry.revision or 0, entry.value or b"")
     return out
