@@ -263,6 +263,16 @@ class HistoryArchive:
         if (messages[0].seq, messages[-1].seq, digest(messages)) != (part.first_seq, part.last_seq, part.digest):
             raise ArchiveError(f"history segment {part.segment} rows {part.row}+{part.rows} do not match the WAL")
 
+    def read_segment(self, uri: str) -> list[StoredMessage]:
+        """Every message of one segment, in row order."""
+        try:
+            data = self.root.read(self.root.path_of(uri))
+            return _messages(pyarrow.ipc.open_file(pa.py_buffer(data)).read_all())
+        except FileNotFoundError as e:
+            raise ArchiveError(f"history segment not found: {uri}") from e
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise ArchiveError(f"could not read history segment {uri}: {e}") from e
+
     def list_segments(self, shard: int) -> list[str]:
         directory = self.root.path("history", f"shard={shard}")
         self.root.fs.invalidate_cache(directory)

@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from edge.cli.options import UsageError, resolve_topology
+from edge.cli.options import UsageError, default_data_dir, resolve_topology
 from edge.cli.output import EXIT_OK, print_json
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
@@ -40,8 +40,12 @@ from locator.envelope import Envelope, EnvelopeError, decode_wal_message, poison
 from locator.names import check_name
 from locator.subjects import wal_stream
 from locator.topology import Topology
+from projector.archive import ArchiveError, HistoryArchive
+from projector.objects import ObjectRoot
 from projector.timeline import summarize
+from projector.walread import StoredMessage
 
+IDLE_FLUSH_S = 0.5  # with --since-seq: archived messages left once the WAL has been quiet this long are printed
 _GLOB_CHARS = frozenset("*?[]")
 _SUBJECT_BAD = frozenset(" \t\r\n>")
 STYLES = {  # colour by the type's family (first token) or the whole type; TTY only
@@ -128,6 +132,37 @@ def plan_tail(args: argparse.Namespace, topology: Topology) -> TailPlan:
                     since_seq=args.since_seq, count=args.count, jsonl=args.jsonl)
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` the rest (one or more tokens).
+
+    >>> subject_matches("wal.2.acme.*.*.step.>", "wal.2.acme.web.7.step.exit")
+    True
+    >>> subject_matches("wal.2.acme.>", "wal.2.other.web.7.user.x"), subject_matches("wal.2.*", "wal.2.a.b")
+    (False, False)
+    """
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(have) == len(want)
+
+
+def archived_since(archive: HistoryArchive, shard: int, plan: TailPlan, since: int) -> list[StoredMessage]:
+    """The shard's archived messages with seq >= ``since`` that the tail's filters select, in seq order.
+
+    A message found in two segments (one a crash left behind, never recorded) is listed once.
+    """
+    pattern = plan.subject(shard)
+    found: dict[int, StoredMessage] = {}
+    for uri in archive.list_segments(shard):
+        for m in archive.read_segment(uri):
+            if m.seq >= since and subject_matches(pattern, m.subject) and plan.wants(m.subject):
+                found.setdefault(m.seq, m)
+    return [found[seq] for seq in sorted(found)]
+
+
 def event_line(shard: int, seq: int, env: Envelope) -> str:
     """One plain-text line: shard, seq, time, tenant/project, execution, type, step, attempt, summary."""
     attempt = "-" if env.attempt is None else f"#{env.attempt}"
@@ -211,29 +246,60 @@ async def tail(args: argparse.Namespace, topology: Topology, plan: TailPlan) -> 
         extra = f", type {plan.type_glob}" if plan.type_glob and type_filter(plan.type_glob) is None else ""
         since = f" from seq {plan.since_seq}" if plan.since_seq is not None else ""
         print(f"tailing {where} ({plan.shown()}{extra}){since} — Ctrl-C to stop", file=sys.stderr, flush=True)
-        printed = 0
-        while plan.count is None or printed < plan.count:
-            got = asyncio.ensure_future(queue.get())
-            await asyncio.wait((got, stopped), return_when=asyncio.FIRST_COMPLETED)
-            if not got.done():
-                got.cancel()
-                break
-            shard, msg = got.result()
-            if not plan.wants(msg.subject):
-                continue
-            seq = msg.metadata.sequence.stream
+        # With --since-seq, what system/cleanup archived comes first, interleaved with the WAL by seq.
+        archived: list[StoredMessage] = []
+        if plan.since_seq is not None:
+            archive = HistoryArchive(ObjectRoot.from_env(data_dir=args.data_dir or default_data_dir()))
             try:
-                env = decode_wal_message(msg.subject, msg.data, shard_count=topology.shard_count)
+                archived = await asyncio.to_thread(archived_since, archive, plan.shards[0], plan, plan.since_seq)
+            except ArchiveError as e:
+                raise KernelError(f"cannot read the history archive at {archive.root.base_url}: {e}") from e
+        printed = 0
+
+        def show(shard: int, seq: int, subject: str, data: bytes) -> bool:
+            """Print one stored message; False once the reader is gone."""
+            nonlocal printed
+            try:
+                env = decode_wal_message(subject, data, shard_count=topology.shard_count)
             except EnvelopeError as e:
                 Printer.poison(shard, seq, e)
-                continue
+                return True
             try:
                 printer.event(shard, seq, env)
             except BrokenPipeError:
                 # `… | head`: the reader is gone; stop quietly (and let the exit flush go to /dev/null).
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                break
+                return False
             printed += 1
+            return True
+
+        def flush(before: int | None) -> bool:
+            """Print the archived messages older than ``before`` (all when None); False once done or gone."""
+            while archived and (before is None or archived[0].seq <= before) and (plan.count is None or printed < plan.count):
+                m = archived.pop(0)
+                if before is not None and m.seq == before:
+                    continue  # also still in the WAL (a crash between the record and the purge): shown once
+                if not show(plan.shards[0], m.seq, m.subject, m.data):
+                    return False
+            return plan.count is None or printed < plan.count
+
+        while plan.count is None or printed < plan.count:
+            got = asyncio.ensure_future(queue.get())
+            waiters: set[asyncio.Future[Any]] = {got, stopped}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED, timeout=IDLE_FLUSH_S if archived else None)
+            if not got.done():
+                got.cancel()
+                if stopped.done():
+                    break
+                if not flush(None):  # the WAL is quiet: every archived message is older than what comes next
+                    break
+                continue
+            shard, msg = got.result()
+            if not plan.wants(msg.subject):
+                continue
+            seq = msg.metadata.sequence.stream
+            if not flush(seq) or not show(shard, seq, msg.subject, msg.data):
+                break
         return EXIT_OK
     finally:
         stopped.cancel()

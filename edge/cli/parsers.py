@@ -378,6 +378,10 @@ def _events(sub: Subparsers) -> None:
                       help="start at WAL sequence SEQ (with --shard) instead of new events only")
     tail.add_argument("--jsonl", action="store_true", help="one JSON object per event")
     tail.add_argument("--count", type=int, default=None, metavar="N", help="stop after N events")
+    tail.add_argument("--data-dir", type=Path, default=None,
+                      help="with --since-seq: where the history archive is (events system/cleanup moved out of the "
+                      "WAL are read from it first), file://<data-dir>/objects unless NOETL_OBJECTS_URL "
+                      f"(env NOETL_DATA_DIR; default {default_data_dir()})")
     add_topology_options(tail)
     add_log_options(tail)
     p.set_defaults(run="edge.cli.events")
