@@ -56,6 +56,7 @@ class MaterializePlugin:
             self.rows = rows
         self.compact_segments, self.compact_grace_s = compaction_settings()
         self._waits: dict[int, int] = {}  # first seq of a batch -> how often it waited for system/project
+        self._written: dict[int, int] = {}  # shard -> segments written since the last compaction check
 
     async def _caught_up(self, cache: ProjectionCache, want: dict[str, int], first_seq: int) -> dict[str, CacheEntry]:
         # The project plug-in folds the same events on its own consumer: wait (bounded) for it.
@@ -115,6 +116,12 @@ class MaterializePlugin:
             except ProjectorError:
                 pass  # folded further meanwhile: the newer projection stays inline, a later batch takes it
         ctx.log.info("segment.written", segment=segment, rows=len(rows))
+        # Listing the shard's segments and reading its manifest on every batch would be I/O on the hot path
+        # (a LIST and a GET per batch on S3): look only once this plug-in has written enough segments to matter.
+        self._written[ctx.shard] = self._written.get(ctx.shard, 0) + 1
+        if self._written[ctx.shard] < self.compact_segments:
+            return
+        self._written[ctx.shard] = 0
         report = await self.compactor(store).compact(ctx.shard, cache)
         if report is not None:
             ctx.log.info("segments.compacted", segment=report.segment, inputs=report.inputs, rows=report.rows,

@@ -213,3 +213,38 @@ async def test_a_batch_whose_projection_never_catches_up_goes_on_after_a_few_tri
 
     await pump_until([pump], acked, timeout=60)
     assert store.list_segments(SHARD) == []  # nothing caught up, so nothing written; the shard went on
+
+
+async def test_materialize_compacts_the_segments_it_writes(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, pump_until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from projector.compaction import read_manifest
+
+    monkeypatch.setenv("NOETL_COMPACT_SEGMENTS", "2")
+    monkeypatch.setenv("NOETL_COMPACT_GRACE", "0")
+    store = SnapshotStore(f"file://{tmp_path}/objects")
+    cache = await KvProjectionCache.open(js, SHARD)
+    producer = Producer(js, topology)
+    finished = [str(300 + i) for i in range(4)]
+    plugin = MaterializePlugin()  # one kernel's plug-in: it counts the segments it wrote
+    for x in finished:  # one batch each: the pumps run between publishes, so materialize writes a segment each
+        await producer.publish_many(history(x, finish="execution.completed"))
+        await pump_until(pumps(js, cache, store, materialize=plugin), caught_up(js))
+    manifest = read_manifest(store, SHARD)
+    assert manifest.segments, "materialize never compacted"
+    compacted = {s.segment for s in manifest.segments}
+    # Every finished execution is served from the row its pointer names, equal to a fresh fold, and the
+    # pointers of compacted rows were moved onto the compacted segment.
+    moved = 0
+    for x in finished:
+        entry = await cache.get(x)
+        assert entry is not None and entry.pointer is not None
+        row = store.read_row(entry.pointer.pointer.segment, entry.pointer.pointer.row)
+        assert row.execution_id == x and row.projection.encode() == await fresh(js, x)
+        moved += entry.pointer.pointer.segment in compacted
+    assert moved >= 2
+    # Every file is a compacted segment or one superseded since the last check; those superseded by the first
+    # compaction were deleted (grace 0) at the next one.
+    files = set(store.list_segments(SHARD))
+    assert files == compacted | {s.segment for s in manifest.superseded}
+    assert len(manifest.superseded) < len(finished)
