@@ -257,12 +257,6 @@ class HistoryArchive:
                     digest(messages)) != (part.rows, part.first_seq, part.last_seq, part.digest):
                 raise ArchiveError(f"history segment {uri} rows {part.row}+{part.rows} do not match the WAL")
 
-    def verify(self, part: ArchivePart) -> None:
-        """Read ``part`` back and check its count, seq range and digest; raise :class:`ArchiveError` if any differs."""
-        messages = self.read_part(part)
-        if (messages[0].seq, messages[-1].seq, digest(messages)) != (part.first_seq, part.last_seq, part.digest):
-            raise ArchiveError(f"history segment {part.segment} rows {part.row}+{part.rows} do not match the WAL")
-
     def read_segment(self, uri: str) -> list[StoredMessage]:
         """Every message of one segment, in row order."""
         try:

@@ -99,7 +99,8 @@ async def read_subject(
     """
     seq = after_seq
     read = 0
-    for _ in range(direct_first):
+    # One get past direct_first: a message there means a long history, which the consumer takes from it on.
+    for i in range(direct_first + 1):
         try:
             raw = await js.get_msg(stream, seq=seq + 1, next=True, subject=subject, direct=True)
         except NotFoundError:
@@ -107,6 +108,8 @@ async def read_subject(
         assert raw.seq is not None
         if until_seq is not None and raw.seq > until_seq:
             return
+        if i == direct_first:
+            break
         headers = {k: v for k, v in (raw.headers or {}).items() if k not in _DIRECT_HEADERS}
         stamp = (raw.headers or {}).get("Nats-Time-Stamp")
         stored = rfc3339_ns(stamp) if stamp else 0
@@ -114,14 +117,7 @@ async def read_subject(
         read += 1
         yield StoredMessage(raw.seq, stored, raw.subject or "", headers, raw.data or b"")
     # A long history: an ordered consumer from here, deleted when the read ends.
-    try:
-        nxt = await js.get_msg(stream, seq=seq + 1, next=True, subject=subject, direct=True)
-    except NotFoundError:
-        return
-    assert nxt.seq is not None
-    if until_seq is not None and nxt.seq > until_seq:
-        return
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=nxt.seq)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=raw.seq)
     sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, inactive_threshold=10.0)
     try:
         while True:

@@ -27,10 +27,11 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from edge.cli.options import UsageError, default_data_dir, resolve_topology
+from edge.cli.options import UsageError, objects_root, resolve_topology
 from edge.cli.output import EXIT_OK, print_json
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
@@ -41,7 +42,6 @@ from locator.names import check_name
 from locator.subjects import wal_stream
 from locator.topology import Topology
 from projector.archive import ArchiveError, HistoryArchive
-from projector.objects import ObjectRoot
 from projector.timeline import summarize
 from projector.walread import StoredMessage
 
@@ -208,9 +208,8 @@ def cell_groups(args: argparse.Namespace, topology: Topology, shards: Sequence[i
             for cell in topology.cells if any(s in cell.shards for s in shards)]
 
 
-async def _subscribe(nc: NATS, topology: Topology, plan: TailPlan, shards: list[int],
-                     queue: asyncio.Queue[tuple[int, Msg]]) -> None:
-    js = nc.jetstream()
+async def require_streams(js: JetStreamContext, topology: Topology, shards: Sequence[int]) -> None:
+    """Each shard's WAL stream exists and the server's shard count is the topology's, or one clear error."""
     for shard in shards:
         try:
             await js.stream_info(wal_stream(shard))
@@ -218,6 +217,12 @@ async def _subscribe(nc: NATS, topology: Topology, plan: TailPlan, shards: list[
             raise KernelError(f"stream {wal_stream(shard)} does not exist: bootstrap the topology first "
                               "(`noetl-edge up` does it, or `noetl-edge cluster bootstrap`)") from None
     await check_topology(js, topology, shard=shards[0])  # another shard count: exit 2, naming it
+
+
+async def _subscribe(nc: NATS, topology: Topology, plan: TailPlan, shards: list[int],
+                     queue: asyncio.Queue[tuple[int, Msg]]) -> None:
+    js = nc.jetstream()
+    await require_streams(js, topology, shards)
     for shard in shards:
         async def put(msg: Msg, shard: int = shard) -> None:
             await queue.put((shard, msg))
@@ -249,7 +254,7 @@ async def tail(args: argparse.Namespace, topology: Topology, plan: TailPlan) -> 
         # With --since-seq, what system/cleanup archived comes first, interleaved with the WAL by seq.
         archived: list[StoredMessage] = []
         if plan.since_seq is not None:
-            archive = HistoryArchive(ObjectRoot.from_env(data_dir=args.data_dir or default_data_dir()))
+            archive = HistoryArchive(objects_root(args))
             try:
                 archived = await asyncio.to_thread(archived_since, archive, plan.shards[0], plan, plan.since_seq)
             except ArchiveError as e:

@@ -23,15 +23,13 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from edge.cli.events import cell_groups
-from edge.cli.options import UsageError, default_data_dir, resolve_topology
+from edge.cli.events import cell_groups, require_streams
+from edge.cli.options import UsageError, objects_root, resolve_topology
 from edge.cli.output import EXIT_OK, print_json
-from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
 from kernel.host import PluginError
 from locator.names import check_name
-from locator.subjects import wal_stream
 from locator.topology import Topology
 from projector.archive import ArchiveError, ArchiveReport, Archiver, HistoryArchive
 from projector.historystats import HistoryStats, ShardStats, ended_executions, idle_executions, object_figures, shard_stats
@@ -73,26 +71,13 @@ def selected_shards(args: argparse.Namespace, topology: Topology) -> list[int]:
     return [args.shard] if args.shard is not None else list(range(topology.shard_count))
 
 
-def objects_root(args: argparse.Namespace) -> ObjectRoot:
-    try:
-        return ObjectRoot.from_env(data_dir=args.data_dir or default_data_dir())
-    except (ValueError, ImportError) as e:
-        raise UsageError(f"NOETL_OBJECTS_URL is not an object store this install can open: {e}") from e
-
-
 @contextlib.asynccontextmanager
 async def _cell(urls: list[str], topology: Topology, shards: Sequence[int], name: str) -> Any:
     """A JetStream context on the cell holding ``shards``, once its streams match the topology."""
     nc = await connect(urls, name=name)
     try:
         js = nc.jetstream(timeout=30)
-        for shard in shards:
-            try:
-                await js.stream_info(wal_stream(shard))
-            except NotFoundError:
-                raise KernelError(f"stream {wal_stream(shard)} does not exist: bootstrap the topology first "
-                                  "(`noetl-edge up` does it, or `noetl-edge cluster bootstrap`)") from None
-        await check_topology(js, topology, shard=shards[0])  # another shard count: exit 2, naming it
+        await require_streams(js, topology, shards)
         yield js
     except NotFoundError as e:
         raise KernelError(f"a stream or bucket is missing on {', '.join(urls)}: {e.description} (bootstrap first)") from e

@@ -7,8 +7,12 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from locator.topology import DEFAULT_NATS_URL, Topology, topology_from_env
+
+if TYPE_CHECKING:
+    from projector.objects import ObjectRoot
 
 
 class UsageError(Exception):
@@ -101,3 +105,13 @@ def connect_urls(args: argparse.Namespace, topology: Topology) -> list[str]:
     if getattr(args, "nats_url", None):
         return [args.nats_url]
     return list(topology.cells[0].urls)
+
+
+def objects_root(args: argparse.Namespace) -> ObjectRoot:
+    """The object store the kernels use: ``NOETL_OBJECTS_URL``, else ``file://<--data-dir>/objects``."""
+    from projector.objects import ObjectRoot  # fsspec only for the commands that read objects, not for --help
+
+    try:
+        return ObjectRoot.from_env(data_dir=args.data_dir or default_data_dir())
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"NOETL_OBJECTS_URL is not an object store this install can open: {e}") from e

@@ -24,7 +24,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError
 
 from edge.cli import replay_output as out
-from edge.cli.options import UsageError, default_data_dir, resolve_topology
+from edge.cli.options import UsageError, objects_root, resolve_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
 from kernel.scrub import scrub_envelope
@@ -36,7 +36,6 @@ from locator.urn import Urn, parse_urn
 from projector.archive import HistoryArchive
 from projector.errors import ProjectorError
 from projector.fold import WalEvent
-from projector.objects import ObjectRoot
 from projector.replay import history
 from projector.timeline import parse_ts, timeline
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError
@@ -86,7 +85,7 @@ def _check_args(args: argparse.Namespace) -> datetime | None:
 
 def archive_of(args: argparse.Namespace) -> HistoryArchive:
     """The history archive in the object store the kernels use (``--data-dir`` or ``NOETL_OBJECTS_URL``)."""
-    return HistoryArchive(ObjectRoot.from_env(data_dir=args.data_dir or default_data_dir()))
+    return HistoryArchive(objects_root(args))
 
 
 async def read_history(js: JetStreamContext, urn: Urn, shard: int, shard_count: int, args: argparse.Namespace,
