@@ -29,8 +29,8 @@ from locator.subjects import execution_filter, wal_stream
 from locator.urn import Urn
 from projector.archive import ArchiveIndex
 from projector.replay import history
-from system_playbooks.orchestrate.catalog import PlaybookNotFound
 from system_playbooks.orchestrate.playbook import PATH_PATTERN
+from system_playbooks.orchestrate.start import UnknownPlaybook, requested_event, resolve_playbook
 
 BASE = "/api/v1/tenants/{tenant}/projects/{project}/executions"
 
@@ -84,16 +84,10 @@ async def _resolve(state: EdgeState, tenant: str, project: str, ref: PlaybookRef
     The version goes into ``execution.requested``, so what runs is what was checked here, whatever is registered
     after (versions are immutable).
     """
-    catalog = await catalog_of(state)
     try:
-        latest = await catalog.latest_version(tenant, project, ref.path)
-    except PlaybookNotFound as e:
-        raise NotFound(f"{e}: register it first (PUT .../playbooks/{ref.path})", field="playbook.path") from e
-    try:
-        playbook = await catalog.get(tenant, project, ref.path, latest if ref.version is None else ref.version)
-    except PlaybookNotFound as e:
-        raise NotFound(f"{e} (the latest is version {latest})", field="playbook.version") from e
-    return {"path": playbook.path, "version": playbook.version}
+        return await resolve_playbook(await catalog_of(state), tenant, project, ref.path, ref.version)
+    except UnknownPlaybook as e:
+        raise NotFound(str(e), field=e.field) from e
 
 
 async def start(request: Request) -> Response:
@@ -106,16 +100,9 @@ async def start(request: Request) -> Response:
     # Resolved before anything is published: an unknown playbook is a 404 now, not a failed execution later.
     playbook = None if req.playbook is None else await _resolve(state, tenant, project, req.playbook)
     execution_id = state.ids.next_str()
-    env = envelope_from_dict(
-        {
-            "tenant": tenant,
-            "project": project,
-            "affinity": affinity,
-            "execution_id": execution_id,
-            "type": "execution.requested",
-            "payload": {"playbook": playbook, "workload": req.workload},
-        },
-        fill=True,
+    env = requested_event(
+        tenant=tenant, project=project, affinity=affinity, execution_id=execution_id, playbook=playbook,
+        workload=req.workload,
     )
     ack = await _publish_one(state, env)
     urn = str(Urn(tenant, project, execution_id, affinity))
