@@ -221,6 +221,10 @@ def global_assets(*, replicas: int, settings: StreamSettings, cell: str | None =
         _kv_asset(
             KeyValueConfig(bucket=sub.KEYCHAIN_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas), cell
         ),
+        # Schedules (system_playbooks/schedules): definitions and each one's last handled tick, compare-and-set.
+        _kv_asset(
+            KeyValueConfig(bucket=sub.SCHEDULES_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas), cell
+        ),
     ]
 
 

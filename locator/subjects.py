@@ -17,6 +17,7 @@ CATALOG_BUCKET = "catalog"
 LEASES_BUCKET = "leases"
 PLUGINS_BUCKET = "plugins"
 KEYCHAIN_BUCKET = "keychain"
+SCHEDULES_BUCKET = "schedules"
 
 
 def wal_stream(shard: int) -> str:

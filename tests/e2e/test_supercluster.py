@@ -35,7 +35,7 @@ from nats.js.errors import KeyNotFoundError
 from edge.app import create_app
 from edge.auth import TokenSpec
 from edge.cli.cluster import bootstrap_when_ready
-from kernel.bootstrap import StreamSettings, bootstrap
+from kernel.bootstrap import StreamSettings, bootstrap, global_assets, shard_assets
 from kernel.cluster import monitor_json
 from kernel.connect import close, connect
 from kernel.errors import BootstrapMismatch
@@ -176,12 +176,13 @@ async def test_two_cells_place_route_fold_and_serve(
 
     # One bootstrap through the west cell lays out both cells.
     report = await bootstrap_when_ready(list(topo.cell("west").urls), topo, settings=StreamSettings())
-    assert len(report.created) == 24 and not report.unchanged
+    every = SHARDS * len(shard_assets(0, shard_count=SHARDS, replicas=1, settings=StreamSettings()))
+    assert len(report.created) == every + len(global_assets(replicas=1, settings=StreamSettings())) and not report.unchanged
     for shard, cell in owner.items():
         for stream in (wal_stream(shard), cmd_stream(shard), dlq_stream(shard), f"KV_{proj_bucket(shard)}", f"KV_{hist_bucket(shard)}"):
             info = await cell_js[cell].stream_info(stream)
             assert info.cluster is not None and info.cluster.name == cell, (stream, info.cluster)
-    for stream in ("KV_catalog", "KV_leases", "OBJ_plugins", "KV_keychain"):  # the global buckets: the first cell
+    for stream in ("KV_catalog", "KV_leases", "OBJ_plugins", "KV_keychain", "KV_schedules"):  # the global buckets: the first cell
         info = await cell_js["west"].stream_info(stream)
         assert info.cluster is not None and info.cluster.name == "east", (stream, info.cluster)
     assert (await bootstrap(cell_js["east"], topo)).created == []

@@ -9,7 +9,7 @@ from kernel.bootstrap import SHARD_COUNT_KEY, StreamSettings, bootstrap, check_t
 from kernel.errors import BootstrapMismatch, KernelError, TopologyMismatch
 from locator.topology import Topology, default_topology
 
-EXPECTED = {"KV_catalog", "KV_leases", "OBJ_plugins", "KV_keychain"} | {
+EXPECTED = {"KV_catalog", "KV_leases", "OBJ_plugins", "KV_keychain", "KV_schedules"} | {
     f"{kind}_{n}" for n in range(4) for kind in ("WAL", "CMD", "DLQ", "KV_proj", "KV_hist")
 }
 
