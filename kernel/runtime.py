@@ -15,7 +15,7 @@ from kernel.bootstrap import StreamSettings, check_topology
 from kernel.host import Manifest, Plugin, context_for, load_plugin, system_manifests
 from kernel.leases import ShardLeases
 from kernel.pump import Pump, PumpStats
-from kernel.scheduler import Scheduler
+from kernel.scheduler import ScheduleFirer, Scheduler
 from locator.topology import Topology
 from projector.cache import KvProjectionCache
 from projector.snapshots import SnapshotStore
@@ -137,9 +137,19 @@ class Kernel:
         self.log.info("kernel.started", shards=list(self.cell.shards), plugins=list(self.plugins))
         if on_ready:
             on_ready()
+        # Schedules start executions, so the kernels that orchestrate fire them, each on the shards it holds.
+        firing = asyncio.Event()
+        firer = None
+        if "system/orchestrate" in self.plugins:
+            firer = asyncio.create_task(
+                ScheduleFirer(self.js, topology=self.topology, held=lambda: self.shards).run(firing), name="schedules"
+            )
         try:
             await leases.run(stop)
         finally:
+            firing.set()
+            if firer is not None:
+                await asyncio.gather(firer, return_exceptions=True)
             for shard in self.shards:
                 await self._stop_shard(shard)
             self.log.info("kernel.stopped")
