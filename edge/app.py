@@ -19,7 +19,7 @@ from edge.cells import CellClients
 from edge.errors import EdgeError, Unprocessable, Unavailable, handle_edge_error, handle_http_exception, handle_unexpected
 from edge.metrics import EdgeMetrics, MetricsMiddleware
 from edge.readpath import ReadPath
-from edge.routes import control, credentials, executions, playbooks, stream, system, timeline
+from edge.routes import control, credentials, executions, playbooks, spec, stream, system, timeline
 from edge.routes import results as result_routes
 from edge.state import EdgeState
 from kernel.bootstrap import check_topology
@@ -126,7 +126,7 @@ def create_app(
             await cells.close()
 
     app = Starlette(
-        routes=[*executions.routes, *control.routes, *result_routes.routes, *playbooks.routes, *credentials.routes, *stream.routes, *timeline.routes, *system.routes],
+        routes=[*executions.routes, *control.routes, *result_routes.routes, *playbooks.routes, *credentials.routes, *stream.routes, *timeline.routes, *system.routes, *spec.routes],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         exception_handlers={
             EdgeError: handle_edge_error,

@@ -40,11 +40,13 @@ SHARD_COUNT_KEY = "noetl_shard_count"
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """Stream limits shared by every shard; env: ``NOETL_DUPLICATE_WINDOW``, ``NOETL_MAX_MSG_SIZE``, ``NOETL_LEASE_TTL``."""
+    """Stream limits shared by every shard; env: ``NOETL_DUPLICATE_WINDOW``, ``NOETL_MAX_MSG_SIZE``, ``NOETL_LEASE_TTL``,
+    ``NOETL_IDEMPOTENCY_WINDOW`` (how long an idempotency key names its execution: the max_age of KV ``idempotency``)."""
 
     duplicate_window_s: float = 120.0
     max_msg_size: int = 256 * 1024
     lease_ttl_s: float = 5.0
+    idempotency_window_s: float = 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StreamSettings:
@@ -53,6 +55,7 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
             "duplicate_window_s": env.get("NOETL_DUPLICATE_WINDOW"),
             "max_msg_size": env.get("NOETL_MAX_MSG_SIZE"),
             "lease_ttl_s": env.get("NOETL_LEASE_TTL"),
+            "idempotency_window_s": env.get("NOETL_IDEMPOTENCY_WINDOW"),
         }
         try:
             settings = msgspec.convert({k: v for k, v in raw.items() if v}, cls, strict=False)
@@ -64,6 +67,8 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("NOETL_MAX_MSG_SIZE must be between 1024 (1 KiB) and 8388608 (8 MiB)")
         if not 1 <= settings.lease_ttl_s <= 300:
             raise ConfigError("NOETL_LEASE_TTL must be between 1 and 300 seconds")
+        if not 1 <= settings.idempotency_window_s <= 366 * 86400:
+            raise ConfigError("NOETL_IDEMPOTENCY_WINDOW must be between 1 second and 366 days (31622400 seconds)")
         return settings
 
     @property
@@ -224,6 +229,17 @@ def global_assets(*, replicas: int, settings: StreamSettings, cell: str | None =
         # Schedules (system_playbooks/schedules): definitions and each one's last handled tick, compare-and-set.
         _kv_asset(
             KeyValueConfig(bucket=sub.SCHEDULES_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas), cell
+        ),
+        # Idempotency keys of starts (kernel/idempotency.py): max_age is the window, after which a key is forgotten.
+        _kv_asset(
+            KeyValueConfig(
+                bucket=sub.IDEMPOTENCY_BUCKET,
+                history=1,
+                ttl=settings.idempotency_window_s,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            ),
+            cell,
         ),
     ]
 

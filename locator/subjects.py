@@ -18,6 +18,7 @@ LEASES_BUCKET = "leases"
 PLUGINS_BUCKET = "plugins"
 KEYCHAIN_BUCKET = "keychain"
 SCHEDULES_BUCKET = "schedules"
+IDEMPOTENCY_BUCKET = "idempotency"
 
 
 def wal_stream(shard: int) -> str:

@@ -9,7 +9,9 @@ already used, timed out).
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Any, Literal
+
+import msgspec
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -18,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import EdgeError, NotFound, unknown_execution
+from edge.openapi import AFFINITY, Media, operation
 from edge.responses import json_response, read_json
 from edge.routes.executions import BASE, _exists, _names, _publish_one
 from edge.state import state_of
@@ -34,6 +37,21 @@ class Conflict(EdgeError):
     status, title = 409, "Conflict"
 
 
+class CancelRequested(msgspec.Struct):
+    execution_id: str
+    seq: int
+    duplicate: bool
+    status: Literal["CANCEL_REQUESTED"] = "CANCEL_REQUESTED"
+
+
+class CallbackReceived(msgspec.Struct):
+    execution_id: str
+    step: str
+    seq: int
+    status: Literal["RECEIVED"] = "RECEIVED"
+
+
+@operation(summary="cancel an execution", role="write", params=[AFFINITY], responses={202: CancelRequested}, errors=[404])
 async def cancel(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -55,10 +73,7 @@ async def cancel(request: Request) -> Response:
         fill=True,
     )
     ack = await _publish_one(state, env)
-    return json_response(
-        {"execution_id": execution_id, "seq": ack.seq, "duplicate": ack.duplicate, "status": "CANCEL_REQUESTED"},
-        status=202,
-    )
+    return json_response(CancelRequested(execution_id, ack.seq, ack.duplicate), status=202)
 
 
 async def _events_of_type(
@@ -92,6 +107,8 @@ async def _events_of_type(
     return found
 
 
+@operation(summary="resume a waiting callback step with the body (any JSON)", role=None, tag="callbacks",
+           body=Media({"application/json": {}}), body_required=False, responses={202: CallbackReceived}, errors=[404, 409])
 async def callback(request: Request) -> Response:
     """Resume a waiting ``callback`` step with the request body; the token in the path is the credential."""
     state = state_of(request)
@@ -144,9 +161,7 @@ async def callback(request: Request) -> Response:
     ack = await _publish_one(state, env)
     if ack.duplicate:
         raise Conflict("this callback token was already used")
-    return json_response(
-        {"execution_id": where.execution_id, "step": where.step, "seq": ack.seq, "status": "RECEIVED"}, status=202
-    )
+    return json_response(CallbackReceived(where.execution_id, where.step, ack.seq), status=202)
 
 
 routes = [

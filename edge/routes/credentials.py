@@ -7,18 +7,34 @@ reads give metadata only (alias, version, created_at, key id, size).
 
 from __future__ import annotations
 
+import msgspec
 from nats.js import JetStreamContext
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import NotFound, Unavailable, Unprocessable
+from edge.openapi import BINARY, Media, operation
 from edge.responses import json_response, read_body
 from edge.state import EdgeState, state_of
-from kernel.keychain import MAX_VALUE, Keychain, KeychainError, PlatformKey, Scope, UnknownCredential, check_alias
+from kernel.keychain import (
+    MAX_VALUE,
+    CredentialMeta,
+    Keychain,
+    KeychainError,
+    PlatformKey,
+    Scope,
+    UnknownCredential,
+    check_alias,
+)
 from locator.names import check_name
 
 BASE = "/api/v1/tenants/{tenant}/projects/{project}/credentials"
+
+
+class CredentialList(msgspec.Struct):
+    # Not under a key named "credentials": the response scrub masks that key whole.
+    items: list[CredentialMeta]
 
 
 def _scope(request: Request) -> Scope:
@@ -52,6 +68,9 @@ async def _keychain(request: Request, *, write: bool) -> Keychain:
     return Keychain(await _js(state_of(request)), key, env={})
 
 
+@operation(summary="store a credential's next version (the body is the value)", role="admin", tag="credentials",
+           body=Media({"application/octet-stream": BINARY}), responses={201: CredentialMeta},
+           headers={201: {"Location": "the credential's URL"}})
 async def put_credential(request: Request) -> Response:
     scope, alias = _scope(request), _alias(request)
     value = await read_body(request, max_bytes=MAX_VALUE)
@@ -62,6 +81,8 @@ async def put_credential(request: Request) -> Response:
     return json_response(meta, status=201, headers={"Location": BASE.format(tenant=scope.tenant, project=scope.project) + f"/{alias}"})
 
 
+@operation(summary="a credential's metadata (never its value)", role="admin", tag="credentials",
+           responses={200: CredentialMeta}, errors=[404])
 async def get_credential(request: Request) -> Response:
     scope, alias = _scope(request), _alias(request)
     meta = await (await _keychain(request, write=False)).meta(scope, alias)
@@ -70,12 +91,13 @@ async def get_credential(request: Request) -> Response:
     return json_response(meta)
 
 
+@operation(summary="the project's credentials' metadata", role="admin", tag="credentials", responses={200: CredentialList})
 async def list_credentials(request: Request) -> Response:
     scope = _scope(request)
-    # Not under a key named "credentials": the response scrub masks that key whole.
-    return json_response({"items": await (await _keychain(request, write=False)).list(scope)})
+    return json_response(CredentialList(await (await _keychain(request, write=False)).list(scope)))
 
 
+@operation(summary="delete a credential, every version", role="admin", tag="credentials", responses={204: None}, errors=[404])
 async def delete_credential(request: Request) -> Response:
     scope, alias = _scope(request), _alias(request)
     try:

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unprocessable, unknown_execution
+from edge.openapi import AFFINITY, AFTER_SEQ, AS_OF_SEQ, LIMIT, MIN_SEQ, Media, Param, operation
 from edge.responses import convert, json_response, read_json
 from edge.routes.playbooks import catalog_of
 from edge.state import EdgeState, state_of
@@ -28,6 +29,7 @@ from locator.shard import shard_for
 from locator.subjects import execution_filter, wal_stream
 from locator.urn import Urn
 from projector.archive import ArchiveIndex
+from projector.projection import Projection
 from projector.replay import history
 from system_playbooks.orchestrate.playbook import PATH_PATTERN
 from system_playbooks.orchestrate.start import UnknownPlaybook, requested_event, resolve_playbook
@@ -46,6 +48,58 @@ class StartRequest(msgspec.Struct, forbid_unknown_fields=True):
     playbook: PlaybookRef | None = None
     workload: dict[str, Any] = msgspec.field(default_factory=dict)
     affinity: str = ""
+
+
+class PlaybookVersion(msgspec.Struct, frozen=True):
+    path: str
+    version: int
+
+
+class Started(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A start's answer; ``playbook`` only when the request named one."""
+
+    execution_id: str
+    urn: str
+    seq: int
+    stream: str
+    event_id: str
+    playbook: PlaybookVersion | None = None
+
+
+class NewEvent(msgspec.Struct, kw_only=True):
+    """An event to publish: ``type`` at least; the URL fills tenant, project, execution_id and affinity, and a
+    missing ``v``, ``event_id`` or ``ts`` is filled in (see the envelope in docs/events.md)."""
+
+    type: str
+    step: str | None = None
+    attempt: int | None = None
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)
+    result_ref: str | None = None
+    causation_id: str | None = None
+    event_id: str | None = None
+    ts: str | None = None
+    v: int | None = None
+
+
+class EventBatch(msgspec.Struct):
+    events: list[NewEvent]
+
+
+class Published(msgspec.Struct):
+    acks: list[Ack]
+
+
+class SeqEvent(msgspec.Struct):
+    seq: int
+    event: Envelope
+
+
+class EventsPage(msgspec.Struct):
+    events: list[SeqEvent]
+    next_after_seq: int | None
+
+
+EVENTS_BODY = Media({"application/json": {"anyOf": [NewEvent, {"type": "array", "items": NewEvent, "minItems": 1}, EventBatch]}})
 
 
 def _names(request: Request) -> tuple[str, str, str]:
@@ -90,6 +144,9 @@ async def _resolve(state: EdgeState, tenant: str, project: str, ref: PlaybookRef
         raise NotFound(str(e), field=e.field) from e
 
 
+@operation(summary="start an execution (orchestrated when it names a playbook)", role="write", params=[AFFINITY],
+           body=StartRequest, body_required=False, responses={202: Started}, errors=[404],
+           headers={202: {"Location": "the execution's URL"}})
 async def start(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -106,10 +163,8 @@ async def start(request: Request) -> Response:
     )
     ack = await _publish_one(state, env)
     urn = str(Urn(tenant, project, execution_id, affinity))
-    out: dict[str, Any] = {"execution_id": execution_id, "urn": urn, "seq": ack.seq, "stream": ack.stream,
-                           "event_id": env.event_id}
-    if playbook is not None:
-        out["playbook"] = playbook
+    out = Started(execution_id=execution_id, urn=urn, seq=ack.seq, stream=ack.stream, event_id=env.event_id,
+                  playbook=None if playbook is None else PlaybookVersion(playbook["path"], playbook["version"]))
     return json_response(
         out,
         status=202,
@@ -153,6 +208,8 @@ async def _exists(state: EdgeState, shard: int, tenant: str, project: str, execu
     return True
 
 
+@operation(summary="publish events to an execution", role="write", params=[AFFINITY], body=EVENTS_BODY,
+           responses={200: Published}, errors=[404, 502])
 async def publish_events(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -189,7 +246,7 @@ async def publish_events(request: Request) -> Response:
             "with the same event_id (duplicates are dropped)",
             acks=msgspec.to_builtins(results),
         )
-    return json_response({"acks": results})
+    return json_response(Published([r for r in results if isinstance(r, Ack)]))
 
 
 def _none_match(header: str | None, etag: str) -> bool:
@@ -200,6 +257,11 @@ def _none_match(header: str | None, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
+@operation(summary="the execution's projection", role="read", params=[
+    AFFINITY, MIN_SEQ, AS_OF_SEQ,
+    Param(name="If-None-Match", where="header", schema={"type": "string"}, description="an ETag: 304 while unchanged"),
+], responses={200: Projection, 304: None}, errors=[404, 504],
+    headers={200: {"ETag": "the projection's last_seq, quoted", "X-Noetl-Source": "where it was read from"}})
 async def get_projection(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -215,6 +277,8 @@ async def get_projection(request: Request) -> Response:
     return json_response(result.projection, headers=headers)
 
 
+@operation(summary="a page of the execution's history", role="read", params=[AFFINITY, AFTER_SEQ, LIMIT],
+           responses={200: EventsPage}, errors=[404])
 async def list_events(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -223,20 +287,20 @@ async def list_events(request: Request) -> Response:
     after_seq, limit = _paging(request)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
     js = await state.cells.js_for_shard(shard)
-    page: list[dict[str, Any]] = []
+    page: list[SeqEvent] = []
     events = history(
         js, shard=shard, shard_count=state.topology.shard_count, tenant=tenant, project=project,
         execution_id=execution_id, after_seq=after_seq, limit=2**62, archive=state.read.archive,
     )
     async with contextlib.aclosing(events):
         async for event in events:
-            page.append({"seq": event.seq, "event": event.env})
+            page.append(SeqEvent(event.seq, event.env))
             if len(page) >= limit:
                 break
     if not page and after_seq == 0:
         raise unknown_execution(execution_id, tenant, project, affinity)
-    next_after = page[-1]["seq"] if len(page) == limit else None
-    return json_response({"events": page, "next_after_seq": next_after})
+    next_after = page[-1].seq if len(page) == limit else None
+    return json_response(EventsPage(page, next_after))
 
 
 routes = [

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import BadRequest, EdgeError, NotFound, Unavailable, Unprocessable
+from edge.openapi import Media, Param, operation
 from edge.responses import MAX_BODY_DEPTH, decode_json, json_response, read_body
 from edge.state import EdgeState, state_of
 from locator.names import check_name
@@ -27,6 +28,32 @@ _YAML_EVENTS = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when pre
 
 class Conflict(EdgeError):
     status, title = 409, "Conflict"
+
+
+class Listed(msgspec.Struct, frozen=True):
+    path: str
+    version: int
+
+
+class PlaybookList(msgspec.Struct):
+    playbooks: list[Listed]
+
+
+class PlaybookVersionDoc(msgspec.Struct, kw_only=True):
+    # ``playbook`` is the registered document as plain JSON, not the request's Playbook schema: the response
+    # scrub masks credential aliases (a python step's {"credentials": {...}} answers as "***").
+    path: str
+    version: int
+    playbook: dict[str, Any]
+
+
+class Registered(msgspec.Struct, kw_only=True):
+    """A PUT's answer: ``created`` false when the same document was already the latest version (a 200)."""
+
+    path: str
+    version: int
+    created: bool
+    playbook: dict[str, Any]
 
 
 def _names(request: Request) -> tuple[str, str]:
@@ -100,6 +127,10 @@ def _version_param(request: Request) -> int | None:
     return int(raw)
 
 
+@operation(summary="register a playbook version (YAML or JSON)", role="write", tag="playbooks",
+           body=Media({"application/json": Playbook, "application/yaml": {"type": "string"}}),
+           responses={200: Registered, 201: Registered}, errors=[409],
+           headers={200: {"Location": "the version's URL"}, 201: {"Location": "the version's URL"}})
 async def put_playbook(request: Request) -> Response:
     state = state_of(request)
     tenant, project = _names(request)
@@ -121,12 +152,16 @@ async def put_playbook(request: Request) -> Response:
         raise Unprocessable(f"invalid playbook: {e}", field=e.path) from e
     pb = registered.playbook
     return json_response(
-        {"path": pb.path, "version": pb.version, "created": registered.created, "playbook": pb},
+        Registered(path=pb.path, version=pb.version, created=registered.created, playbook=msgspec.to_builtins(pb)),
         status=201 if registered.created else 200,
         headers={"Location": _url(tenant, project, pb)},
     )
 
 
+@operation(summary="one playbook version (the latest without ?version)", role="read", tag="playbooks", params=[
+    Param(name="version", schema={"anyOf": [{"type": "integer", "minimum": 1, "maximum": 2**53}, {"const": "latest"}]},
+          description="a version number, or latest"),
+], responses={200: PlaybookVersionDoc}, errors=[404])
 async def get_playbook(request: Request) -> Response:
     state = state_of(request)
     tenant, project = _names(request)
@@ -136,15 +171,17 @@ async def get_playbook(request: Request) -> Response:
         pb = await (await catalog_of(state)).get(tenant, project, request.path_params["path"], version)
     except PlaybookNotFound as e:
         raise NotFound(str(e)) from e
-    return json_response({"path": pb.path, "version": pb.version, "playbook": pb})
+    return json_response(PlaybookVersionDoc(path=pb.path, version=pb.version, playbook=msgspec.to_builtins(pb)))
 
 
+@operation(summary="the project's playbooks (the latest version of each)", role="read", tag="playbooks",
+           responses={200: PlaybookList})
 async def list_playbooks(request: Request) -> Response:
     state = state_of(request)
     tenant, project = _names(request)
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
     found = await (await catalog_of(state)).list(tenant, project)
-    return json_response({"playbooks": [{"path": path, "version": version} for path, version in found]})
+    return json_response(PlaybookList([Listed(path, version) for path, version in found]))
 
 
 routes = [

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import msgspec
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import NotFound
+from edge.openapi import AFFINITY, BINARY, Media, operation
 from edge.responses import json_response
 from edge.routes.executions import BASE, _names
 from edge.state import state_of
@@ -18,6 +22,18 @@ from projector.results import ResultError, ResultNotFound
 ARROW_FILE = "application/vnd.apache.arrow.file"
 
 
+class StepResult(msgspec.Struct, kw_only=True):
+    """A step's result: ``result`` inline, or read from ``result_ref`` (a stored result as JSON rows)."""
+
+    execution_id: str
+    step: str
+    status: str
+    result_ref: str | None
+    result: Any
+
+
+@operation(summary="a step's result, also one stored by reference", role="read", params=[AFFINITY],
+           responses={200: Media({"application/json": StepResult, ARROW_FILE: BINARY})}, errors=[404])
 async def get_result(request: Request) -> Response:
     """``Accept: application/vnd.apache.arrow.file`` returns a stored result's Feather bytes as they are."""
     state = state_of(request)
@@ -29,9 +45,9 @@ async def get_result(request: Request) -> Response:
     run = projection.steps.get(step)
     if run is None:
         raise NotFound(f"execution {execution_id} has no step {step!r}")
-    body = {"execution_id": execution_id, "step": step, "status": run.status, "result_ref": run.result_ref}
     if run.result_ref is None:
-        return json_response(body | {"result": run.result})
+        return json_response(StepResult(execution_id=execution_id, step=step, status=run.status, result_ref=None,
+                                        result=run.result))
     try:
         if ARROW_FILE in request.headers.get("accept", ""):
             data = await asyncio.to_thread(state.results.read_bytes, run.result_ref)
@@ -41,7 +57,8 @@ async def get_result(request: Request) -> Response:
         raise NotFound(str(e)) from e
     except ResultError as e:
         raise NotFound(f"the result of step {step!r} cannot be read: {e}") from e
-    return json_response(body | {"result": value})
+    return json_response(StepResult(execution_id=execution_id, step=step, status=run.status, result_ref=run.result_ref,
+                                    result=value))
 
 
 routes = [Route(BASE + "/{execution_id}/steps/{step}/result", get_result, methods=["GET"])]

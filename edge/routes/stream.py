@@ -12,6 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from edge.errors import Unprocessable, unknown_execution
+from edge.openapi import AFFINITY, AFTER_SEQ, Media, Param, operation
 from edge.routes.executions import BASE, _exists, _names
 from edge.state import state_of
 from kernel.scrub import scrub
@@ -42,6 +43,11 @@ def _frame(seq: int, subject: str, data: bytes, shard_count: int) -> bytes | Non
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, env.type.encode(), body)
 
 
+@operation(summary="Server-Sent Events of the execution's events (the archived ones, then live)", role="read", params=[
+    AFFINITY, AFTER_SEQ,
+    Param(name="Last-Event-ID", where="header", schema={"type": "string", "pattern": "^[0-9]{1,19}$"},
+          description="resume after this WAL seq (what the last event's id was)"),
+], responses={200: Media({"text/event-stream": {"type": "string"}})}, errors=[404])
 async def stream(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import problem
+from edge.openapi import AFFINITY, NAME, Media, Param, operation
 from edge.responses import json_response
 from edge.state import state_of
 from kernel.scrub import scrub
 from locator.subjects import wal_stream
+from locator.topology import Location
 
 
+class Health(msgspec.Struct):
+    status: str
+
+
+class Ready(msgspec.Struct):
+    status: str
+    cells: dict[str, bool]
+    problems: list[str]
+
+
+@operation(summary="where a tenant/project (and affinity) lives: shard, cell, subjects", role="read", tag="system", params=[
+    Param(name="tenant", schema=NAME, description="tenant name", required=True),
+    Param(name="project", schema=NAME, description="project name", required=True),
+    AFFINITY,
+], responses={200: Location}, nats=False)
 async def locate(request: Request) -> Response:
     state = state_of(request)
     state.auth.identify(request.headers.get("authorization"))
@@ -21,10 +39,13 @@ async def locate(request: Request) -> Response:
     return json_response(location)
 
 
+@operation(summary="liveness", role=None, tag="system", responses={200: Health}, nats=False)
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    return json_response(Health("ok"))
 
 
+@operation(summary="readiness: every cell's WAL streams answer (a 503 problem names what does not)", role=None,
+           tag="system", responses={200: Ready})
 async def readyz(request: Request) -> Response:
     state = state_of(request)
     problems: list[str] = []
@@ -37,7 +58,7 @@ async def readyz(request: Request) -> Response:
             problems.append(f"cell {cell.name}: {getattr(e, 'detail', None) or e!r}")
     cells = state.cells.connected()
     if not problems:
-        return json_response({"status": "ready", "cells": cells, "problems": []})
+        return json_response(Ready("ready", cells, []))
     # Not ready is a 503 like any other: a problem document (scrubbed: it quotes NATS errors).
     problems = scrub(problems)
     return problem(
@@ -46,6 +67,8 @@ async def readyz(request: Request) -> Response:
     )
 
 
+@operation(summary="Prometheus metrics", role=None, tag="system",
+           responses={200: Media({"text/plain": {"type": "string"}})})
 async def metrics(request: Request) -> Response:
     state = state_of(request)
     await state.metrics.refresh(state.cells.js_for_shard, range(state.topology.shard_count))

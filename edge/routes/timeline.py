@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
@@ -23,12 +24,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import Unavailable, unknown_execution
+from edge.openapi import AFFINITY, AFTER_SEQ, LIMIT, Param, operation
 from edge.responses import json_response
 from edge.routes.executions import BASE, _exists, _int_param, _names, _paging
 from edge.state import state_of
 from kernel.scrub import scrub_envelope
 from locator.envelope import Envelope, EnvelopeError, decode_wal_message
-from locator.names import check_execution_id, check_step
+from locator.names import STEP_PATTERN, check_execution_id, check_step
 from locator.shard import shard_for
 from locator.subjects import wal_stream
 from projector.archive import HistoryArchive
@@ -39,6 +41,11 @@ from projector.timeline import TimelineRow, timeline
 
 tracer = trace.get_tracer("noetl.edge.read")
 UNBOUNDED = 2**62  # the history's size is not the bound: a page stops after ``scan`` events (below)
+
+
+class TimelinePage(msgspec.Struct):
+    rows: list[TimelineRow]
+    next_after_seq: int | None
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,11 @@ async def page(
     return rows, read, None
 
 
+@operation(summary="a page of the history as timeline rows", role="read", params=[
+    AFFINITY, AFTER_SEQ, LIMIT,
+    Param(name="until_seq", schema={"type": "integer", "minimum": 1, "maximum": 2**63 - 1}, description="stop at this seq"),
+    Param(name="step", schema={"type": "string", "pattern": STEP_PATTERN}, description="only this step's events"),
+], responses={200: TimelinePage}, errors=[404])
 async def get_timeline(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
@@ -135,7 +147,7 @@ async def get_timeline(request: Request) -> Response:
         raise unknown_execution(execution_id, tenant, project, affinity)
     # A full page, or a page that stopped at the scan bound (a rare step, a long history): go on after it.
     next_after = rows[-1].seq if len(rows) == limit else cursor
-    return json_response({"rows": rows, "next_after_seq": next_after})
+    return json_response(TimelinePage(rows, next_after))
 
 
 routes = [Route(BASE + "/{execution_id}/timeline", get_timeline, methods=["GET"])]

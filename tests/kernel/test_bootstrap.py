@@ -9,7 +9,7 @@ from kernel.bootstrap import SHARD_COUNT_KEY, StreamSettings, bootstrap, check_t
 from kernel.errors import BootstrapMismatch, KernelError, TopologyMismatch
 from locator.topology import Topology, default_topology
 
-EXPECTED = {"KV_catalog", "KV_leases", "OBJ_plugins", "KV_keychain", "KV_schedules"} | {
+EXPECTED = {"KV_catalog", "KV_leases", "OBJ_plugins", "KV_keychain", "KV_schedules", "KV_idempotency"} | {
     f"{kind}_{n}" for n in range(4) for kind in ("WAL", "CMD", "DLQ", "KV_proj", "KV_hist")
 }
 
@@ -29,6 +29,7 @@ async def test_bootstrap_creates_everything_then_changes_nothing(nc: NATS, topol
     assert wal.config.max_msg_size == 256 * 1024 and wal.config.storage == StorageType.FILE
     assert (await js.stream_info("CMD_2")).config.retention == "workqueue"
     assert (await js.stream_info("KV_leases")).config.max_age == 5
+    assert (await js.stream_info("KV_idempotency")).config.max_age == 86400  # NOETL_IDEMPOTENCY_WINDOW's default
 
 
 async def test_mismatch_is_reported_and_nothing_is_created(nc: NATS, topology: Topology) -> None:
