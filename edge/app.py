@@ -21,6 +21,7 @@ from edge.metrics import EdgeMetrics, MetricsMiddleware
 from edge.readpath import ReadPath
 from edge.routes import control, credentials, executions, playbooks, spec, stream, system, timeline
 from edge.routes import results as result_routes
+from edge.routes import schedules as schedule_routes
 from edge.state import EdgeState
 from kernel.bootstrap import check_topology
 from kernel.errors import PublishError
@@ -143,6 +144,7 @@ def create_app(
     app.state.edge = state
     app.state.policy = policy if policy is not None else Policy()
     app.state.keychain_key = keychain_key
+    app.router.routes.extend(schedule_routes.routes)  # schedules: create, list, show, pause, resume, delete
     return app
 
 

@@ -155,6 +155,7 @@ PATH_PARAMS: dict[str, tuple[dict[str, Any], str]] = {
     "step": ({"type": "string", "pattern": STEP_PATTERN}, "step name"),
     "path": ({"type": "string", "pattern": PATH_PATTERN, "maxLength": 255}, "playbook path (may contain '/')"),
     "alias": ({"type": "string", "pattern": ALIAS_RE}, "credential alias"),
+    "schedule_id": (NAME, "schedule id"),
     "token": ({"type": "string", "minLength": 1}, "the callback token of a waiting step (it is the credential)"),
 }
 VALIDATED = frozenset(PATH_PARAMS) - {"token"}

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noetl-edge {importlib.metadata.version('noetl-edge')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster, _history, _credential):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster, _history, _credential, _schedule):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -534,5 +534,57 @@ def _credential(sub: Subparsers) -> None:
     for q in (put, rotate, show, delete, ls, rewrap):
         q.add_argument("--data-dir", type=Path, default=None,
                        help=f"where <data-dir>/keychain.key is (env NOETL_DATA_DIR; default {default_data_dir()})")
+        add_topology_options(q)
+        add_log_options(q)
+
+
+def _schedule(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "schedule",
+        help="schedules: start a playbook on a cron expression (in a time zone) or every N seconds",
+        description="Schedules live in KV 'schedules'; the kernel holding the shard of a schedule's tenant, project "
+        "and affinity fires each tick once (the tick's execution id is derived from the schedule and the tick). "
+        "See docs/schedules.md.",
+    )  # fmt: skip
+    p.set_defaults(run="edge.cli.schedule")
+    commands = p.add_subparsers(dest="schedule_command", required=True, metavar="SUBCOMMAND")
+    create = commands.add_parser(
+        "create", help="validate and store a schedule (exit 2 on bad input or an unregistered playbook, nothing stored)",
+        description="Give --cron (5 fields, or 6 with seconds last; --timezone an IANA name, default UTC) or --every "
+        "(2s, 15m, 1h, 1d). The playbook must be registered (without --version each tick runs the latest). A tick "
+        "at most --grace seconds late still fires; older ones were missed: --catchup none skips them, last fires "
+        "the newest once. --overlap skip does not fire while the previous tick's execution is still going.",
+    )  # fmt: skip
+    create.add_argument("--id", required=True, help="the schedule's id in the project (a name: lowercase letters, digits, '_' or '-')")
+    create.add_argument("--playbook", required=True, metavar="PATH", help="the registered playbook's path, e.g. etl/daily")
+    create.add_argument("--version", type=int, default=None, metavar="N", help="the playbook version (default: the latest at each tick)")
+    when = create.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", default=None, metavar="EXPR", help="a cron expression, e.g. '0 2 * * *'")
+    when.add_argument("--every", default=None, metavar="INTERVAL", help="an interval: seconds, or 2s, 15m, 1h, 1d")
+    create.add_argument("--timezone", default="UTC", metavar="ZONE", help="the cron expression's IANA time zone (default UTC)")
+    create.add_argument("--workload", default=None, metavar="JSON", help="a JSON object merged over the playbook's workload")
+    create.add_argument("--affinity", default="", help="the executions' affinity (part of the shard key; default none)")
+    create.add_argument("--overlap", choices=["skip", "allow"], default="skip",
+                        help="skip (default): no tick fires while the previous tick's execution runs; allow: fire anyway")
+    create.add_argument("--catchup", choices=["none", "last"], default="none",
+                        help="after downtime: none (default) skips missed ticks; last fires the newest missed tick once")
+    create.add_argument("--grace", type=int, default=60, metavar="S",
+                        help="a tick at most S seconds late still fires (default 60, 1..86400)")
+    create.add_argument("--paused", action="store_true", help="create it paused (resume starts it)")
+    ls = commands.add_parser("list", help="the project's schedules with their next and last tick",
+                             description="Print the project's schedules (a table on a terminal, else JSON).")
+    actions = {
+        "show": "one schedule: its definition, next tick, last tick and last execution (exit 1 if unknown)",
+        "pause": "stop firing a schedule until resume (exit 1 if unknown)",
+        "resume": "fire a paused schedule again, from its next tick on: ticks during the pause are not caught up",
+        "delete": "remove a schedule and its progress; it fires no more (exit 1 if unknown)",
+    }
+    others = [commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".") for name, text in actions.items()]
+    for q in others:
+        q.add_argument("id", metavar="ID", help="the schedule's id")
+    for q in (create, ls, *others):
+        q.add_argument("--tenant", required=True, help=TENANT_HELP)
+        q.add_argument("--project", required=True, help=PROJECT_HELP)
+        q.add_argument("--json", action="store_true", help="JSON even on a terminal")
         add_topology_options(q)
         add_log_options(q)

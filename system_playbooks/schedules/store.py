@@ -19,7 +19,10 @@ from nats.js.kv import KeyValue
 from locator.names import check_name
 from locator.subjects import SCHEDULES_BUCKET
 from projector.historystats import stream_subjects
-from system_playbooks.schedules.spec import Schedule
+from system_playbooks.orchestrate.catalog import Catalog
+from system_playbooks.orchestrate.start import resolve_playbook
+from system_playbooks.schedules.spec import Schedule, ScheduleSpec, check_spec, iso_ms
+from system_playbooks.schedules.ticks import next_tick
 
 
 class ScheduleStoreError(Exception):
@@ -40,6 +43,15 @@ class TickState(msgspec.Struct, frozen=True, kw_only=True):
     tick_ms: int
     execution_id: str | None = None
     fired_ms: int | None = None
+
+
+class ScheduleView(msgspec.Struct, frozen=True, kw_only=True):
+    """A schedule as the API and the CLI show it: the definition and where it stands."""
+
+    schedule: Schedule
+    next_tick: str | None
+    last_tick: str | None
+    last_execution_id: str | None
 
 
 _encode = msgspec.json.Encoder(order="sorted")
@@ -152,3 +164,44 @@ class ScheduleStore:
             return await self.kv.update(key, _encode.encode(state), last=revision)
         except KeyWrongLastSequenceError:
             return None
+
+    async def view(self, schedule: Schedule, *, now_ms: int) -> ScheduleView:
+        """``schedule`` with its last handled tick, the execution of its last fired one, and its next tick."""
+        state, _ = await self.tick(schedule)
+        after = max(now_ms, schedule.not_before_ms, state.tick_ms if state else 0)
+        upcoming = None if schedule.paused else next_tick(schedule, after)
+        return ScheduleView(
+            schedule=schedule, next_tick=None if upcoming is None else iso_ms(upcoming),
+            last_tick=iso_ms(state.tick_ms) if state else None, last_execution_id=state.execution_id if state else None,
+        )  # fmt: skip
+
+    async def set_paused(self, tenant: str, project: str, schedule_id: str, *, paused: bool, now_ms: int) -> Schedule | None:
+        """Pause or resume (None: no such schedule). A resume fires nothing due before ``now_ms``."""
+        while True:
+            found = await self.get(tenant, project, schedule_id)
+            if found is None:
+                return None
+            schedule, revision = found
+            if schedule.paused == paused:
+                return schedule
+            changed = msgspec.structs.replace(
+                schedule, paused=paused, updated_at=iso_ms(now_ms),
+                not_before_ms=schedule.not_before_ms if paused else max(now_ms, schedule.not_before_ms),
+            )  # fmt: skip
+            try:
+                await self.update(changed, revision)
+            except ScheduleConflict:
+                continue  # changed meanwhile (a concurrent pause or resume): decide again on what is there now
+            return changed
+
+
+async def create_schedule(
+    store: ScheduleStore, catalog: Catalog, spec: ScheduleSpec, *, tenant: str, project: str, now_ms: int
+) -> Schedule:
+    """Validate ``spec`` (:class:`~system_playbooks.schedules.spec.ScheduleInvalid`), check its playbook is
+    registered (:class:`~system_playbooks.orchestrate.start.UnknownPlaybook`), then store it
+    (:class:`ScheduleExists`); nothing is written unless every check passed."""
+    schedule = check_spec(spec, tenant=tenant, project=project, now_ms=now_ms)
+    await resolve_playbook(catalog, tenant, project, spec.playbook.path, spec.playbook.version)
+    await store.create(schedule)
+    return schedule
