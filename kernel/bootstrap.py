@@ -203,6 +203,11 @@ def shard_assets(
             KeyValueConfig(bucket=sub.hist_bucket(shard), history=1, storage=StorageType.FILE, replicas=replicas, direct=True),
             cell,
         ),
+        _kv_asset(
+            # The visibility index listings read (projector/visibility.py): system/project writes it.
+            KeyValueConfig(bucket=sub.vis_bucket(shard), history=1, storage=StorageType.FILE, replicas=replicas, direct=True),
+            cell,
+        ),
     ]
 
 

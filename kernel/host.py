@@ -32,6 +32,7 @@ from projector.fold import WalEvent
 from projector.replay import history
 from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
+from projector.visibility import VisibilityIndex
 
 SYSTEM_PLAYBOOKS = Path(__file__).resolve().parent.parent / "system_playbooks"
 CAPABILITIES = frozenset(
@@ -46,6 +47,7 @@ CAPABILITIES = frozenset(
         "catalog.read",  # read the playbook catalog bucket
         "results.write",  # store large step results in object storage
         "history.archive",  # move executions' histories from the WAL to the archive (system/cleanup)
+        "visibility.write",  # write executions' summaries to the visibility index (KV vis_<shard>)
     }
 )
 HISTORY_LIMIT = 1_000_000
@@ -111,6 +113,7 @@ class ShardContext:
     _topology: Topology | None = field(default=None, repr=False)
     duplicate_window_ms: int = 120_000
     _results: ResultStore | None = field(default=None, repr=False)
+    _visibility: VisibilityIndex | None = field(default=None, repr=False)
     log: structlog.typing.FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger("noetl.plugin"))
 
     def _need(self, capability: str) -> None:
@@ -140,6 +143,15 @@ class ShardContext:
         assert self._js is not None and self._snapshots is not None
         archive = HistoryArchive.at(self._snapshots.base_url, storage_options=self._snapshots.storage_options)
         return Archiver(self._js, shard=self.shard, archive=archive)
+
+    def visibility(self) -> VisibilityIndex | None:
+        """This shard's visibility index (None without a NATS connection, as in a fold-only test)."""
+        self._need("visibility.write")
+        if self._js is None:
+            return None
+        if self._visibility is None:
+            self._visibility = VisibilityIndex(self._js, self.shard)
+        return self._visibility
 
     def history_archive(self) -> HistoryArchive | None:
         """The archive history readers read first (None without an object store)."""

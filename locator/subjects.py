@@ -42,6 +42,11 @@ def hist_bucket(shard: int) -> str:
     return f"hist_{shard}"
 
 
+def vis_bucket(shard: int) -> str:
+    """The visibility index (KV): a summary per hot execution, keyed ``<tenant>.<project>.<day>.<hour>.<id>``."""
+    return f"vis_{shard}"
+
+
 def wal_subjects(shard: int) -> str:
     """The subject filter a shard's WAL stream captures."""
     return f"wal.{shard}.>"

@@ -26,6 +26,7 @@ from projector.fold import WalEvent, fold
 from projector.projection import Projection, canonical
 from projector.replay import entry_projection
 from projector.snapshots import SegmentRow
+from projector.visibility import summarize
 
 CONCURRENCY = 32
 REMEMBERED = 2000  # per shard: the entries this plug-in wrote last, so the next batch skips reading them
@@ -91,6 +92,10 @@ class ProjectPlugin:
             return rejects  # nothing new: a redelivery of events already folded
         folded = fold(base, mine)
         assert folded is not None
+        visibility = ctx.visibility()
+        if visibility is not None:
+            # Before the projection: a batch redelivered after a crash between the two writes both again.
+            await visibility.put(summarize(folded))
         revision = await self._write(ctx, cache, execution_id, folded, None if entry is None else entry.revision)
         remembered = self._remembered(ctx)
         remembered[execution_id] = CacheEntry(revision=revision, projection=folded)
