@@ -272,7 +272,7 @@ def _run(sub: Subparsers) -> None:
         help="register a playbook, start an execution, and (--wait) follow it to its end",
         description="Validate PLAYBOOK (exit 2 with the path of the error, nothing written), register it in the "
         "catalog (the same content again is a no-op), publish execution.requested and print "
-        "{execution_id, playbook, version, seq, shard}. With --wait, print a line per finished step and the callback path of a "
+        "{execution_id, playbook, version, seq, shard} (and replayed with --idempotency-key). With --wait, print a line per finished step and the callback path of a "
         "waiting step, then the final projection as JSON; exit 0 if it COMPLETED, 1 if it FAILED, was "
         "CANCELLED or --timeout passed. Needs a running kernel and workers (`noetl-edge up` runs both).",
     )
@@ -280,6 +280,12 @@ def _run(sub: Subparsers) -> None:
     p.add_argument("--workload", default=None, metavar="JSON", help="a JSON object merged over the playbook's workload")
     p.add_argument("--wait", action="store_true", help="follow the execution until it ends")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="with --wait, give up after S seconds (default 600)")
+    p.add_argument(
+        "--idempotency-key", default=None, metavar="KEY",
+        help="start at most once per KEY in the tenant's project within NOETL_IDEMPOTENCY_WINDOW (24 h): a repeat "
+        "prints the first execution with \"replayed\": true; the same KEY with another playbook version, workload "
+        "or affinity exits 2",
+    )
     _execution_options(p)
     p.set_defaults(run="edge.cli.run")
 

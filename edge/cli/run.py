@@ -6,6 +6,11 @@ stdout, then the final projection as JSON, folded from exactly the events it
 read (the fold is the same pure function the kernel runs). Exit status: 0 when
 the execution completed, 1 when it failed, was cancelled, or ``--timeout``
 passed first.
+
+With ``--idempotency-key KEY`` the start happens at most once per key in the
+tenant's project within the window (:mod:`kernel.idempotency`): a repeat
+prints the first execution with ``"replayed": true`` (and ``--wait`` follows
+it), and the key with another playbook version, workload or affinity exits 2.
 """
 
 from __future__ import annotations
@@ -29,8 +34,17 @@ from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
+from kernel.idempotency import (
+    BadIdempotencyKey,
+    IdempotencyConflict,
+    IdempotencyStore,
+    Start,
+    StartRecord,
+    check_key,
+    start_digest,
+)
 from kernel.producer import Producer
-from locator.envelope import EnvelopeError, decode_wal_message, new_event
+from locator.envelope import Envelope, EnvelopeError, decode_wal_message, new_event
 from locator.ids import Snowflake
 from locator.names import check_name
 from locator.shard import shard_for
@@ -97,6 +111,42 @@ async def _follow(args: argparse.Namespace, js: Any, shard: int, shard_count: in
     return EXIT_OK if projection.status == "COMPLETED" else EXIT_RUNTIME
 
 
+def _idempotency_key(raw: str | None) -> str | None:
+    """``--idempotency-key``, checked before anything connects (a bad key is exit 2, nothing written)."""
+    try:
+        return None if raw is None else check_key(raw)
+    except BadIdempotencyKey as e:
+        raise UsageError(f"--idempotency-key: {e}") from None
+
+
+def _requested(args: argparse.Namespace, execution_id: str, playbook: dict[str, Any], workload: dict[str, Any],
+               event_id: str | None = None) -> Envelope:
+    return new_event(
+        tenant=args.tenant, project=args.project, affinity=args.affinity, execution_id=execution_id,
+        type="execution.requested", event_id=event_id or f"{execution_id}:requested",
+        payload={"playbook": playbook, "workload": workload},
+    )
+
+
+async def _start_once(args: argparse.Namespace, js: Any, producer: Producer, key: str, ref: dict[str, Any],
+                      workload: dict[str, Any]) -> Start:
+    """The start under ``key``: this run's, or the one an earlier start with the key made (kernel/idempotency.py)."""
+
+    async def fresh() -> Envelope:
+        return _requested(args, Snowflake().next_str(), ref, workload)
+
+    def again(record: StartRecord) -> Envelope:
+        return _requested(args, record.execution_id, record.playbook or ref, workload, record.event_id)
+
+    digest = start_digest(playbook=ref, workload=workload, affinity=args.affinity)
+    try:
+        return await (await IdempotencyStore.open(js)).start(
+            producer, args.tenant, args.project, key, digest=digest, fresh=fresh, again=again
+        )
+    except IdempotencyConflict as e:
+        raise UsageError(f"--idempotency-key: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     check_name("tenant", args.tenant)
     check_name("project", args.project)
@@ -107,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--workload is not valid JSON: {e}") from None
     if not isinstance(workload, dict):
         raise UsageError("--workload must be a JSON object")
+    key = _idempotency_key(args.idempotency_key)
     policy = policy_from_env(os.environ)
     try:
         playbook = load_playbook(Path(args.file), policy=policy)  # before connecting: a bad file writes nothing
@@ -130,15 +181,20 @@ def run(args: argparse.Namespace) -> int:
                 raise KernelError(f"{e} (bump `version:` in {args.file})") from e
             except PlaybookError as e:  # an unregistered wasm plug-in or an unset keychain alias
                 raise UsageError(f"{args.file}: {e}") from None
-            execution_id = Snowflake().next_str()
-            env = new_event(
-                tenant=args.tenant, project=args.project, affinity=args.affinity, execution_id=execution_id,
-                type="execution.requested", event_id=f"{execution_id}:requested",
-                payload={"playbook": {"path": playbook.path, "version": playbook.version}, "workload": workload},
-            )
-            ack = await Producer(js, topology).publish(env)
-            started = {"execution_id": execution_id, "playbook": playbook.path, "version": playbook.version,
-                       "seq": ack.seq, "shard": shard}
+            ref = {"path": playbook.path, "version": playbook.version}
+            producer = Producer(js, topology)
+            replayed: bool | None = None
+            if key is None:
+                env = _requested(args, Snowflake().next_str(), ref, workload)
+                ack = await producer.publish(env)
+                execution_id, seq = env.execution_id, ack.seq
+            else:
+                once = await _start_once(args, js, producer, key, ref, workload)
+                execution_id, seq, replayed = once.record.execution_id, once.seq, once.replayed
+            started: dict[str, Any] = {"execution_id": execution_id, "playbook": playbook.path,
+                                       "version": playbook.version, "seq": seq, "shard": shard}
+            if replayed is not None:
+                started["replayed"] = replayed
             sys.stdout.write(msgspec.json.encode(started).decode() + "\n")
             sys.stdout.flush()
             if not args.wait:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Any
+import re
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
 
 import msgspec
 from nats.js.errors import NotFoundError
@@ -11,13 +13,37 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge.errors import BadGateway, EdgeError, NotFound, PayloadTooLarge, Unprocessable, unknown_execution
+from edge.errors import (
+    BadGateway,
+    BadRequest,
+    EdgeError,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    Unprocessable,
+    unknown_execution,
+)
 from edge.openapi import AFFINITY, AFTER_SEQ, AS_OF_SEQ, LIMIT, MIN_SEQ, Media, Param, operation
 from edge.responses import convert, json_response, read_json
-from edge.routes.playbooks import catalog_of
+from edge.routes.playbooks import Conflict, catalog_of
 from edge.state import EdgeState, state_of
+from kernel.idempotency import (
+    MAX_KEY,
+    BadIdempotencyKey,
+    IdempotencyConflict,
+    IdempotencyError,
+    IdempotencyStore,
+    StartRecord,
+    check_key,
+    start_digest,
+)
+from kernel.idempotency import Start as IdempotentStart
 from kernel.producer import Ack, Producer
 from locator.envelope import (
+    EVENT_ID_RE,
+    KNOWN_TYPES,
+    MAX_ATTEMPT,
+    USER_TYPE_RE,
     Envelope,
     EnvelopeError,
     encode_envelope,
@@ -144,32 +170,89 @@ async def _resolve(state: EdgeState, tenant: str, project: str, ref: PlaybookRef
         raise NotFound(str(e), field=e.field) from e
 
 
-@operation(summary="start an execution (orchestrated when it names a playbook)", role="write", params=[AFFINITY],
-           body=StartRequest, body_required=False, responses={202: Started}, errors=[404],
-           headers={202: {"Location": "the execution's URL"}})
+IDEMPOTENCY_KEY = Param(
+    name="Idempotency-Key", where="header", schema={"type": "string", "pattern": f"^[ -~]{{1,{MAX_KEY}}}$"},
+    description="start at most once per key (tenant and project scoped) within NOETL_IDEMPOTENCY_WINDOW (24 h): "
+    "a repeat answers 200 with the first execution; the same key with another body is a 409",
+)
+REPLAYED = "Idempotent-Replayed"
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key``, None without one; 400 for a bad one or several."""
+    keys = request.headers.getlist("idempotency-key")
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise BadRequest(f"send one Idempotency-Key header, not {len(keys)}", field="Idempotency-Key")
+    try:
+        return check_key(keys[0])
+    except BadIdempotencyKey as e:
+        raise BadRequest(str(e), field="Idempotency-Key") from e
+
+
+async def _start_once(
+    state: EdgeState, tenant: str, project: str, affinity: str, key: str, req: StartRequest,
+    fresh: Callable[[], Awaitable[Envelope]], again: Callable[[StartRecord], Envelope],
+) -> IdempotentStart:
+    digest = start_digest(playbook=None if req.playbook is None else msgspec.to_builtins(req.playbook),
+                          workload=req.workload, affinity=affinity)
+    shard = shard_for(tenant, project, affinity, state.topology.shard_count)
+    producer = Producer(await state.cells.js_for_shard(shard), state.topology, payload_cap=state.payload_cap)
+    try:
+        # The key store is global: on the first cell, like the catalog.
+        store = await IdempotencyStore.open(await state.cells.js_for_shard(state.topology.cells[0].shards[0]))
+        return await store.start(producer, tenant, project, key, digest=digest, fresh=fresh, again=again)
+    except PayloadOverCap as e:
+        raise PayloadTooLarge(str(e)) from e
+    except IdempotencyConflict as e:
+        raise Conflict(str(e), field="Idempotency-Key", execution_id=e.execution_id) from e
+    except IdempotencyError as e:
+        raise Unavailable(str(e)) from e
+
+
+@operation(summary="start an execution (orchestrated when it names a playbook)", role="write",
+           params=[AFFINITY, IDEMPOTENCY_KEY], body=StartRequest, body_required=False,
+           responses={202: Started, 200: Started}, errors=[400, 404, 409],
+           headers={202: {"Location": "the execution's URL"},
+                    200: {"Location": "the execution's URL", REPLAYED: "true: an earlier request with this "
+                          "Idempotency-Key started the execution"}})
 async def start(request: Request) -> Response:
     state = state_of(request)
     tenant, project, affinity = _names(request)
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
+    key = _idempotency_key(request)
     body = await read_json(request, max_bytes=state.max_body)
     req = convert({} if body is None else body, StartRequest, what="start request")
     affinity = check_name("affinity", req.affinity or affinity, allow_empty=True)
-    # Resolved before anything is published: an unknown playbook is a 404 now, not a failed execution later.
-    playbook = None if req.playbook is None else await _resolve(state, tenant, project, req.playbook)
-    execution_id = state.ids.next_str()
-    env = requested_event(
-        tenant=tenant, project=project, affinity=affinity, execution_id=execution_id, playbook=playbook,
-        workload=req.workload,
-    )
-    ack = await _publish_one(state, env)
+
+    def event(execution_id: str, playbook: dict[str, Any] | None, event_id: str | None = None) -> Envelope:
+        return requested_event(
+            tenant=tenant, project=project, affinity=affinity, execution_id=execution_id, playbook=playbook,
+            workload=req.workload, event_id=event_id,
+        )
+
+    async def fresh() -> Envelope:
+        # Resolved before anything is published: an unknown playbook is a 404 now, not a failed execution later.
+        playbook = None if req.playbook is None else await _resolve(state, tenant, project, req.playbook)
+        return event(state.ids.next_str(), playbook)
+
+    replayed = False
+    if key is None:
+        env = await fresh()
+        ack = await _publish_one(state, env)
+        execution_id, event_id, playbook, seq, stream = env.execution_id, env.event_id, env.payload["playbook"], ack.seq, ack.stream
+    else:
+        once = await _start_once(state, tenant, project, affinity, key, req, fresh,
+                                 lambda r: event(r.execution_id, r.playbook, r.event_id))
+        execution_id, event_id, playbook, seq, stream = (once.record.execution_id, once.record.event_id,
+                                                         once.record.playbook, once.seq, once.stream)
+        replayed = once.replayed
     urn = str(Urn(tenant, project, execution_id, affinity))
-    out = Started(execution_id=execution_id, urn=urn, seq=ack.seq, stream=ack.stream, event_id=env.event_id,
+    out = Started(execution_id=execution_id, urn=urn, seq=seq, stream=stream, event_id=event_id,
                   playbook=None if playbook is None else PlaybookVersion(playbook["path"], playbook["version"]))
-    return json_response(
-        out,
-        status=202,
-        headers={"Location": _execution_url(tenant, project, execution_id, affinity)},
-    )
+    headers = {"Location": _execution_url(tenant, project, execution_id, affinity)}
+    return json_response(out, status=200 if replayed else 202, headers={**headers, REPLAYED: "true"} if replayed else headers)
 
 
 async def _publish_one(state: EdgeState, env: Envelope) -> Ack:
