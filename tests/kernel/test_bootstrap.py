@@ -10,7 +10,7 @@ from kernel.errors import BootstrapMismatch, KernelError, TopologyMismatch
 from locator.topology import Topology, default_topology
 
 EXPECTED = {"KV_catalog", "KV_leases", "OBJ_plugins", "KV_keychain", "KV_schedules", "KV_idempotency"} | {
-    f"{kind}_{n}" for n in range(4) for kind in ("WAL", "CMD", "DLQ", "KV_proj", "KV_hist")
+    f"{kind}_{n}" for n in range(4) for kind in ("WAL", "CMD", "DLQ", "KV_proj", "KV_hist", "KV_vis")
 }
 
 
@@ -47,7 +47,7 @@ async def test_mismatch_is_reported_and_nothing_is_created(nc: NATS, topology: T
 async def test_only_requested_shards(nc: NATS, topology: Topology) -> None:
     js = nc.jetstream()
     report = await bootstrap(js, topology, shards=[1])
-    assert {s for s in report.created if s[-1].isdigit()} == {"WAL_1", "CMD_1", "DLQ_1", "KV_proj_1", "KV_hist_1"}
+    assert {s for s in report.created if s[-1].isdigit()} == {"WAL_1", "CMD_1", "DLQ_1", "KV_proj_1", "KV_hist_1", "KV_vis_1"}
 
 
 def test_settings_from_env() -> None:
