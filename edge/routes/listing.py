@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import Unprocessable
+from edge.openapi import Param, operation
 from edge.state import state_of
 from locator.names import check_name
 from projector.archiveindex import ArchiveIndex
@@ -54,7 +55,7 @@ def time_bound(name: str, raw: str) -> int:
         at = datetime.fromisoformat(raw)
     except ValueError:
         at = None
-    if at is None or at.tzinfo is None or "T" not in raw.upper():
+    if at is None or at.tzinfo is None:
         raise Unprocessable(
             f"{name} must be an RFC 3339 time with a zone (2026-12-04T18:00:00Z) or an execution id, got {raw[:64]!r}",
             field=name,
@@ -89,6 +90,17 @@ def parse_query(tenant: str, project: str, params: QueryParams) -> tuple[ListQue
         raise Unprocessable(str(e), field="page_token") from e
 
 
+@operation(summary="the project's executions, newest first, filtered and paged", role="read", params=[
+    Param(name="status", schema={"type": "array", "items": {"type": "string"}},
+          description=f"only these statuses ({', '.join(STATUSES)}; repeated or comma-separated)"),
+    Param(name="playbook", schema={"type": "string", "pattern": PATH_PATTERN, "maxLength": 255},
+          description="only executions of this playbook path"),
+    Param(name="since", schema={"type": "string"}, description="created at or after: RFC 3339 with a zone, or an execution id"),
+    Param(name="until", schema={"type": "string"}, description="created before: RFC 3339 with a zone, or an execution id"),
+    Param(name="limit", schema={"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+          description="page size"),
+    Param(name="page_token", schema={"type": "string", "maxLength": 512}, description="the previous page's next_page_token"),
+], responses={200: ExecutionPage})
 async def list_executions(request: Request) -> Response:
     state = state_of(request)
     tenant = check_name("tenant", request.path_params["tenant"])
