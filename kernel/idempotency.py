@@ -208,7 +208,7 @@ class IdempotencyStore:
         if record.digest != digest:
             raise IdempotencyConflict(
                 f"the idempotency key was used for another request (execution {record.execution_id}, started "
-                f"{record.created_at}): send the same body, or a new key for a new execution",
+                f"{record.created_at}): repeat the same request, or use a new key for a new execution",
                 execution_id=record.execution_id,
             )
         if record.seq is not None and record.stream is not None:
