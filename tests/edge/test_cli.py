@@ -38,6 +38,7 @@ LOCATE_KEYS = ["tenant", "project", "affinity", "shard_count", "fnv1a32", "shard
         ["cluster", "replicas"], ["replay"], ["events"], ["events", "tail"],
         ["history"], ["history", "stats"], ["history", "archive"],
         ["credential"], *[["credential", c] for c in ("set", "rotate", "show", "list", "delete", "rewrap")],
+        ["schedule"], *[["schedule", c] for c in ("create", "list", "show", "pause", "resume", "delete")],
     ],
 )
 def test_help_on_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,7 +90,7 @@ def test_every_registered_command_is_covered() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {  # type: ignore[arg-type]
         "up", "kernel", "edge", "worker", "publish", "locate", "playbook", "plugin", "run", "cancel", "result", "cluster",
-        "replay", "events", "history", "credential",
+        "replay", "events", "history", "credential", "schedule",
     }
 
 
