@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from starlette.applications import Starlette
@@ -23,6 +24,9 @@ from locator.subjects import wal_stream
 from locator.topology import default_topology
 from tests.conftest import stream_messages
 from tests.edge.test_api_routes import H, assert_problem, base, client_for, make_app, register
+from tests.edge.test_serve import Proc, procs, start_edge, wait_listening  # noqa: F401 (procs: a fixture)
+from tests.edge.test_serve import cli_env as serve_env
+from tests.edge.test_serve import client_for as serve_client
 
 KEY = "order-7f3a:2026-12-04/retry"  # ':' and '/' are not KV key characters: the store hashes the key
 
@@ -221,3 +225,31 @@ async def test_a_key_past_the_window_starts_a_new_execution(nats_server: Embedde
     assert sorted(env["execution_id"] for _, env in await requested(js)) == sorted(
         [first.json()["execution_id"], later.json()["execution_id"]]
     )
+
+
+async def test_fifty_concurrent_starts_through_two_hypercorn_edges(
+    nats_server: EmbeddedServer, js: JetStreamContext, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """The same race through two `noetl-edge edge` processes (Hypercorn, real HTTP) on one nats-server."""
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text(yaml.safe_dump({"tokens": [{"name": "ops", "token": "s3cr3t-ops", "tenants": ["*"], "role": "admin"}]}))
+    env = serve_env(NOETL_TOKENS_FILE=str(tokens_file))
+    urls = []
+    for name in ("one", "two"):
+        edge, http = start_edge(procs, tmp_path, "--nats-url", nats_server.url, "--data-dir", str(tmp_path / name), env=env)
+        await wait_listening(http, edge)
+        urls.append(http)
+    clients = [serve_client(url, "s3cr3t-ops") for url in urls]
+    try:
+        body = {"workload": {"order": 11}}
+        responses = await asyncio.gather(
+            *(clients[i % 2].post(base(), json=body, headers={"Idempotency-Key": KEY}) for i in range(50))
+        )
+    finally:
+        for c in clients:
+            await c.aclose()
+    assert sorted(r.status_code for r in responses) == [200] * 49 + [202], [r.text for r in responses]
+    assert len({json.dumps(r.json(), sort_keys=True) for r in responses}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 49
+    on_wal = await requested(js)
+    assert [env["execution_id"] for _, env in on_wal] == [responses[0].json()["execution_id"]]
