@@ -168,7 +168,10 @@ class VisibilityIndex:
 
     async def days(self, tenant: str, project: str) -> list[str]:
         """The days (``YYYYMMDD``) with a summary of ``tenant/project`` written on this shard, newest first."""
-        info = await self.js.stream_info(_stream(self.shard), subjects_filter=_subject(self.shard, day_marker(tenant, project, "*")))
+        try:
+            info = await self.js.stream_info(_stream(self.shard), subjects_filter=_subject(self.shard, day_marker(tenant, project, "*")))
+        except NotFoundError:
+            return []  # a cell bootstrapped before the index: nothing is listed from it until its kernel bootstraps it
         return sorted((s.rsplit(".", 1)[-1] for s in (info.state.subjects or {})), reverse=True)
 
     async def read(self, tenant: str, project: str, day: str, hour: str | None, *, at_most: int) -> list[ExecutionSummary] | None:

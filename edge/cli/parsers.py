@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noetl-edge {importlib.metadata.version('noetl-edge')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster, _history, _credential, _schedule):
+    for add in (_up, _kernel, _edge, _worker, _publish, _locate, _playbook, _plugin, _run, _cancel, _result, _replay, _events, _cluster, _history, _credential, _schedule, _executions):
         add(sub)
     for p in sub.choices.values():
         add_log_options(p)
@@ -594,3 +594,41 @@ def _schedule(sub: Subparsers) -> None:
         q.add_argument("--json", action="store_true", help="JSON even on a terminal")
         add_topology_options(q)
         add_log_options(q)
+
+
+def _executions(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "executions",
+        help="find executions: `executions list` pages a project's executions, newest first, with filters",
+        description="Executions of a tenant/project from the visibility index (KV vis_<shard>, the hot ones) and "
+        "the archive's index (the archived ones), every shard (affinities spread a project over shards). "
+        "See docs/api.md, GET …/executions.",
+    )  # fmt: skip
+    p.set_defaults(run="edge.cli.executions")
+    actions = p.add_subparsers(dest="executions_command", required=True, metavar="SUBCOMMAND")
+    ls = actions.add_parser(
+        "list", help="a page of executions, newest first (a table on a terminal, else JSON)",
+        description="Print one page of the project's executions, newest first by execution id, with each one's "
+        "status, playbook@version, created, updated and ended times, step counts by status and last seq "
+        "(a table on a terminal, else JSON {executions, next_page_token}). A page may hold fewer than --limit "
+        "and still have a next page: pass --page-token to go on, or --all for every page. "
+        "Exit 2 on a bad filter, before connecting.",
+    )  # fmt: skip
+    ls.add_argument("--tenant", required=True, help=TENANT_HELP)
+    ls.add_argument("--project", required=True, help="the tenant's project, e.g. web")
+    ls.add_argument("--status", action="append", default=[], metavar="STATUS",
+                    help="only these statuses (PENDING, RUNNING, WAITING, COMPLETED, FAILED, CANCELLED; any case), "
+                    "comma-separated or repeated")
+    ls.add_argument("--playbook", default=None, metavar="PATH", help="only executions of this playbook path, e.g. etl/daily")
+    ls.add_argument("--since", default=None, metavar="WHEN",
+                    help="created at or after: an RFC 3339 time with a zone (2026-12-04T18:00:00Z) or an execution id")
+    ls.add_argument("--until", default=None, metavar="WHEN", help="created before: an RFC 3339 time with a zone or an execution id")
+    ls.add_argument("--limit", default="50", metavar="N", help="at most N executions per page, 1..500 (default 50)")
+    ls.add_argument("--page-token", default=None, metavar="TOKEN", help="go on from a page's next_page_token (same filters)")
+    ls.add_argument("--all", action="store_true", help="every page, to the end (a long project prints a long list)")
+    ls.add_argument("--json", action="store_true", help="JSON even on a terminal")
+    ls.add_argument("--data-dir", type=Path, default=None,
+                    help="where the archive's index is read from (file://<data-dir>/objects unless NOETL_OBJECTS_URL; "
+                    f"default {default_data_dir()})")
+    add_topology_options(ls)
+    add_log_options(ls)

@@ -190,6 +190,18 @@ async def test_filters_order_paging_and_scoping(
     assert {r["execution_id"] for r in theirs} == set(want_b)
     assert (await scoped.get(executions_url(A, PROJECT), headers=bearer("token-b"))).status_code == 403
     assert (await scoped.get(executions_url(A, PROJECT))).status_code == 401
+    # The CLI lists the same, page by page, with the same filters.
+    listed = stack.cli("executions", "list", "--tenant", A, "--project", PROJECT, "--all", "--limit", "3", "--json")
+    assert msgspec.json.decode(listed.stdout)["executions"] == rows
+    one = msgspec.json.decode(stack.cli("executions", "list", "--tenant", A, "--project", PROJECT, "--limit", "4").stdout)
+    assert one["executions"] == rows[:4] and one["next_page_token"]
+    two = stack.cli("executions", "list", "--tenant", A, "--project", PROJECT, "--limit", "4", "--page-token", one["next_page_token"])
+    assert msgspec.json.decode(two.stdout)["executions"] == rows[4:8]
+    cli_failed = stack.cli("executions", "list", "--tenant", A, "--project", PROJECT, "--status", "failed", "--status", "cancelled")
+    assert [r["execution_id"] for r in msgspec.json.decode(cli_failed.stdout)["executions"]] == [
+        r["execution_id"] for r in rows if r["status"] in ("FAILED", "CANCELLED")]
+    cli_b = stack.cli("executions", "list", "--tenant", B, "--project", PROJECT, "--playbook", "examples/linear")
+    assert msgspec.json.decode(cli_b.stdout) == {"executions": [], "next_page_token": None}
     # A token for other filters is refused, like any other bad input.
     first = (await edge.get(executions_url(A, PROJECT), params={"limit": 2})).json()
     resp = await edge.get(executions_url(A, PROJECT), params={"limit": 2, "status": "FAILED", "page_token": first["next_page_token"]})
