@@ -50,7 +50,7 @@ from locator.envelope import (
     envelope_from_dict,
 )
 from locator.envelope import PayloadTooLarge as PayloadOverCap
-from locator.names import check_execution_id, check_name
+from locator.names import STEP_PATTERN, check_execution_id, check_name
 from locator.shard import shard_for
 from locator.subjects import execution_filter, wal_stream
 from locator.urn import Urn
@@ -92,19 +92,23 @@ class Started(msgspec.Struct, kw_only=True, omit_defaults=True):
     playbook: PlaybookVersion | None = None
 
 
+EVENT_TYPE_PATTERN = "^(" + "|".join(re.escape(t) for t in sorted(KNOWN_TYPES)) + "|" + USER_TYPE_RE.pattern[1:-1] + ")$"
+
+
 class NewEvent(msgspec.Struct, kw_only=True):
     """An event to publish: ``type`` at least; the URL fills tenant, project, execution_id and affinity, and a
-    missing ``v``, ``event_id`` or ``ts`` is filled in (see the envelope in docs/events.md)."""
+    missing ``v``, ``event_id`` or ``ts`` is filled in. The schema of the body (the rules are the envelope's,
+    :func:`locator.envelope.validate_envelope`, which the handler applies)."""
 
-    type: str
-    step: str | None = None
-    attempt: int | None = None
+    type: Annotated[str, msgspec.Meta(pattern=EVENT_TYPE_PATTERN)]
+    step: Annotated[str, msgspec.Meta(pattern=STEP_PATTERN)] | None = None
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPT)] | None = None
     payload: dict[str, Any] = msgspec.field(default_factory=dict)
     result_ref: str | None = None
     causation_id: str | None = None
-    event_id: str | None = None
-    ts: str | None = None
-    v: int | None = None
+    event_id: Annotated[str, msgspec.Meta(pattern=EVENT_ID_RE.pattern)] | None = None
+    ts: Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None = None
+    v: Literal[1] = 1
 
 
 class EventBatch(msgspec.Struct):
