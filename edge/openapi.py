@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
+import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -42,6 +43,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 H = TypeVar("H", bound=Handler)
 Role = Literal["read", "write", "admin"]
 ATTRIBUTE = "__noetl_operation__"
+log = structlog.get_logger("noetl.edge")
 VERSION = "1"
 REF = "#/components/schemas/{name}"
 BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
@@ -252,16 +254,24 @@ class _Builder:
         return doc
 
 
-def openapi(app: Starlette, *, title: str = "noetl-edge", version: str = VERSION) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of ``app``'s routes (see the module doc); :class:`UndeclaredRoute` for a gap."""
+def openapi(app: Starlette, *, title: str = "noetl-edge", version: str = VERSION, strict: bool = True) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``app``'s routes (see the module doc); :class:`UndeclaredRoute` for a gap,
+    or, not ``strict``, the gap left out and logged (the served document: one route's gap is no 500 for all)."""
     builder = _Builder()
     paths: dict[str, dict[str, Any]] = {}
     for route in app.routes:
         if not isinstance(route, Route) or not route.include_in_schema:
             continue
         path = _CONVERTOR.sub(r"{\1}", route.path)
-        for method, op in declared(route):
-            paths.setdefault(path, {})[method.lower()] = builder.operation(method, route.path, op)
+        try:
+            operations = [(method, op, builder.operation(method, route.path, op)) for method, op in declared(route)]
+        except UndeclaredRoute as e:
+            if strict:
+                raise
+            log.warning("openapi.undeclared_route", error=str(e))
+            continue
+        for method, _, doc in operations:
+            paths.setdefault(path, {})[method.lower()] = doc
     schemas, components = msgspec.json.schema_components(builder.types, ref_template=REF)
     return {
         "openapi": "3.1.0",
