@@ -70,6 +70,12 @@ class Problem(msgspec.Struct, kw_only=True):
     field: str | None = None  # the request field at fault (a 422)
     reason: str | None = None  # why a body could not be decoded (a 400): not_utf8, not_json, too_deep
     errors: list[dict[str, Any]] | None = None  # one entry per invalid event of a batch (a 422)
+    acks: list[dict[str, Any]] | None = None  # a publish's 502: each event's ack, or why it was not written
+    last_seq: int | None = None  # a read's 504: what the projection reached ...
+    min_seq: int | None = None  # ... and what was asked for
+    execution_id: str | None = None  # an Idempotency-Key's 409: the execution the key started
+    cells: dict[str, bool] | None = None  # /readyz's 503: which cells are connected ...
+    problems: list[str] | None = None  # ... and what failed
 
 
 class Media(msgspec.Struct, frozen=True):
