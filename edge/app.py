@@ -20,6 +20,7 @@ from edge.errors import EdgeError, Unprocessable, Unavailable, handle_edge_error
 from edge.metrics import EdgeMetrics, MetricsMiddleware
 from edge.readpath import ReadPath
 from edge.routes import control, credentials, executions, playbooks, spec, stream, system, timeline
+from edge.routes import console, deadletters
 from edge.routes import results as result_routes
 from edge.routes.listing import routes as listing_routes
 from edge.routes import schedules as schedule_routes
@@ -143,6 +144,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.router.routes.extend(listing_routes)  # GET …/executions: the listing, beside POST (start) on the same path
+    app.router.routes.extend([*deadletters.routes, *console.routes])  # the dead letters and the console at /ui/
     app.state.edge = state
     app.state.policy = policy if policy is not None else Policy()
     app.state.keychain_key = keychain_key

@@ -227,6 +227,17 @@ class ResultStore:
         except (KeyError, IndexError, msgspec.DecodeError) as e:
             raise ResultError(f"result {ref} is damaged: its JSON column cannot be read ({e})") from e
 
+    def head(self, ref: str, rows: int) -> tuple[Any, int | None]:
+        """The first ``rows`` rows of a stored result and how many it has: a table's rows (sliced before they
+        become Python objects), a JSON list's first items; any other JSON value whole, with None."""
+        table, form = self._read(ref)
+        if form != "json":
+            return table.slice(0, rows).to_pylist(), table.num_rows
+        value = self.get_json(ref) if table.num_rows else None
+        if isinstance(value, list):
+            return value[:rows], len(value)
+        return value, None
+
     def read_bytes(self, ref: str) -> bytes:
         """The stored Arrow IPC file, as it is."""
         path = self._root.path("results", *_parts(parse_result_ref(ref)))

@@ -1,4 +1,4 @@
-"""Locate, health, readiness and metrics."""
+"""Locate, who am I, health, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -39,6 +39,26 @@ async def locate(request: Request) -> Response:
     return json_response(location)
 
 
+class WhoAmI(msgspec.Struct, kw_only=True):
+    """The calling token as the console sees it: never the token itself."""
+
+    name: str
+    role: str
+    tenants: list[str]
+    shard_count: int
+
+
+@operation(summary="the calling token's name, role and tenants, and the shard count", role="read", tag="system",
+           responses={200: WhoAmI}, nats=False)
+async def whoami(request: Request) -> Response:
+    """The calling token's name, role and tenants (``*``: every tenant), and the shard count: what a client
+    such as the console at ``/ui/`` may offer. Never the token itself."""
+    state = state_of(request)
+    principal = state.auth.identify(request.headers.get("authorization"))
+    return json_response(WhoAmI(name=principal.name, role=principal.role, tenants=sorted(principal.tenants),
+                                shard_count=state.topology.shard_count))
+
+
 @operation(summary="liveness", role=None, tag="system", responses={200: Health}, nats=False)
 async def healthz(request: Request) -> Response:
     return json_response(Health("ok"))
@@ -77,6 +97,7 @@ async def metrics(request: Request) -> Response:
 
 routes = [
     Route("/api/v1/locate", locate, methods=["GET"]),
+    Route("/api/v1/whoami", whoami, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

@@ -224,3 +224,16 @@ def test_from_env_s3(tmp_path: Path, s3_endpoint: str) -> None:
     assert store.uri(ref) == env["NOETL_OBJECTS_URL"] + "/results/acme/web/42/fetch/--1.feather"
     assert store.get_json(ref) == [{"a": 1}]
     assert not (tmp_path / "objects").exists()
+
+
+def test_head_reads_the_first_rows_of_every_form(tmp_path: Path) -> None:
+    store = ResultStore(f"file://{tmp_path}/objects")
+    rows = [{"id": i, "name": f"n{i}"} for i in range(500)]
+    ref = store.put(KEY, rows).ref
+    assert store.head(ref, 3) == (rows[:3], 500)
+    mixed = ResultKey("acme", "web", "42", "mixed", None, 1)
+    assert store.head(store.put(mixed, [1, "two", {"three": 3}]).ref, 2) == ([1, "two"], 3)  # the json form's list
+    scalar = ResultKey("acme", "web", "42", "scalar", None, 1)
+    assert store.head(store.put(scalar, {"a": 1}).ref, 2) == ({"a": 1}, None)
+    table = ResultKey("acme", "web", "42", "table", None, 1)
+    assert store.head(store.put(table, pa.table({"x": list(range(10))})).ref, 4) == ([{"x": i} for i in range(4)], 10)
