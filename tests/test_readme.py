@@ -120,7 +120,8 @@ def test_test_command_in_a_fresh_clone_without_docker_compose(tmp_path: Path) ->
     ``pip install -e '.[dev]'`` are the README's own, from pip's cache.
     """
     _, test = readme_commands()
-    assert test == "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest"
+    assert test == ("python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && bash tests/browser/install-chromium"
+                    " && .venv/bin/python -m pytest")
     project = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(project)], check=True, capture_output=True, timeout=120)
     assert test in (project / ".ci" / "run").read_text().splitlines()
