@@ -92,6 +92,9 @@ def test_run_command_on_a_fresh_copy(tmp_path: Path) -> None:
             urllib.request.Request(f"http://127.0.0.1:{http}/readyz", headers={"Authorization": f"Bearer {token}"}), timeout=30
         ) as resp:
             assert resp.status == 200
+        # The console's files are package data: the non-editable install serves them.
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/ui/timeline.js", timeout=30) as resp:
+            assert resp.status == 200 and b"export class Timeline" in resp.read()
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

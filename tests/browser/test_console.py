@@ -225,3 +225,24 @@ async def test_stored_result_rows_a_waiting_callback_and_cancel(stack: Stack, pa
     assert await page.evaluate("window.__noReload") is True
     async with stack.client() as api:
         assert (await api.get(executions_url(TENANT, "results", eid))).json()["status"] == "CANCELLED"
+
+
+async def test_the_graph_marks_parallel_branches_joins_and_loops(stack: Stack, page: Page, tmp_path: Path) -> None:
+    parallel = await asyncio.to_thread(stack.run, EXAMPLES / "parallel.yaml", TENANT, "shapes", timeout=90)
+    loop = await asyncio.to_thread(stack.run, EXAMPLES / "loop.yaml", TENANT, "shapes", timeout=90)
+    assert parallel.returncode == 0 and loop.returncode == 0, parallel.stderr + loop.stderr
+    await sign_in(page, stack, "shapes")
+    await page.goto(f"{stack.http_url}/ui/#/executions/{parallel.execution_id}")
+    await page.wait_for_selector("#graph g.node[data-step='merge'][data-status='COMPLETED']")
+    assert "∥ parallel" in await page.text_content("#graph g.node[data-step='split']")
+    assert "⋈ left+right" in await page.text_content("#graph g.node[data-step='merge']")
+    for a, b in (("split", "left"), ("split", "right"), ("left", "merge"), ("right", "merge")):
+        assert await page.locator(f"#graph path.arc.next[data-from='{a}'][data-to='{b}']").count() == 1
+    await shot(page, tmp_path, "8-parallel")
+    await page.goto(f"{stack.http_url}/ui/#/executions/{loop.execution_id}")
+    await page.wait_for_selector("#graph g.node[data-step='total'][data-status='COMPLETED']")
+    assert "↻ workload.items" in await page.text_content("#graph g.node[data-step='square']")
+    # Each iteration of the loop is its own bar in the waterfall.
+    await page.wait_for_selector("#waterfall .wf-row[data-step='square']")
+    assert await page.locator("#waterfall .wf-row[data-step='square']").count() == 5
+    await shot(page, tmp_path, "9-loop")

@@ -11,16 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 from nats.js import JetStreamContext
-from starlette.applications import Starlette
 
-from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT
 from kernel.server import EmbeddedServer
 from locator.subjects import dlq_subject
 from locator.topology import default_topology
-from projector.snapshots import SnapshotStore
-from tests.edge.test_api_routes import assert_problem
+from tests.edge.test_api_routes import assert_problem, client_for, make_app
 
 ADMIN, READER = "tok-console-admin-1f0c", "tok-console-reader-77aa"
 TOKENS = [
@@ -35,19 +32,13 @@ def auth(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def app(nats_server: EmbeddedServer, js: JetStreamContext, tmp_path: Path) -> AsyncIterator[Starlette]:
-    a = create_app(topology=default_topology(nats_url=nats_server.url), tokens=TOKENS,
-                   snapshots=SnapshotStore(f"file://{tmp_path}/objects"))
+async def client(nats_server: EmbeddedServer, js: JetStreamContext, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = make_app(default_topology(nats_url=nats_server.url), tmp_path, tokens=TOKENS)
     try:
-        yield a
+        async with client_for(app) as c:
+            yield c
     finally:
-        await a.state.edge.cells.close()
-
-
-@pytest.fixture
-async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as c:
-        yield c
+        await app.state.edge.cells.close()
 
 
 async def test_the_console_is_served_with_a_policy_that_allows_only_this_origin(client: httpx.AsyncClient) -> None:
