@@ -69,7 +69,8 @@ async def _keychain(request: Request, *, write: bool) -> Keychain:
 
 
 @operation(summary="store a credential's next version (the body is the value)", role="admin", tag="credentials",
-           body=Media({"application/octet-stream": BINARY}), responses={201: CredentialMeta},
+           body=Media({"application/octet-stream": BINARY | {"minLength": 1, "maxLength": MAX_VALUE}}),
+           responses={201: CredentialMeta},
            headers={201: {"Location": "the credential's URL"}})
 async def put_credential(request: Request) -> Response:
     scope, alias = _scope(request), _alias(request)

@@ -73,7 +73,8 @@ class PlaybookRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class StartRequest(msgspec.Struct, forbid_unknown_fields=True):
     playbook: PlaybookRef | None = None
     workload: dict[str, Any] = msgspec.field(default_factory=dict)
-    affinity: str = ""
+    # The name rule is checked by the handler (its own 422 message); the pattern only documents it.
+    affinity: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": AFFINITY.schema["pattern"]})] = ""
 
 
 class PlaybookVersion(msgspec.Struct, frozen=True):
@@ -106,8 +107,8 @@ class NewEvent(msgspec.Struct, kw_only=True):
     payload: dict[str, Any] = msgspec.field(default_factory=dict)
     result_ref: str | None = None
     causation_id: str | None = None
-    event_id: Annotated[str, msgspec.Meta(pattern=EVENT_ID_RE.pattern)] | None = None
-    ts: Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})] | None = None
+    event_id: Annotated[str, msgspec.Meta(pattern=EVENT_ID_RE.pattern)] | msgspec.UnsetType = msgspec.UNSET
+    ts: Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})] | msgspec.UnsetType = msgspec.UNSET
     v: Literal[1] = 1
 
 
