@@ -23,7 +23,7 @@ from kernel.errors import KernelError
 from locator.names import check_name
 from system_playbooks.orchestrate.catalog import Catalog
 from system_playbooks.orchestrate.start import UnknownPlaybook
-from system_playbooks.schedules.spec import ScheduleInvalid, ScheduleSpec, check_spec
+from system_playbooks.schedules.spec import MAX_GRACE_S, ScheduleInvalid, ScheduleSpec, check_spec
 from system_playbooks.schedules.store import ScheduleExists, ScheduleStore, ScheduleStoreError, ScheduleView, create_schedule
 
 
@@ -36,6 +36,8 @@ def _scope(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _spec(args: argparse.Namespace) -> ScheduleSpec:
+    if not 1 <= args.grace <= MAX_GRACE_S:
+        raise UsageError(f"--grace must be from 1 to {MAX_GRACE_S} seconds, got {args.grace}")
     try:
         workload = json.loads(args.workload) if args.workload else {}
     except json.JSONDecodeError as e:
