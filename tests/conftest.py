@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from kernel.bootstrap import bootstrap
 from kernel.connect import close, connect
@@ -91,6 +92,19 @@ async def stream_messages(js: JetStreamContext, stream: str) -> list[tuple[int, 
         msg = await js.get_msg(stream, seq)
         out.append((seq, msg.subject, (msg.headers or {}).get("Nats-Msg-Id"), msg.data or b""))
     return out
+
+
+async def subject_messages(js: JetStreamContext, stream: str, subject: str) -> AsyncIterator[tuple[int, bytes]]:
+    """(seq, data) of every message of ``stream`` on ``subject`` (wildcards allowed), in order, by direct gets."""
+    seq = 0
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq=seq + 1, next=True, subject=subject)
+        except NotFoundError:
+            return
+        assert msg.seq is not None
+        seq = msg.seq
+        yield seq, msg.data or b""
 
 
 async def wal_counts(js: JetStreamContext, shard_count: int) -> list[int]:

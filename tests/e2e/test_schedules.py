@@ -17,20 +17,20 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from kernel.leases import lease_holder
 from kernel.server import EmbeddedServer
 from locator.envelope import decode_envelope
 from locator.shard import shard_for
 from locator.subjects import LEASES_BUCKET, wal_stream
-from tests.conftest import cli_path
+from tests.conftest import cli_path, subject_messages
 from tests.e2e.conftest import EXAMPLES, SHARDS, Proc, e2e_env
 from tests.e2e.test_crashes import TENANT, crash_js, data_dir, local_edge, logs_of, procs, start_kernel, start_worker
 
@@ -56,6 +56,11 @@ async def cli(url: str, data_dir: Path, *args: str) -> str:
     return proc.stdout
 
 
+def project_events(js: JetStreamContext, project: str, type: str) -> AsyncIterator[tuple[int, bytes]]:
+    shard = shard_for(TENANT, project, "", SHARDS)
+    return subject_messages(js, wal_stream(shard), f"wal.{shard}.{TENANT}.{project}.*.{type}")
+
+
 class Fired:
     """One stored execution.requested of a schedule: its tick, execution id and when it was published."""
 
@@ -65,34 +70,17 @@ class Fired:
 
 async def fired(js: JetStreamContext, project: str, schedule_id: str) -> list[Fired]:
     """Every stored execution.requested of the schedule, in WAL order (duplicates, if any, included)."""
-    shard = shard_for(TENANT, project, "", SHARDS)
     out: list[Fired] = []
-    seq = 0
-    while True:
-        try:
-            msg = await js.get_msg(wal_stream(shard), seq=seq + 1, next=True, subject=f"wal.{shard}.{TENANT}.{project}.*.execution.requested")
-        except NotFoundError:
-            return out
-        assert msg.seq is not None and msg.data is not None
-        seq = msg.seq
-        env = decode_envelope(msg.data)
+    async for _, data in project_events(js, project, "execution.requested"):
+        env = decode_envelope(data)
         if env.payload["schedule"]["id"] == schedule_id:
             out.append(Fired(ms_of(env.payload["schedule"]["tick"]), env.execution_id, ms_of(env.ts)))
+    return out
 
 
 async def completed(js: JetStreamContext, project: str) -> Counter[str]:
     """execution.completed events per execution of the project."""
-    shard = shard_for(TENANT, project, "", SHARDS)
-    counts: Counter[str] = Counter()
-    seq = 0
-    while True:
-        try:
-            msg = await js.get_msg(wal_stream(shard), seq=seq + 1, next=True, subject=f"wal.{shard}.{TENANT}.{project}.*.execution.completed")
-        except NotFoundError:
-            return counts
-        assert msg.seq is not None and msg.data is not None
-        seq = msg.seq
-        counts[decode_envelope(msg.data).execution_id] += 1
+    return Counter([decode_envelope(data).execution_id async for _, data in project_events(js, project, "execution.completed")])
 
 
 async def test_every_2s_runs_once_per_tick_over_30s_while_a_kernel_is_killed(

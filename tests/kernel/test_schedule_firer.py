@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from kernel.producer import Producer
 from kernel.scheduler import ScheduleFirer
@@ -26,6 +25,7 @@ from system_playbooks.orchestrate.playbook import Policy
 from system_playbooks.schedules.spec import ScheduleSpec, check_spec
 from system_playbooks.schedules.store import ScheduleStore
 from system_playbooks.schedules.ticks import tick_execution_id
+from tests.conftest import subject_messages
 
 TENANT, PROJECT = "acme", "sched"
 PLAYBOOK = "path: sched/noop\nversion: 1\nsteps: [{name: a, tool: {kind: noop}}]"
@@ -49,18 +49,11 @@ async def requested(js: JetStreamContext, topology: Topology) -> list[tuple[int,
     """(seconds after T0, execution id) of every stored execution.requested of the project, in WAL order."""
     shard = shard_for(TENANT, PROJECT, "", topology.shard_count)
     out: list[tuple[int, str]] = []
-    seq = 0
-    while True:
-        try:
-            msg = await js.get_msg(wal_stream(shard), seq=seq + 1, next=True, subject=f"wal.{shard}.{TENANT}.{PROJECT}.*.execution.requested")
-        except NotFoundError:
-            return out
-        assert msg.seq is not None and msg.data is not None
-        seq = msg.seq
-        env = decode_envelope(msg.data)
-        tick = env.payload["schedule"]["tick"]
-        ms = int(datetime.fromisoformat(tick).timestamp() * 1000)
+    async for _, data in subject_messages(js, wal_stream(shard), f"wal.{shard}.{TENANT}.{PROJECT}.*.execution.requested"):
+        env = decode_envelope(data)
+        ms = int(datetime.fromisoformat(env.payload["schedule"]["tick"]).timestamp() * 1000)
         out.append(((ms - T0) // 1000, env.execution_id))
+    return out
 
 
 async def test_each_tick_starts_one_execution_however_many_firers_look(js: JetStreamContext, topology: Topology) -> None:
