@@ -117,6 +117,29 @@ def _apply_step(p: Projection, env: Envelope, kind: str) -> None:
             step.error = payload["error"]
 
 
+def _apply_links(p: Projection, env: Envelope) -> None:
+    """A child execution's ``parent``, and the ``children`` a playbook step started (with how they ended)."""
+    payload = env.payload
+    if env.type == "execution.requested":
+        parent = payload.get("parent")
+        if isinstance(parent, dict):
+            p.parent = {k: parent.get(k) for k in ("execution_id", "project", "affinity", "step", "iteration")}
+        return
+    child = payload.get("child")
+    if not isinstance(child, dict) or not isinstance(child.get("execution_id"), str):
+        return
+    children = [] if p.children is msgspec.UNSET else p.children
+    link = next((c for c in children if c.get("execution_id") == child["execution_id"]), None)
+    if env.type == "callback.waiting" and link is None:
+        children.append({
+            "execution_id": child["execution_id"], "project": child.get("project"), "affinity": child.get("affinity"),
+            "step": env.step, "iteration": payload.get("iteration"), "attempt": env.attempt, "status": "STARTED",
+        })
+        p.children = children
+    elif env.type == "callback.received" and link is not None and isinstance(child.get("status"), str):
+        link["status"] = child["status"]
+
+
 _payload_json = msgspec.json.Encoder()
 
 
@@ -158,6 +181,13 @@ def _apply(p: Projection, seq: int, env: Envelope) -> None:
         p.workload = workload if isinstance(workload, dict) else {}
     elif kind == "execution.cancel_requested":
         p.cancel_requested = True
+    elif kind == "execution.completed" and p.status not in TERMINAL:
+        if "result" in env.payload:
+            p.result = env.payload["result"]
+        if env.result_ref is not None:
+            p.result_ref = env.result_ref
+    if kind in ("execution.requested", "callback.waiting", "callback.received"):
+        _apply_links(p, env)
     if kind in _STEP_STATUS and env.step is not None:
         _apply_step(p, env, kind)
     status = _EXECUTION_STATUS.get(kind)

@@ -51,6 +51,13 @@ class Projection(msgspec.Struct, kw_only=True):
     steps: dict[str, StepState] = msgspec.field(default_factory=dict)
     error: Any = None
     cancel_requested: bool = False
+    # Present only when they have a value, so that the canonical bytes of executions that use none of
+    # them stay what they were: the execution's result (from execution.completed), the parent of a
+    # child execution, and the children a playbook step started.
+    result: Any | msgspec.UnsetType = msgspec.UNSET
+    result_ref: str | None | msgspec.UnsetType = msgspec.UNSET
+    parent: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    children: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET
     user_events: list[UserEvent] = msgspec.field(default_factory=list)
     user_event_count: int = 0
     last_seq: int = 0
