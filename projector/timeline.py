@@ -110,8 +110,18 @@ def summarize(env: Envelope) -> str:
         text = "error " + _error(p) + _iteration(p) + _credentials(p)
     elif kind == "step.retry":
         text = f"retry as attempt {env.attempt}" + _iteration(p)
+    elif kind == "callback.waiting" and isinstance(child := p.get("child"), dict):
+        ref = child.get("playbook")
+        path = ref.get("path") if isinstance(ref, dict) else "?"
+        text = (f"waiting for child {child.get('execution_id')} ({path} in {child.get('project')})"
+                + _iteration(p))
     elif kind == "callback.waiting":
         text = f"waiting for a callback, timeout {p.get('timeout_s', '?')}s" + _iteration(p)
+    elif kind == "callback.received" and isinstance(child := p.get("child"), dict):
+        text = f"child {child.get('execution_id')} {child.get('status')}" + (
+            f", result by reference {env.result_ref}" if env.result_ref else
+            f", result {_short(p.get('result'))}" if "result" in p else f", error {_short(child.get('error'))}"
+        ) + _iteration(p)
     elif kind == "callback.received":
         text = "callback payload " + _short(p.get("payload"))
     elif kind == "execution.cancel_requested":

@@ -40,6 +40,7 @@ from projector.replay import history
 from projector.timeline import parse_ts, timeline
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError
 from system_playbooks.orchestrate.check import check
+from system_playbooks.orchestrate.children import ChildLimits, LimitError
 from system_playbooks.orchestrate.playbook import Playbook
 
 EXIT_DIVERGED = 3
@@ -81,6 +82,14 @@ def _check_args(args: argparse.Namespace) -> datetime | None:
     if as_of is None:
         raise UsageError(f"--as-of must be an ISO 8601 time with a zone, e.g. 2026-11-22T08:00:00Z, got {args.as_of!r}")
     return as_of
+
+
+def child_limits() -> ChildLimits:
+    """The child-execution limits the kernels run with (``NOETL_CHILD_MAX_DEPTH``, ``NOETL_CHILD_MAX_FANOUT``)."""
+    try:
+        return ChildLimits.from_env()
+    except LimitError as e:
+        raise UsageError(str(e)) from None
 
 
 def archive_of(args: argparse.Namespace) -> HistoryArchive:
@@ -191,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
                                   + (" (no event up to the stop you gave)" if events or args.until_seq or as_of else ""))
             report = None
             if args.check:
-                report = check(mine, await _playbook(js, urn, mine, args.against_version))
+                report = check(mine, await _playbook(js, urn, mine, args.against_version), limits=child_limits())
             code = out.show(urn, shard, mine, args, report)
             if args.export:
                 out.export(mine, args)

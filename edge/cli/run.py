@@ -69,6 +69,8 @@ def _line(seq: int, env: Any) -> str | None:
         return f"step {env.step} FAILED error={json.dumps(p.get('error'), separators=(',', ':'))[:200]}"
     if env.type == "step.retry":
         return f"step {env.step} RETRY attempt={env.attempt}"
+    if env.type == "callback.waiting" and isinstance(p.get("child"), dict):
+        return f"step {env.step} WAITING child={p['child'].get('execution_id')}"
     if env.type == "callback.waiting":
         return f"step {env.step} WAITING callback={p.get('callback_path')}"
     if env.type in TERMINAL_EVENTS:

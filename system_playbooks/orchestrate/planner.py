@@ -19,9 +19,15 @@ Rules, in short:
   in item order;
 * a ``callback`` step waits (``callback.waiting`` with a one-time token) with
   no worker held, and times out through a scheduler timer;
-* after ``execution.cancel_requested`` nothing new is issued; the execution is
-  ``CANCELLED`` once no command is in flight;
-* the execution completes when no step is running and none can be entered.
+* a ``playbook`` step starts a child execution (``Plan.remote``) and waits
+  for it like a callback; the child's end arrives as ``callback.received``
+  and ends the step with the child's status and result (see :mod:`.children`);
+* after ``execution.cancel_requested`` nothing new is issued, the children
+  still running are asked to cancel; the execution is ``CANCELLED`` once no
+  command is in flight;
+* the execution completes when no step is running and none can be entered,
+  with its result (:func:`execution_result`); a child's end is told to its
+  parent.
 """
 
 from __future__ import annotations
@@ -34,10 +40,19 @@ from typing import Any
 import msgspec
 
 from locator.command import COMMAND_VERSION, Command, callback_token, command_id
-from locator.envelope import Envelope, new_event, now_ts
+from locator.envelope import Envelope, PayloadTooLarge, new_event, now_ts
+from locator.ids import child_execution_id
+from system_playbooks.orchestrate.children import (
+    ENDS,
+    ChildLimits,
+    cancel_events,
+    child_location,
+    parent_notice,
+    start_event,
+)
 from system_playbooks.orchestrate.errors import ExpressionError
 from system_playbooks.orchestrate.expressions import ROOTS, Expression, compile_expression
-from system_playbooks.orchestrate.playbook import CallbackTool, Playbook, Step
+from system_playbooks.orchestrate.playbook import CallbackTool, Playbook, PlaybookTool, Step
 from system_playbooks.orchestrate.state import (
     COMPLETED,
     DONE,
@@ -72,12 +87,22 @@ class Plan:
     events: list[Envelope] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
     timers: list[PlannedTimer] = field(default_factory=list)
+    # Events of other executions (a child's start or cancel, a parent's news of its child's end), maybe
+    # on other shards: published and acknowledged before ``events``.
+    remote: list[Envelope] = field(default_factory=list)
     # A step.exit whose result is over the payload cap: planning paused before it (it is not in
     # ``events`` nor applied); store the result, apply the event with its result_ref, plan again.
     oversized: Envelope | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.commands or self.timers or self.oversized)
+        return bool(self.events or self.commands or self.timers or self.remote or self.oversized)
+
+    def extend(self, more: Plan) -> None:
+        """Append what ``more`` decides (its ``oversized`` is the caller's to handle)."""
+        self.events += more.events
+        self.commands += more.commands
+        self.timers += more.timers
+        self.remote += more.remote
 
 
 class _Pause(Exception):
@@ -102,11 +127,22 @@ def _render(value: Any, context: dict[str, Any], names: frozenset[str]) -> Any:
     return _template(msgspec.json.encode(value), names).render(context)
 
 
+def _context(state: ExecState) -> dict[str, Any]:
+    """What templates and expressions see: ``workload`` and ``steps.<name>.{status,result,result_ref,error}``."""
+    steps = {
+        name: {"status": run.status, "result": run.result, "result_ref": run.result_ref, "error": run.error}
+        for name, run in state.steps.items()
+    }
+    return {"workload": state.workload, "steps": steps}
+
+
 class _Planner:
     def __init__(
-        self, state: ExecState, playbook: Playbook, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0
+        self, state: ExecState, playbook: Playbook, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0,
+        limits: ChildLimits | None = None,
     ) -> None:
         self.payload_cap = payload_cap
+        self.limits = limits or ChildLimits()
         self.st = state
         self.pb = playbook
         self.now_ms = now_ms
@@ -120,34 +156,37 @@ class _Planner:
     # -- emitting ----------------------------------------------------------
 
     def emit(self, type: str, event_id: str, *, step: str | None = None, attempt: int | None = None,
-             payload: dict[str, Any] | None = None) -> Envelope:
-        """Decide an event: applied to the state at once, published by the plug-in."""
-        env = self._event(type, event_id, step=step, attempt=attempt, payload=payload or {})
+             payload: dict[str, Any] | None = None, result_ref: str | None = None) -> Envelope:
+        """Decide an event: applied to the state at once, published by the plug-in.
+
+        An execution's end is told to its parent, if it has one (published first).
+        """
+        env = self._event(type, event_id, step=step, attempt=attempt, payload=payload or {}, result_ref=result_ref)
         if type == "step.exit" and self.payload_cap and len(msgspec.json.encode(env.payload)) > self.payload_cap:
             self.out.oversized = env
             raise _Pause
         apply(self.st, 0, env, own=True)
         self.out.events.append(env)
+        if type in ENDS and (notice := parent_notice(self.st, env)) is not None:
+            self.out.remote.append(notice)
         return env
 
     def _event(
-        self, type: str, event_id: str, *, step: str | None, attempt: int | None, payload: dict[str, Any]
+        self, type: str, event_id: str, *, step: str | None, attempt: int | None, payload: dict[str, Any],
+        result_ref: str | None = None,
     ) -> Envelope:
         """An event of this execution, not applied (a timer's, to be published later)."""
         st = self.st
         return new_event(
             tenant=st.tenant, project=st.project, affinity=st.affinity, execution_id=st.execution_id,
             type=type, step=step, attempt=attempt, payload=payload, event_id=event_id, ts=now_ts(),
+            result_ref=result_ref,
         )
 
     # -- context -----------------------------------------------------------
 
     def context(self) -> dict[str, Any]:
-        steps = {
-            name: {"status": run.status, "result": run.result, "result_ref": run.result_ref, "error": run.error}
-            for name, run in self.st.steps.items()
-        }
-        return {"workload": self.st.workload, "steps": steps}
+        return _context(self.st)
 
     def taken(self, source: Step, target: str) -> bool:
         """Did ``source`` (finished) take an arc to ``target``?"""
@@ -200,6 +239,11 @@ class _Planner:
                 self.emit("step.enter", f"{self.st.execution_id}:{step.name}:enter", step=step.name, payload=payload)
                 self.fail_step(step, {"type": "loop", "message": f"loop.over: {e}"})
                 return
+            if isinstance(step.tool, PlaybookTool) and isinstance(items, list) and len(items) > self.limits.fanout:
+                self.emit("step.enter", f"{self.st.execution_id}:{step.name}:enter", step=step.name, payload=payload)
+                self.fail_step(step, {"type": "limit", "message": f"loop.over gives {len(items)} items: a playbook "
+                                      f"step starts at most {self.limits.fanout} children (NOETL_CHILD_MAX_FANOUT)"})
+                return
             if not isinstance(items, list) or len(items) > MAX_LOOP_ITEMS:
                 self.emit("step.enter", f"{self.st.execution_id}:{step.name}:enter", step=step.name, payload=payload)
                 what = type(items).__name__ if not isinstance(items, list) else f"{len(items)} items"
@@ -245,10 +289,58 @@ class _Planner:
             step=step.name, iteration=iteration, attempt=attempt, tool=tool, timeout=step.timeout, issued_ts=now_ts(),
         )
 
+    def start_child(self, step: Step, tool: PlaybookTool, run: StepRun, key: int, attempt: int) -> None:
+        """Start the child of one attempt (iteration) and wait for it: its request first, on its own shard."""
+        st = self.st
+        iteration = None if key == NOT_LOOP else key
+        cid = command_id(st.execution_id, step.name, iteration, attempt)
+        if st.depth + 1 > self.limits.depth:
+            self.fail_step(step, {"type": "limit", "iteration": iteration, "message": f"a child of this execution "
+                                  f"would be at depth {st.depth + 1}, over the limit of {self.limits.depth} "
+                                  "(NOETL_CHILD_MAX_DEPTH)"})
+            return
+        context = self.context()
+        if step.loop is not None:
+            items = run.items or []
+            context |= {step.loop.as_: items[key] if 0 <= key < len(items) else None, "index": key}
+        names = _names(step)
+        try:
+            workload = _render(tool.workload, context, names)
+            project, affinity = child_location(st, *(
+                None if value is None else _render(value, context, names) for value in (tool.project, tool.affinity)
+            ))
+        except (ExpressionError, ValueError) as e:
+            self.fail_step(step, {"type": "template", "message": f"tool: {e}", "iteration": iteration})
+            return
+        salt = 0
+        while True:  # a digest collision with a sibling: derive the next id, the same way every time
+            child = child_execution_id(st.execution_id, step.name, iteration, attempt, salt=salt)
+            known = st.children.get(child)
+            if known is None or known.command_id == cid:
+                break
+            salt += 1
+        playbook = {"path": tool.path, "version": tool.version}
+        try:
+            request = start_event(st, child_id=child, command_id=cid, step=step.name, iteration=iteration,
+                                  attempt=attempt, project=project, affinity=affinity, playbook=playbook,
+                                  workload=workload)
+        except PayloadTooLarge as e:
+            self.fail_step(step, {"type": "payload_too_large", "iteration": iteration,
+                                  "message": f"the child's workload is too large: {e}"})
+            return
+        self.out.remote.append(request)
+        self.emit("callback.waiting", f"{cid}:waiting", step=step.name, attempt=attempt, payload={
+            "command_id": cid, "iteration": iteration,
+            "child": {"execution_id": child, "project": project, "affinity": affinity, "playbook": playbook},
+        })
+
     def issue(self, step: Step, run: StepRun, key: int, attempt: int) -> None:
         st = self.st
         iteration = None if key == NOT_LOOP else key
         cid = command_id(st.execution_id, step.name, iteration, attempt)
+        if isinstance(step.tool, PlaybookTool):
+            self.start_child(step, step.tool, run, key, attempt)
+            return
         if isinstance(step.tool, CallbackTool):
             token = callback_token(st.tenant, st.project, st.affinity, cid, self.new_token())
             self.emit("callback.waiting", f"{cid}:waiting", step=step.name, attempt=attempt, payload={
@@ -277,11 +369,19 @@ class _Planner:
             if not self.st.cancel_requested:
                 self.issue(step, run, key, 1)
         elif it.status == WAITING:
-            if it.received:
+            if it.received and it.child is not None and it.child_status != COMPLETED:
+                status = it.child_status or "FAILED"
+                self.emit("call.error", f"{cid}:error:child", step=step.name, attempt=it.issued, payload={
+                    "error": {"type": f"child_{status.lower()}", "child": it.child, "error": it.error,
+                              "message": f"child execution {it.child} ended {status}"},
+                    "iteration": iteration, "command_id": cid,
+                })
+            elif it.received:
                 result_type = "step.exit" if key == NOT_LOOP else "command.completed"
                 self.emit(result_type, f"{self.st.execution_id}:{step.name}:{'-' if iteration is None else iteration}"
                           ":result", step=step.name, attempt=it.issued,
-                          payload={"result": it.result, "iteration": iteration, "command_id": cid})
+                          payload={"result": it.result, "iteration": iteration, "command_id": cid},
+                          result_ref=it.result_ref)
             elif it.timed_out >= it.issued:
                 timeout = step.timeout or (step.tool.timeout if isinstance(step.tool, CallbackTool) else 0.0)
                 self.emit("call.error", f"{cid}:error:timeout", step=step.name, attempt=it.issued, payload={
@@ -380,6 +480,7 @@ class _Planner:
                               payload={"error": {"step": step.name, "error": run.error}})
                     return self.out
             if st.cancel_requested:
+                self.out.remote += cancel_events(st)
                 if not self.in_flight():
                     self.emit("execution.cancelled", f"{st.execution_id}:cancelled", payload={})
                 return self.out
@@ -392,7 +493,14 @@ class _Planner:
             if len(self.out.events) == before:
                 break
         if not any(run.status == ENTERED for run in st.steps.values()) and st.steps:
-            self.emit("execution.completed", f"{st.execution_id}:completed", payload={})
+            try:
+                result, ref = execution_result(st, pb)
+            except ExpressionError as e:
+                self.emit("execution.failed", f"{st.execution_id}:failed",
+                          payload={"error": {"type": "template", "message": f"result: {e}"}})
+                return self.out
+            self.emit("execution.completed", f"{st.execution_id}:completed", payload={"result": result},
+                      result_ref=ref)
         return self.out
 
 
@@ -415,7 +523,7 @@ class _Planner:
                         self.out.commands.append(self.command(step, run, key, it.issued))
                     except ExpressionError:
                         pass  # it rendered when issued; the planner fails it if it is retried
-                elif it.status == WAITING and not it.received:
+                elif it.status == WAITING and not it.received and it.child is None:
                     self.callback_timer(step, iteration, it.issued, it.since_ms)
                 elif it.status == RETRYING and step.retry is not None and step.retry.backoff > 0:
                     self.retry_timer(step, iteration, it.retry_due, it.since_ms)
@@ -427,15 +535,50 @@ class _RouteError(Exception):
 
 
 def plan(
-    state: ExecState, playbook: Playbook, *, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0
+    state: ExecState, playbook: Playbook, *, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0,
+    limits: ChildLimits | None = None,
 ) -> Plan:
     """What ``state`` needs next under ``playbook``; the returned events are already applied to ``state``.
 
     With ``payload_cap``, planning pauses at a step result too big for an event (``Plan.oversized``).
+    ``limits`` bound child executions (default :class:`ChildLimits`'s defaults).
     """
     if not state.requested or state.terminal:
         return Plan()
-    return _Planner(state, playbook, now_ms, new_token, payload_cap).plan()
+    return _Planner(state, playbook, now_ms, new_token, payload_cap, limits).plan()
+
+
+def _topological(playbook: Playbook) -> tuple[str, ...]:
+    """The steps in an order every arc goes forward in (ties: document order)."""
+    preds = {s.name: 0 for s in playbook.steps}
+    for s in playbook.steps:
+        for target in {a.step for a in s.next} | ({s.on_error} if s.on_error else set()):
+            preds[target] += 1
+    order: list[str] = []
+    ready = [s.name for s in playbook.steps if preds[s.name] == 0]
+    while ready:
+        name = ready.pop(0)
+        order.append(name)
+        step = playbook.step(name)
+        for target in dict.fromkeys([a.step for a in step.next] + ([step.on_error] if step.on_error else [])):
+            preds[target] -= 1
+            if preds[target] == 0:
+                ready.append(target)
+    return tuple(order)
+
+
+def execution_result(state: ExecState, playbook: Playbook) -> tuple[Any, str | None]:
+    """An execution's result and its reference: the playbook's ``result`` template rendered, or else the
+    result of the step that completed last (the last completed step in the graph's order, so that every
+    rebuild of the state picks the same one). ExpressionError if the template fails.
+    """
+    if playbook.result is not msgspec.UNSET:
+        return _render(playbook.result, _context(state), ROOTS), None
+    for name in reversed(_topological(playbook)):
+        run = state.steps.get(name)
+        if run is not None and run.status == COMPLETED:
+            return (None if run.result_ref is not None else run.result), run.result_ref
+    return None, None
 
 
 def resume(state: ExecState, playbook: Playbook, *, now_ms: int, window_ms: int) -> Plan:
@@ -455,5 +598,6 @@ def fail_unstartable(state: ExecState, reason: str) -> Plan:
         payload={"error": {"type": "playbook", "message": reason}},
     )
     apply(state, 0, env, own=True)
-    return Plan(events=[env])
+    notice = parent_notice(state, env)
+    return Plan(events=[env], remote=[notice] if notice is not None else [])
 

@@ -45,6 +45,7 @@ __all__ = [
     "NoopTool",
     "Playbook",
     "PlaybookError",
+    "PlaybookTool",
     "Policy",
     "PythonTool",
     "Retry",
@@ -174,8 +175,23 @@ class CallbackTool(_Struct, frozen=True, tag="callback", tag_field="kind"):
     timeout: Seconds = 300.0
 
 
-Tool = PythonTool | HttpTool | WasmTool | NoopTool | CallbackTool
-TOOL_KINDS: Final = ("callback", "http", "noop", "python", "wasm")
+class PlaybookTool(_Struct, frozen=True, tag="playbook", tag_field="kind"):
+    """Start the playbook ``path`` (its latest version, or ``version``) as a child execution and wait for it.
+
+    The child runs in the same tenant, in ``project`` and ``affinity`` (the parent's by default; either
+    may be a template, checked when rendered), with the rendered ``workload``. The step ends with the
+    child's status and result, like a callback, without holding a worker meanwhile.
+    """
+
+    path: PlaybookPath
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    workload: dict[str, Any] = {}
+    project: str | None = None
+    affinity: str | None = None
+
+
+Tool = PythonTool | HttpTool | WasmTool | NoopTool | CallbackTool | PlaybookTool
+TOOL_KINDS: Final = ("callback", "http", "noop", "playbook", "python", "wasm")
 
 
 class Arc(_Struct, frozen=True):
@@ -235,6 +251,9 @@ class Playbook(_Struct, frozen=True):
     version: Annotated[int, msgspec.Meta(ge=1)]
     steps: Annotated[tuple[Step, ...], msgspec.Meta(min_length=1)]
     workload: dict[str, Any] = {}
+    # A template evaluated when the execution completes (workload, steps); unset: the result of the
+    # step that completed last (see system_playbooks.orchestrate.planner.execution_result).
+    result: Any | msgspec.UnsetType = msgspec.UNSET
 
     @property
     def start(self) -> str:
@@ -354,6 +373,8 @@ def parse_playbook(data: object, *, policy: Policy) -> Playbook:
     loops = _loops(playbook)
     for i, step in enumerate(playbook.steps):
         _check_step(step, f"steps[{i}]", policy, steps=steps, loops=loops)
+    if playbook.result is not msgspec.UNSET:
+        _template(playbook.result, "result", _Scope(playbook.steps[0], False, DATA_ROOTS, steps, loops))
     return playbook
 
 
@@ -577,6 +598,23 @@ def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str]
             _template(result, f"{tool}.result", inside)
         case CallbackTool():
             pass
+        case PlaybookTool(workload=workload, project=project, affinity=affinity):
+            if step.timeout is not None:
+                raise PlaybookError("a playbook step waits for its child to end: it takes no timeout "
+                                    "(cancel the parent to stop its children)", path=f"{where}.timeout")
+            for field, value in (("project", project), ("affinity", affinity)):
+                if value is None:
+                    continue
+                if "{{" in value:
+                    _template(value, f"{tool}.{field}", inside)
+                elif value != "" or field == "project":
+                    _check_child_name(field, value, f"{tool}.{field}")
+            _template(workload, f"{tool}.workload", inside)
+
+
+def _check_child_name(field: str, value: str, path: str) -> None:
+    if ALIAS_RE.fullmatch(value) is None:
+        raise PlaybookError(f"invalid {field} {value!r}: must match {NAME_PATTERN}", path=path)
 
 
 def _check_alias(alias: str, path: str) -> None:

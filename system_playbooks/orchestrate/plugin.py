@@ -9,6 +9,11 @@ one connection and only then waited for (a worker can start a step while its
 ``command.issued`` ack is on its way back). Only once every ack is back is the
 batch acknowledged. A crash anywhere in between re-plans the same state:
 every event and command has a deterministic id, so nothing is issued twice.
+
+Events of other executions (a child's start or cancel, a parent's news of its
+child's end, see :mod:`.children`) go first, to whichever shard owns them,
+and are acknowledged before anything of the execution itself is sent: the
+execution's own record never shows a decision whose cross-shard half is lost.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from collections.abc import Sequence
 
 import msgspec
 
-from kernel.host import Reject, ShardContext
+from kernel.host import PluginError, Reject, ShardContext
 from locator.command import TIMER_POOL, Timer, command_encoder
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, PayloadTooLarge, encode_envelope, new_event
 from locator.subjects import cmd_subject, wal_subject
 from projector.fold import WalEvent
 from projector.results import ResultKey
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError
+from system_playbooks.orchestrate.children import ChildLimits, LimitError, parent_notice
 from system_playbooks.orchestrate.planner import Plan, fail_unstartable, plan, resume
 from system_playbooks.orchestrate.playbook import Playbook
 from system_playbooks.orchestrate.state import ExecState, apply, new_state
@@ -51,6 +57,10 @@ class OrchestratePlugin:
         # Per shard: the context it was built under, and the states of its executions (LRU).
         self._shards: dict[int, tuple[ShardContext, OrderedDict[str, ExecState]]] = {}
         self._playbooks: dict[tuple[str, str, str, int], Playbook] = {}
+        try:
+            self._limits = ChildLimits.from_env()
+        except LimitError as e:
+            raise PluginError(f"system/orchestrate: {e}") from None
 
     def _states(self, ctx: ShardContext) -> OrderedDict[str, ExecState]:
         held = self._shards.get(ctx.shard)
@@ -122,10 +132,9 @@ class OrchestratePlugin:
     async def _plan(self, ctx: ShardContext, state: ExecState, playbook: Playbook, now_ms: int) -> Plan:
         decided = Plan()
         while True:
-            more = plan(state, playbook, now_ms=now_ms, new_token=_token, payload_cap=DEFAULT_PAYLOAD_CAP)
-            decided.events += more.events
-            decided.commands += more.commands
-            decided.timers += more.timers
+            more = plan(state, playbook, now_ms=now_ms, new_token=_token, payload_cap=DEFAULT_PAYLOAD_CAP,
+                        limits=self._limits)
+            decided.extend(more)
             if more.oversized is None:
                 return decided
             # A loop's aggregate or a callback's payload: stored first, so what is planned next
@@ -152,13 +161,19 @@ class OrchestratePlugin:
                         "message": f"the orchestrator's {env.type} event would be too large: {e}",
                     }},
                 )
-                return Plan(events=[*decided.events[:i], failed])
+                # The parent hears of this end, not of the one refused (same event id: the first would win).
+                notice = parent_notice(state, failed)
+                told = [notice] if notice is not None else []
+                remote = [r for r in decided.remote if all(r.event_id != n.event_id for n in told)]
+                return Plan(events=[*decided.events[:i], failed], remote=remote + told)
         return decided
 
     async def _publish(self, ctx: ShardContext, state: ExecState, decided: Plan) -> None:
         # Events, then commands and timers, all queued before any ack is waited for: one connection,
         # so the server reads the events first; the batch is acked only once every ack came back.
         producer = ctx.producer()
+        for sent_remote in [await producer.send(env) for env in decided.remote]:
+            await producer.confirm(sent_remote)
         events = [await producer.send(env) for env in decided.events]
         commands = [
             await ctx.send_command(
@@ -198,8 +213,7 @@ class OrchestratePlugin:
             else:
                 now_ms = int(time.time() * 1000)
                 decided = resume(state, playbook, now_ms=now_ms, window_ms=ctx.duplicate_window_ms) if rebuilt else Plan()
-                more = await self._plan(ctx, state, playbook, now_ms)
-                decided = Plan(decided.events + more.events, decided.commands + more.commands, decided.timers + more.timers)
+                decided.extend(await self._plan(ctx, state, playbook, now_ms))
             if decided:
                 await self._publish(ctx, state, self._fit(ctx, state, decided))
                 log.debug("orchestrate.planned", events=len(decided.events), commands=len(decided.commands))

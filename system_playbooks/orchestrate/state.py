@@ -43,6 +43,16 @@ class IterationState(msgspec.Struct, kw_only=True):
     retry_ready: int = 0  # the attempt whose backoff timer fired
     claimed: bool = False  # a worker reported it started the issued attempt
     since_ms: int = 0  # when the current issue, wait or retry was recorded (epoch ms)
+    child: str | None = None  # a playbook step's child execution being waited for
+    child_status: str | None = None  # how it ended (COMPLETED, FAILED, CANCELLED), once its end arrived
+
+
+class ChildRef(msgspec.Struct, kw_only=True):
+    """Where a child execution a step started lives, and the step attempt (command id) it answers."""
+
+    command_id: str
+    project: str
+    affinity: str = ""
 
 
 class StepRun(msgspec.Struct, kw_only=True):
@@ -74,6 +84,11 @@ class ExecState(msgspec.Struct, kw_only=True):
     workload: dict[str, Any] = msgspec.field(default_factory=dict)
     status: str = "PENDING"  # RUNNING, COMPLETED, FAILED, CANCELLED
     cancel_requested: bool = False
+    # A child execution's parent as its execution.requested names it: execution_id, tenant, project,
+    # affinity, step, iteration, attempt, command_id, depth.
+    parent: dict[str, Any] | None = None
+    depth: int = 0  # how many parents up to the root (0: started by a client or a schedule)
+    children: dict[str, ChildRef] = msgspec.field(default_factory=dict)  # by child execution id
     steps: dict[str, StepRun] = msgspec.field(default_factory=dict)
     last_seq: int = 0
     ahead: set[int] = msgspec.field(default_factory=set)
@@ -99,6 +114,12 @@ def ts_ms(ts: str) -> int:
         return int(datetime.fromisoformat(ts).timestamp() * 1000)
     except ValueError:
         return 0
+
+
+def state_child(payload: dict[str, Any]) -> str | None:
+    """The child execution a ``callback.waiting`` waits for (None: an external callback)."""
+    child = payload.get("child")
+    return child["execution_id"] if isinstance(child, dict) and isinstance(child.get("execution_id"), str) else None
 
 
 def _key(payload: dict[str, Any]) -> int:
@@ -132,6 +153,11 @@ def _apply(state: ExecState, env: Envelope) -> None:
         state.playbook_ref = payload.get("playbook")
         workload = payload.get("workload")
         state.workload = workload if isinstance(workload, dict) else {}
+        parent = payload.get("parent")
+        if isinstance(parent, dict) and parent.get("tenant") == state.tenant:
+            state.parent = parent
+            depth = parent.get("depth")
+            state.depth = depth if isinstance(depth, int) and not isinstance(depth, bool) and depth > 0 else 1
         return
     if kind == "execution.started":
         pinned = payload.get("playbook")
@@ -178,9 +204,19 @@ def _apply(state: ExecState, env: Envelope) -> None:
         it.claimed = True
     elif kind == "callback.waiting":
         it.issued = max(it.issued, attempt)
+        if (child := state_child(payload)) is not None:
+            where = payload["child"]
+            state.children[child] = ChildRef(
+                command_id=command_id(state.execution_id, env.step, None if key == NOT_LOOP else key, attempt),
+                project=where.get("project") if isinstance(where.get("project"), str) else state.project,
+                affinity=where.get("affinity") if isinstance(where.get("affinity"), str) else "",
+            )
         if it.status in (PENDING, RETRYING, ERROR):
             it.status = WAITING
             it.token = payload.get("callback_id")
+            it.child = state_child(payload)
+            it.child_status = None
+            it.received = False
             it.since_ms = ts_ms(env.ts)
     elif kind == "command.completed" and isinstance(payload.get("timer"), str):
         # A timer the scheduler fired: recorded here, acted on by the planner.
@@ -213,6 +249,18 @@ def _apply(state: ExecState, env: Envelope) -> None:
         it.retry_due = max(it.retry_due, attempt)
     elif kind == "callback.received":
         waiting_for = command_id(state.execution_id, env.step, None if key == NOT_LOOP else key, it.issued)
+        child = payload.get("child")
+        if isinstance(child, dict):
+            # A child execution ended: its orchestrator says so on this (the parent's) WAL.
+            if (it.status == WAITING and not it.received and it.child is not None
+                    and payload.get("command_id") == waiting_for and child.get("execution_id") == it.child):
+                status = child.get("status")
+                it.received = True
+                it.child_status = status if status in ("COMPLETED", "FAILED", "CANCELLED") else "FAILED"
+                it.result = payload.get("result")
+                it.result_ref = env.result_ref
+                it.error = child.get("error")
+            return
         if (
             it.status == WAITING
             and not it.received

@@ -51,6 +51,7 @@ from system_playbooks.orchestrate.playbook import (
     HttpAuth,
     HttpTool,
     NoopTool,
+    PlaybookTool,
     Policy,
     PythonTool,
     Tool,
@@ -181,6 +182,10 @@ async def run_tool(tool: dict[str, Any] | Tool, ctx: ToolContext) -> Any:
         case CallbackTool():
             raise ToolError(
                 "unsupported", "a callback step waits for an external callback: it never runs on a data worker"
+            )
+        case PlaybookTool():
+            raise ToolError(
+                "unsupported", "a playbook step starts a child execution from the orchestrator: it never runs on a data worker"
             )
     raise AssertionError("unreachable: Tool is a closed union")
 
