@@ -223,11 +223,15 @@ class ScheduleFirer:
 
     async def run(self, stop: asyncio.Event) -> None:
         store: ScheduleStore | None = None
+        last_error = ""
         while not stop.is_set():
             try:
                 store = store or await ScheduleStore.open(self.js)
                 await self.look(store)
+                last_error = ""
             except (ScheduleStoreError, nats.errors.Error, asyncio.TimeoutError, ConnectionError) as e:
-                self.log.warning("schedules.nats_error", error=repr(e))
+                if repr(e) != last_error:  # once per outage, not every look
+                    self.log.warning("schedules.nats_error", error=repr(e))
+                last_error = repr(e)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_s)
