@@ -18,8 +18,9 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from projector.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
 from locator.subjects import cmd_stream, dlq_stream, hist_bucket, proj_bucket, wal_stream
+from projector.archiveindex import ArchiveIndex
+from projector.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
 from projector.objects import ObjectRoot
 
 
@@ -61,7 +62,7 @@ class EdgeMetrics:
         self.kv_keys = Gauge("noetl_kv_keys", "keys of KV proj_<shard> and hist_<shard>", ["shard", "bucket"], registry=r)
         self.kv_bytes = Gauge("noetl_kv_bytes", "bytes of KV proj_<shard> and hist_<shard>", ["shard", "bucket"], registry=r)
         self.archived = Gauge(
-            "noetl_history_archived_executions", "executions with an archived history (keys of KV hist_<shard>)",
+            "noetl_history_archived_executions", "rows of the index of archived executions (its manifest, KV hist_<shard>)",
             ["shard"], registry=r,
         )
         self.segments = Gauge(
@@ -93,7 +94,8 @@ class EdgeMetrics:
                         self.kv_keys.labels(label, name).set(figures.keys)
                         self.kv_bytes.labels(label, name).set(figures.bytes)
                         if name == "hist":
-                            self.archived.labels(label).set(figures.keys)
+                            index = ArchiveIndex(js, shard, None)
+                            self.archived.labels(label).set((await index.manifest(newer_than=time.monotonic())).rows)
                 self.pending_commands.labels(label).set((await js.stream_info(cmd_stream(shard))).state.messages)
                 self.dlq.labels(label).set((await js.stream_info(dlq_stream(shard))).state.messages)
                 for consumer in ("project", "materialize"):

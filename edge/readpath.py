@@ -1,4 +1,4 @@
-"""Projection on demand: warm KV -> Feather snapshot -> bounded replay from the WAL."""
+"""Projection on demand: warm KV -> Feather snapshot (or the archive's index) -> bounded replay from the WAL."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from edge.cells import CellClients
 from edge.errors import GatewayTimeout, NotFound, Unavailable, Unprocessable, unknown_execution
 from locator.shard import shard_for
 from locator.subjects import wal_stream
-from projector.archive import HistoryArchive
+from projector.archive import ArchiveError, ArchiveIndex, HistoryArchive
 from projector.errors import ReplayLimitExceeded
 from projector.projection import Projection, decode_projection
 from projector.replay import entry_projection, replay
@@ -68,6 +68,15 @@ class ReadPath:
             except ReplayLimitExceeded as e:
                 raise Unprocessable(str(e)) from e
 
+    async def _archived(self, shard: int, tenant: str, project: str, execution_id: str) -> Projection | None:
+        """The projection system/cleanup left in the archive's index (its KV entry went when it was archived)."""
+        js = await self.cells.js_for_shard(shard)
+        try:
+            row = await ArchiveIndex(js, shard, self.archive.root).get_row(execution_id, tenant=tenant, project=project)
+        except ArchiveError as e:
+            raise Unavailable(f"the archive of shard {shard} could not be read: {e}", headers={"Retry-After": "2"}) from e
+        return None if row is None or not row.status else decode_projection(row.projection)
+
     async def _stored(self, shard: int, tenant: str, project: str, execution_id: str) -> ReadResult | None:
         cache = await self.cells.cache_for_shard(shard)
         with tracer.start_as_current_span("edge.read.cache", attributes={"noetl.execution_id": execution_id}):
@@ -80,6 +89,8 @@ class ReadPath:
             try:
                 if entry is not None:
                     p = await entry_projection(entry, self.snapshots)
+                elif (archived := await self._archived(shard, tenant, project, execution_id)) is not None:
+                    p = archived
                 else:
                     found = await asyncio.to_thread(
                         self.snapshots.find,

@@ -26,7 +26,7 @@ from kernel.errors import KernelError
 from kernel.producer import Producer
 from locator.subjects import CATALOG_BUCKET, cmd_subjects, execution_filter, wal_stream
 from locator.topology import Topology
-from projector.archive import Archiver, HistoryArchive
+from projector.archive import ArchiveIndex, Archiver, HistoryArchive
 from projector.cache import ProjectionCache
 from projector.fold import WalEvent
 from projector.replay import history
@@ -140,9 +140,20 @@ class ShardContext:
     def archiver(self) -> Archiver:
         """Moves histories from this shard's WAL to the archive in object storage."""
         self._need("history.archive")
-        assert self._js is not None and self._snapshots is not None
+        assert self._js is not None and self._snapshots is not None and self._topology is not None
         archive = HistoryArchive.at(self._snapshots.base_url, storage_options=self._snapshots.storage_options)
-        return Archiver(self._js, shard=self.shard, archive=archive)
+        return Archiver(self._js, shard=self.shard, shard_count=self._topology.shard_count, archive=archive)
+
+    def archive_index(self) -> ArchiveIndex | None:
+        """This shard's index of archived executions (their final projections, where their histories are).
+
+        None for a context built without a NATS connection (a tool folding outside the kernel).
+        """
+        self._need("projections.read")
+        if self._js is None:
+            return None
+        archive = self.history_archive()
+        return ArchiveIndex(self._js, self.shard, archive.root if archive else None)
 
     def visibility(self) -> VisibilityIndex | None:
         """This shard's visibility index (None without a NATS connection, as in a fold-only test)."""

@@ -6,12 +6,12 @@ one row per stored message, in the columns the design of record fixes
 ``tenant``, ``project``), zstd-compressed, so any Arrow tool reads it without
 noetl-edge. Segments live under ``<objects>/history/shard=<n>/``.
 
-Where an execution's archived part is kept: KV ``hist_<shard>``, key = the
-execution id, value an :class:`ArchiveRef` (its parts: segment, first row,
-row count, seq range and a digest of the bytes). A reader of history reads
-those parts first, then the WAL after the last archived seq; the WAL messages
-are purged only once the archive is written, read back, checked against what
-was read from the WAL, and its ref is stored. See :class:`Archiver`.
+Where an execution's archived part is kept, and its final projection: its row
+in the shard's index of archived executions (:mod:`projector.archiveindex`).
+A reader of history reads those parts first, then the WAL after the last
+archived seq; the WAL messages are purged only once the archive is written,
+read back, checked against what was read from the WAL, and its index row is
+recorded; the execution's KV entry goes last. See :class:`Archiver`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,22 @@ import nats.errors
 import pyarrow as pa
 import pyarrow.ipc
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import NotFoundError
 
-from locator.subjects import execution_filter, hist_bucket, wal_stream
+from locator.envelope import EnvelopeError, decode_wal_message
+from locator.subjects import execution_filter, proj_bucket, wal_stream
+from projector.archiveindex import ArchiveError, ArchiveIndex, ArchivePart, ArchiveRef, IndexRow, encode_ref
 from projector.errors import ProjectorError
+from projector.fold import WalEvent, fold
 from projector.objects import ObjectRoot
+from projector.projection import canonical, decode_projection
 from projector.walread import StoredMessage, read_subject
+from projector.visibility import VisibilityIndex
+
+__all__ = [
+    "ArchiveError", "ArchiveIndex", "ArchivePart", "ArchiveRef", "ArchiveReport", "ArchivedExecution", "Archiver",
+    "HistoryArchive", "archived_messages", "digest", "read_stored",
+]
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -56,39 +65,6 @@ BATCH_ROWS = 1024
 _BATCH_ROWS_KEY = b"noetl.batch_rows"
 
 
-class ArchiveError(ProjectorError):
-    """An archive segment could not be written, read, or did not match what the WAL held."""
-
-
-class ArchivePart(msgspec.Struct, frozen=True, kw_only=True):
-    """Rows ``[row, row + rows)`` of ``segment``: the execution's messages with seqs ``first_seq``…``last_seq``."""
-
-    segment: str
-    row: int
-    rows: int
-    first_seq: int
-    last_seq: int
-    digest: str
-
-
-class ArchiveRef(msgspec.Struct, frozen=True, kw_only=True):
-    """What of one execution's history is archived (KV ``hist_<shard>`` value)."""
-
-    tenant: str
-    project: str
-    parts: tuple[ArchivePart, ...]
-    archived_at: str
-
-    @property
-    def last_seq(self) -> int:
-        return self.parts[-1].last_seq if self.parts else 0
-
-    @property
-    def count(self) -> int:
-        return sum(p.rows for p in self.parts)
-
-
-_ref_decoder = msgspec.json.Decoder(ArchiveRef)
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
@@ -277,43 +253,6 @@ class HistoryArchive:
         return sorted(self.root.uri(p) for p in paths if p.endswith(".arrow") and not p.rsplit("/", 1)[-1].startswith("."))
 
 
-class ArchiveIndex:
-    """KV ``hist_<shard>``: execution id → :class:`ArchiveRef`, written compare-and-set.
-
-    Built without asking the server for the bucket's info (a read of history
-    pays one direct get here, not two round trips); a bucket that does not
-    exist (a cell bootstrapped before the archive) reads as "nothing archived".
-    """
-
-    def __init__(self, js: JetStreamContext, shard: int) -> None:
-        bucket = hist_bucket(shard)
-        self.bucket = bucket
-        self.kv = KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=js, direct=True)
-
-    async def get(self, execution_id: str) -> tuple[ArchiveRef | None, int | None]:
-        """The ref and its revision (None, None when nothing of the execution is archived)."""
-        try:
-            entry = await self.kv.get(execution_id)
-        except (NotFoundError, nats.errors.NoRespondersError):
-            return None, None
-        assert entry.value is not None
-        try:
-            return _ref_decoder.decode(entry.value), entry.revision
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise ArchiveError(f"archive ref of {execution_id} in {self.bucket} is unreadable: {e}") from e
-
-    async def put(self, execution_id: str, ref: ArchiveRef, *, revision: int | None) -> int:
-        data = _encoder.encode(ref)
-        try:
-            if revision is None:
-                return int(await self.kv.create(execution_id, data))
-            return int(await self.kv.update(execution_id, data, last=revision))
-        except KeyWrongLastSequenceError as e:
-            raise ArchiveError(f"archive ref of {execution_id} changed while archiving (another kernel?)") from e
-        except nats.errors.NoRespondersError as e:
-            raise ArchiveError(f"the {self.bucket} bucket is missing: run bootstrap (up and kernel do)") from e
-
-
 async def archived_messages(
     js: JetStreamContext,
     archive: HistoryArchive | None,
@@ -329,9 +268,12 @@ async def archived_messages(
 
     (None, []) if nothing of the execution is archived. Only the parts that hold such seqs are read.
     """
-    ref, _ = await ArchiveIndex(js, shard).get(execution_id)
-    if ref is None or (ref.tenant, ref.project) != (tenant, project):
+    row = await ArchiveIndex(js, shard, archive.root if archive else None).get_row(
+        execution_id, tenant=tenant, project=project
+    )
+    if row is None:
         return None, []
+    ref = row.ref
     wanted = [p for p in ref.parts if p.last_seq > after_seq and (until_seq is None or p.first_seq <= until_seq)]
     if wanted and archive is None:
         raise ArchiveError(
@@ -350,61 +292,96 @@ class ArchiveReport(NamedTuple):
     segment: str | None
 
 
-class Archiver:
-    """Moves executions' histories from the WAL to the archive: write, verify, record, then purge.
+def index_row(ex: ArchivedExecution, ref: ArchiveRef, before: IndexRow | None, *, shard_count: int) -> IndexRow:
+    """The execution's index row: its projection folded from the archived history (onto the row before, if any)."""
+    base = decode_projection(before.projection) if before is not None and before.status else None
+    events = []
+    for m in ex.messages:
+        try:
+            events.append(WalEvent(m.seq, decode_wal_message(m.subject, m.data, shard_count=shard_count)))
+        except EnvelopeError:
+            continue  # poison: skipped, as the pump and replay skip it
+    projection = fold(base, events)
+    if projection is None:  # nothing but poison: a row that says where the bytes are, and no projection
+        return IndexRow(
+            execution_id=ex.execution_id, tenant=ex.tenant, project=ex.project, status="", last_seq=ref.last_seq,
+            event_count=0, projection="null", history=encode_ref(ref),
+        )
+    return IndexRow(
+        execution_id=ex.execution_id, tenant=ex.tenant, project=ex.project, status=projection.status,
+        last_seq=ref.last_seq, event_count=projection.event_count, projection=canonical(projection).decode(),
+        history=encode_ref(ref), playbook=str((projection.playbook or {}).get("path") or ""),
+        created_at=projection.created_at, updated_at=projection.updated_at,
+    )
 
-    Crash-safe at every step: until the ref is stored the WAL still holds
-    everything (a segment written but not referenced is garbage, never read);
-    once it is stored, readers take the archive up to its last seq and the WAL
-    after it, so the purge that follows changes nothing they see; a re-run
-    skips what is archived and purges what is left.
+
+class Archiver:
+    """Moves executions' histories from the WAL to the archive: write, verify, index, then purge.
+
+    Crash-safe at every step: until the index row is recorded the WAL still
+    holds everything (a segment written but not indexed is garbage, never
+    read); once it is recorded, readers take the archive up to its last seq and
+    the WAL after it, so the purges that follow (the WAL's messages, then the
+    KV entry, a cache) change nothing they see; a re-run skips what is
+    archived and purges what is left.
     """
 
-    def __init__(self, js: JetStreamContext, *, shard: int, archive: HistoryArchive, concurrency: int = 16) -> None:
+    def __init__(
+        self, js: JetStreamContext, *, shard: int, shard_count: int, archive: HistoryArchive, concurrency: int = 16,
+        merge_grace_s: float | None = None,
+    ) -> None:
         self.js = js
         self.shard = shard
+        self.shard_count = shard_count
         self.archive = archive
+        self.index = ArchiveIndex(js, shard, archive.root)
         self.concurrency = concurrency
+        self.merge_grace_s = merge_grace_s
         self.faults: set[str] = set()  # fault injection points for crash tests (see system/cleanup)
 
     async def archive_executions(self, executions: Sequence[tuple[str, str, str]]) -> ArchiveReport:
         """Archive everything the WAL holds of each (tenant, project, execution id) beyond its archived part."""
-        index = ArchiveIndex(self.js, self.shard)
+        index = self.index
         gate = asyncio.Semaphore(self.concurrency)
+        settled: list[tuple[str, int]] = []  # (execution id, archived last seq): KV entries that may go
 
-        async def pending(tenant: str, project: str, execution_id: str) -> tuple[ArchivedExecution, ArchiveRef | None, int | None] | None:
+        async def pending(tenant: str, project: str, execution_id: str) -> tuple[ArchivedExecution, IndexRow | None] | None:
             async with gate:
-                ref, revision = await index.get(execution_id)
-                if ref is not None and (ref.tenant, ref.project) != (tenant, project):
+                row = await index.get_row(execution_id)
+                if row is not None and (row.tenant, row.project) != (tenant, project):
                     return None  # an id reused by another tenant/project: its events were dead-lettered, not folded
+                ref = row.ref if row is not None else None
                 messages = await read_stored(
                     self.js, shard=self.shard, tenant=tenant, project=project, execution_id=execution_id,
                     after_seq=ref.last_seq if ref else 0,
                 )
-                if ref is not None and ref.parts and await self._holds_archived(tenant, project, execution_id, ref.last_seq):
-                    await self._purge(tenant, project, execution_id, ref.last_seq)  # a crash left archived events behind
-                return (ArchivedExecution(tenant, project, execution_id, messages), ref, revision) if messages else None
+                if ref is not None and ref.parts:
+                    if await self._holds_archived(tenant, project, execution_id, ref.last_seq):
+                        await self._purge(tenant, project, execution_id, ref.last_seq)  # a crash left archived events behind
+                    if not messages:
+                        settled.append((execution_id, ref.last_seq))  # and perhaps its KV entry
+                return (ArchivedExecution(tenant, project, execution_id, messages), row) if messages else None
 
         unique = list(dict.fromkeys(executions))
         found = [p for p in await asyncio.gather(*(pending(*x) for x in unique)) if p is not None]
         if not found:
+            await self._drop_entries(settled, gate)
             return ArchiveReport(0, 0, None)
         uri, parts = await asyncio.to_thread(self.archive.write_segment, self.shard, [f[0] for f in found])
         self._fault("after_write")
         await asyncio.to_thread(self.archive.verify_segment, uri, list(parts.values()))
         self._fault("after_verify")
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-        async def record(ex: ArchivedExecution, ref: ArchiveRef | None, revision: int | None) -> None:
-            async with gate:
-                new = ArchiveRef(
-                    tenant=ex.tenant, project=ex.project, parts=(*(ref.parts if ref else ()), parts[ex.execution_id]),
-                    archived_at=now,
-                )
-                await index.put(ex.execution_id, new, revision=revision)
-
-        await asyncio.gather(*(record(*f) for f in found))
+        rows = []
+        for ex, before in found:
+            old = before.ref.parts if before is not None else ()
+            ref = ArchiveRef(tenant=ex.tenant, project=ex.project, parts=(*old, parts[ex.execution_id]), archived_at=now)
+            rows.append(index_row(ex, ref, before, shard_count=self.shard_count))
+        await index.record(rows)
         self._fault("after_record")
+        # The KV entries go before the WAL's messages: while the WAL still holds an execution's terminal
+        # event, a crash here is redelivered and finishes the job; once purged, nothing would come back.
+        await self._drop_entries([*settled, *((r.execution_id, r.last_seq) for r in rows)], gate)
         first, rest = found[0][0], [f[0] for f in found[1:]]
         await self._purge(first.tenant, first.project, first.execution_id, parts[first.execution_id].last_seq)
         self._fault("during_purge")
@@ -414,7 +391,34 @@ class Archiver:
                 await self._purge(ex.tenant, ex.project, ex.execution_id, parts[ex.execution_id].last_seq)
 
         await asyncio.gather(*(purge(ex) for ex in rest))
+        if self.merge_grace_s is not None:
+            await index.merge(grace_s=self.merge_grace_s)
+        else:
+            await index.merge()
         return ArchiveReport(len(found), sum(len(f[0].messages) for f in found), uri)
+
+    async def _drop_entries(self, settled: Sequence[tuple[str, int]], gate: asyncio.Semaphore) -> None:
+        """Remove the KV entries (``proj_<shard>``) of archived executions: the index row holds their projection now.
+
+        Removed without a marker (a purge of the key's subject, up to the revision read), and only when the
+        entry folded nothing past the archive: a late event folded meanwhile keeps its entry.
+        """
+        bucket = proj_bucket(self.shard)
+
+        async def drop(execution_id: str, last_seq: int) -> None:
+            async with gate:
+                try:
+                    entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
+                except NotFoundError:
+                    return
+                if entry.seq is None or entry.data is None:
+                    return
+                if _entry_last_seq(entry.data) > last_seq:
+                    return
+                await VisibilityIndex(self.js, self.shard).forget(execution_id)  # listings find it in the index now
+                await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{execution_id}", seq=entry.seq + 1)
+
+        await asyncio.gather(*(drop(x, s) for x, s in settled))
 
     async def _holds_archived(self, tenant: str, project: str, execution_id: str, last_seq: int) -> bool:
         """Whether the WAL still holds a message of the execution at or below ``last_seq`` (one direct get)."""
@@ -436,3 +440,18 @@ class Archiver:
     def _fault(self, point: str) -> None:
         if point in self.faults:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _LastSeq(msgspec.Struct):
+    last_seq: int = 0
+
+
+_last_seq = msgspec.json.Decoder(_LastSeq)
+
+
+def _entry_last_seq(data: bytes) -> int:
+    """The ``last_seq`` of a KV projection entry (a projection or a pointer); unreadable counts as newest."""
+    try:
+        return _last_seq.decode(data).last_seq
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 2**63

@@ -29,13 +29,15 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
-from projector.cache import Pointer, ProjectionCache, SegmentPointer
+from projector.archiveindex import ArchiveIndex
+from projector.cache import CacheEntry, Pointer, ProjectionCache, SegmentPointer
 from projector.errors import ProjectorError
 from projector.snapshots import SegmentRow, SnapshotError, SnapshotStore
 
 DEFAULT_MIN_SEGMENTS = 16  # compact once a shard has this many segments not compacted yet
 DEFAULT_MAX_COMPACTED = 8  # and fold the compacted ones together once there are this many
 DEFAULT_GRACE_S = 600.0
+_UNREADABLE = CacheEntry(revision=0)  # stands for an entry that could not be read: the row is kept
 
 
 class SegmentInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,6 +67,7 @@ class CompactionReport(msgspec.Struct, frozen=True, kw_only=True):
     rows: int
     pointers_moved: int
     deleted: int
+    archived_dropped: int = 0
 
 
 def compaction_settings(env: Mapping[str, str] | None = None) -> tuple[int, float]:
@@ -132,8 +135,14 @@ class Compactor:
         self.max_compacted = max_compacted
         self.grace_s = grace_s
 
-    async def compact(self, shard: int, cache: ProjectionCache, *, force: bool = False) -> CompactionReport | None:
-        """Compact ``shard`` if it has enough segments (or ``force``); None when there was nothing to do."""
+    async def compact(
+        self, shard: int, cache: ProjectionCache, *, force: bool = False, archive: ArchiveIndex | None = None
+    ) -> CompactionReport | None:
+        """Compact ``shard`` if it has enough segments (or ``force``); None when there was nothing to do.
+
+        With ``archive`` (the shard's index of archived executions), rows of executions that were
+        archived (no KV entry, and in the index's id ranges) are left out of the merged segment.
+        """
         manifest = await asyncio.to_thread(read_manifest, self.store, shard)
         deleted = await asyncio.to_thread(self._delete_expired, shard, manifest)
         compacted = {s.segment for s in manifest.segments}
@@ -151,24 +160,50 @@ class Compactor:
             return CompactionReport(segment=None, inputs=0, rows=0, pointers_moved=0, deleted=deleted) if deleted else None
         tables = [await asyncio.to_thread(self.store.read_segment, uri) for uri in inputs]
         rows = merge_rows(tables)
-        uri = await asyncio.to_thread(self.store.write_segment, shard, rows, indexed=True)
-        moved = await self._move_pointers(cache, rows, uri, set(inputs))
+        entries = await self._entries(cache, rows)
+        if archive is not None:
+            # An archived execution's KV entry is gone and its projection is in the archive's index:
+            # its rows here are dropped, so these segments hold the retention window, not all time.
+            index = await archive.manifest(newer_than=time.monotonic())
+            kept = [(row, entry) for row, entry in zip(rows, entries, strict=True)
+                    if entry is not None or not any(s.holds(int(row.execution_id)) for s in index.segments)]
+            dropped = len(rows) - len(kept)
+            rows, entries = [r for r, _ in kept], [e for _, e in kept]
+        else:
+            dropped = 0
+        uri: str | None = None
+        if rows:
+            uri = await asyncio.to_thread(self.store.write_segment, shard, rows, indexed=True)
+        moved = 0 if uri is None else await self._move_pointers(cache, rows, entries, uri, set(inputs))
         now = time.time()
         merged = set(inputs)
-        manifest.segments = [s for s in manifest.segments if s.segment not in merged] + [
-            SegmentInfo(segment=uri, rows=len(rows), min_id=int(rows[0].execution_id), max_id=int(rows[-1].execution_id))
-        ]
+        manifest.segments = [s for s in manifest.segments if s.segment not in merged]
+        if uri is not None:
+            manifest.segments.append(
+                SegmentInfo(segment=uri, rows=len(rows), min_id=int(rows[0].execution_id), max_id=int(rows[-1].execution_id))
+            )
         manifest.superseded += [Superseded(segment=s, at=now) for s in inputs]
         await asyncio.to_thread(write_manifest, self.store, shard, manifest)
-        return CompactionReport(segment=uri, inputs=len(inputs), rows=len(rows), pointers_moved=moved, deleted=deleted)
+        return CompactionReport(segment=uri, inputs=len(inputs), rows=len(rows), pointers_moved=moved, deleted=deleted,
+                                archived_dropped=dropped)  # fmt: skip
 
-    async def _move_pointers(self, cache: ProjectionCache, rows: list[SegmentRow], uri: str, inputs: set[str]) -> int:
+    async def _entries(self, cache: ProjectionCache, rows: list[SegmentRow]) -> list[CacheEntry | None]:
+        gate = asyncio.Semaphore(32)
+
+        async def one(row: SegmentRow) -> CacheEntry | None:
+            async with gate:
+                try:
+                    return await cache.get(row.execution_id)
+                except ProjectorError:
+                    return _UNREADABLE  # an entry system/project cannot read either: kept, never pointed at
+
+        return list(await asyncio.gather(*(one(r) for r in rows)))
+
+    async def _move_pointers(
+        self, cache: ProjectionCache, rows: list[SegmentRow], entries: list[CacheEntry | None], uri: str, inputs: set[str]
+    ) -> int:
         moved = 0
-        for index, row in enumerate(rows):
-            try:
-                entry = await cache.get(row.execution_id)
-            except ProjectorError:
-                continue  # an entry system/project cannot read either: nothing points here through it
+        for index, (row, entry) in enumerate(zip(rows, entries, strict=True)):
             if entry is None or entry.pointer is None or entry.pointer.pointer.segment not in inputs:
                 continue  # inline (folded further), or pointing at a segment this compaction did not merge
             pointer = Pointer(pointer=SegmentPointer(segment=uri, row=index), last_seq=row.last_seq, status=row.status)

@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from locator.subjects import hist_bucket, proj_bucket, wal_stream, wal_subjects
+from projector.archiveindex import ArchiveIndex
 from projector.objects import ObjectRoot
 
 # The events that end an execution: what system/cleanup's consumer sees and `history archive --now` looks for.
@@ -230,6 +231,7 @@ async def shard_stats(js: JetStreamContext, shard: int, root: ObjectRoot) -> Sha
     history, snapshots = await asyncio.to_thread(shard_objects, root, shard)
     return ShardStats(
         shard=shard, wal=wal, executions_in_wal=len(executions), ended_in_wal=len(ended),
-        executions_archived=None if hist is None else hist.keys, proj=await bucket_figures(js, proj_bucket(shard)),
+        executions_archived=None if hist is None else (await ArchiveIndex(js, shard, None).manifest(newer_than=time.monotonic())).rows,
+        proj=await bucket_figures(js, proj_bucket(shard)),
         hist=hist, history_segments=history, snapshot_segments=snapshots,
     )  # fmt: skip

@@ -203,15 +203,15 @@ async def _archive_batch(archiver: Archiver, batch: list[tuple[str, str, str]]) 
 
 
 async def archive_shard(
-    js: JetStreamContext, shard: int, archive: HistoryArchive, *, tenant: str | None, project: str | None,
-    batch: int, progress: Progress, idle_s: float | None = None,
+    js: JetStreamContext, shard: int, archive: HistoryArchive, *, shard_count: int, tenant: str | None,
+    project: str | None, batch: int, progress: Progress, idle_s: float | None = None,
 ) -> ShardArchive:  # fmt: skip
     """Archive the shard's ended executions, ``batch`` per segment, until a fresh look finds none not tried.
 
     The look is repeated because the subject listing is paged: a kernel's
     cleanup purging at the same time can move a page boundary past a subject.
     """
-    archiver = Archiver(js, shard=shard, archive=archive)
+    archiver = Archiver(js, shard=shard, shard_count=shard_count, archive=archive)
     tried: set[tuple[str, str, str]] = set()
     executions = messages = 0
     segments: list[str] = []
@@ -243,7 +243,7 @@ async def archive_now(args: argparse.Namespace, topology: Topology, shards: list
         for urls, group in cell_groups(args, topology, shards):
             async with _cell(urls, topology, group, "noetl-history-archive") as js:
                 for shard in group:
-                    done.append(await archive_shard(js, shard, archive, tenant=tenant, project=project,
+                    done.append(await archive_shard(js, shard, archive, shard_count=topology.shard_count, tenant=tenant, project=project,
                                                     batch=args.batch, progress=progress, idle_s=idle_s))  # fmt: skip
     done.sort(key=lambda s: s.shard)
     return ArchiveSummary(

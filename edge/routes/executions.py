@@ -291,8 +291,11 @@ async def _exists(state: EdgeState, shard: int, tenant: str, project: str, execu
     try:
         await js.get_msg(wal_stream(shard), seq=1, next=True, subject=execution_filter(shard, tenant, project, execution_id))
     except NotFoundError:  # no event of this execution in the WAL (a timeout is not "unknown": it is a 503)
-        ref, _ = await ArchiveIndex(js, shard).get(execution_id)  # or its history was moved to the archive
-        return ref is not None and (ref.tenant, ref.project) == (tenant, project)
+        # or its history was moved to the archive
+        row = await ArchiveIndex(js, shard, state.read.archive.root).get_row(
+            execution_id, tenant=tenant, project=project
+        )
+        return row is not None
     return True
 
 

@@ -122,10 +122,11 @@ class MaterializePlugin:
         if self._written[ctx.shard] < self.compact_segments:
             return
         self._written[ctx.shard] = 0
-        report = await self.compactor(store).compact(ctx.shard, cache)
+        report = await self.compactor(store).compact(ctx.shard, cache, archive=ctx.archive_index())
         if report is not None:
             ctx.log.info("segments.compacted", segment=report.segment, inputs=report.inputs, rows=report.rows,
-                         pointers_moved=report.pointers_moved, deleted=report.deleted)
+                         pointers_moved=report.pointers_moved, deleted=report.deleted,
+                         archived_dropped=report.archived_dropped)  # fmt: skip
 
     def compactor(self, store: SnapshotStore) -> Compactor:
         return Compactor(store, min_segments=self.compact_segments, grace_s=self.compact_grace_s)

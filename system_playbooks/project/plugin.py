@@ -23,7 +23,7 @@ from projector.cache import (
     pointer_to,
 )
 from projector.fold import WalEvent, fold
-from projector.projection import Projection, canonical
+from projector.projection import Projection, canonical, decode_projection
 from projector.replay import entry_projection
 from projector.snapshots import SegmentRow
 from projector.visibility import summarize
@@ -79,6 +79,12 @@ class ProjectPlugin:
         entry: CacheEntry | None,
     ) -> list[Reject]:
         base = await entry_projection(entry, ctx.snapshots())
+        if entry is None and (archived := ctx.archive_index()) is not None:
+            # No KV entry: a new execution, or one system/cleanup archived (its entry went once its index row
+            # was recorded): a late event is folded onto the archived projection, never onto a fresh one.
+            row = await archived.get_row(execution_id)
+            if row is not None and row.status:
+                base = decode_projection(row.projection)
         owner = (base.tenant, base.project) if base else (events[0].env.tenant, events[0].env.project)
         # The cache is keyed by execution id alone: an id reused by another tenant/project on this shard
         # cannot be folded here, and must not block the shard either.

@@ -15,11 +15,18 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from locator.shard import shard_for
+from locator.subjects import proj_bucket
 from locator.urn import Urn
 from projector.archive import Archiver, ArchiveIndex, HistoryArchive, read_stored
+from projector.cache import KvProjectionCache
+from projector.fold import fold
+from projector.projection import canonical
+from projector.replay import history
 from tests.e2e.conftest import EXAMPLES, SHARDS, Stack, check_invariant, executions_url, wal_events
 
 TENANT = "archived"
@@ -93,10 +100,10 @@ async def test_an_archived_execution_reads_as_before(stack: Stack, stack_js: Jet
     archive = HistoryArchive.at(f"file://{stack.data_dir.absolute()}/objects")
     for project, execution_id in runs.items():
         shard = shard_for(TENANT, project, "", SHARDS)
-        report = await Archiver(stack_js, shard=shard, archive=archive).archive_executions([(TENANT, project, execution_id)])
+        report = await Archiver(stack_js, shard=shard, shard_count=SHARDS, archive=archive).archive_executions([(TENANT, project, execution_id)])
         assert report.executions == 1
         assert await read_stored(stack_js, shard=shard, tenant=TENANT, project=project, execution_id=execution_id) == []
-        ref, _ = await ArchiveIndex(stack_js, shard).get(execution_id)
+        ref, _ = await ArchiveIndex(stack_js, shard, archive.root).get(execution_id)
         assert ref is not None and ref.count >= len(before[project][0])
 
     for project, execution_id in runs.items():
@@ -105,3 +112,36 @@ async def test_an_archived_execution_reads_as_before(stack: Stack, stack_js: Jet
         for key in was:
             assert now[key] == was[key], f"{project}: {key} differs after archiving"
         assert was["check"][0] == 0
+
+    # The KV entries of archived executions are gone: the index of archived executions serves them.
+    for project, execution_id in runs.items():
+        bucket = proj_bucket(shard_for(TENANT, project, "", SHARDS))
+        with pytest.raises(NotFoundError):
+            await stack_js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}")
+
+    # A late event re-opens the archived projection (never a fresh one): folded onto it, terminal status kept.
+    project, execution_id = next(iter(runs.items()))
+    url = executions_url(TENANT, project, execution_id)
+    resp = await edge.post(url + "/events", json={"type": "user.late", "payload": {"n": 1}})
+    assert resp.status_code == 200, resp.text
+    late_seq = resp.json()["acks"][0]["seq"]
+    resp = await edge.get(url, params={"min_seq": late_seq})
+    assert resp.status_code == 200, resp.text
+    was = before[project][1]["projection"]
+    served = resp.json()
+    assert served["status"] == was["status"] == "COMPLETED" and served["steps"] == was["steps"]
+    assert served["event_count"] == was["event_count"] + 1 and served["last_seq"] == late_seq
+    shard = shard_for(TENANT, project, "", SHARDS)
+    events = [e async for e in history(stack_js, shard=shard, shard_count=SHARDS, tenant=TENANT, project=project,
+                                       execution_id=execution_id, archive=archive)]  # fmt: skip
+    assert [e.seq for e in events][-1] == late_seq
+    assert served == json.loads(canonical(fold(None, events)))  # type: ignore[arg-type]
+    # ...and the kernel's KV entry holds the same, folded by system/project onto the archived projection.
+    cache = await KvProjectionCache.open(stack_js, shard)
+    for _ in range(200):
+        entry = await cache.get(execution_id)
+        if entry is not None and entry.last_seq == late_seq:
+            break
+        await asyncio.sleep(0.05)
+    assert entry is not None and entry.projection is not None
+    assert canonical(entry.projection) == canonical(fold(None, events))  # type: ignore[arg-type]

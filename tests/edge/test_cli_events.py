@@ -341,7 +341,7 @@ async def test_since_seq_reads_what_retention_archived_in_seq_order(
         seqs.append(await publish(js, topology, "web", "user.note", execution_id=execution, payload={"n": n}))
     seqs.append(await publish(js, topology, "web", "execution.completed", execution_id="8"))
     archive = HistoryArchive.at(f"file://{tmp_path}/objects")
-    report = await Archiver(js, shard=shard, archive=archive).archive_executions([(TENANT, "web", "8")])
+    report = await Archiver(js, shard=shard, shard_count=4, archive=archive).archive_executions([(TENANT, "web", "8")])
     assert report.executions == 1 and report.messages == 4
     seqs.append(await publish(js, topology, "web", "user.note", execution_id="9", payload={"n": 6}))
     t = tail("--shard", str(shard), "--since-seq", str(seqs[1]), "--count", str(len(seqs) - 1), "--jsonl",

@@ -116,3 +116,27 @@ def test_compaction_settings_are_checked() -> None:
     for bad in ({"NOETL_COMPACT_SEGMENTS": "x"}, {"NOETL_COMPACT_SEGMENTS": "1"}, {"NOETL_COMPACT_GRACE": "-1"}):
         with pytest.raises(ProjectorError, match="NOETL_COMPACT"):
             compaction_settings(bad)
+
+
+async def test_rows_of_archived_executions_are_left_out(js: JetStreamContext, tmp_path: Path) -> None:
+    """Once system/cleanup archived an execution (its KV entry gone, its row in the archive's index), compaction
+    drops its rows: the projection segments hold the retention window, not every execution ever run."""
+    from projector.archiveindex import ArchiveIndex, IndexRow
+    from projector.objects import ObjectRoot
+
+    store = SnapshotStore(f"file://{tmp_path}/objects")
+    cache = await KvProjectionCache.open(js, SHARD)
+    for batch in range(4):
+        store.write_segment(SHARD, [row(2000 + batch * 5 + i, 3) for i in range(5)])
+    archived = {2000, 2001, 2002, 2007}
+    for x in range(2000, 2019):  # 2019 has no KV entry either, but was never archived: its row stays
+        if x not in archived:
+            await cache.put(str(x), Projection(execution_id=str(x), tenant="acme", project="web", last_seq=3), revision=None)
+    index = ArchiveIndex(js, SHARD, ObjectRoot(store.base_url))
+    await index.record([IndexRow(**{f: getattr(row(x, 3), f) for f in SegmentRow.__struct_fields__}, history="{}")
+                        for x in sorted(archived)])  # fmt: skip
+    report = await Compactor(store, min_segments=2, grace_s=3600).compact(SHARD, cache, archive=index)
+    assert report is not None and report.segment is not None and report.archived_dropped == len(archived)
+    table = pyarrow.ipc.open_file(report.segment.removeprefix("file://")).read_all()
+    assert table.column("execution_id").to_pylist() == [str(x) for x in range(2000, 2020) if x not in archived]
+    assert report.rows == 20 - len(archived)

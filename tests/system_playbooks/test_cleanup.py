@@ -81,7 +81,7 @@ async def test_ended_executions_are_archived_verified_and_purged(
                 consumer="cleanup", fetch_wait=0.2, types=manifest.types)
     stop = asyncio.Event()
     task = asyncio.create_task(pump.run(stop))
-    index = ArchiveIndex(js, SHARD)
+    index = ArchiveIndex(js, SHARD, archive.root)
     try:
         deadline = time.monotonic() + 30
         while (await index.get("1"))[0] is None or (await index.get("2"))[0] is None or await wal_count(js, "2"):
@@ -135,6 +135,6 @@ async def test_retention_off_holds_the_consumer(js: JetStreamContext, topology: 
     await asyncio.sleep(1.0)
     stop.set()
     await asyncio.wait_for(task, 10)  # a held pump still stops at once
-    assert await wal_count(js, "9") == 1 and (await ArchiveIndex(js, SHARD).get("9"))[0] is None
+    assert await wal_count(js, "9") == 1 and (await ArchiveIndex(js, SHARD, None).get("9"))[0] is None
     info = await js.consumer_info(wal_stream(SHARD), "cleanup_" + str(SHARD))
     assert info.ack_floor.stream_seq == 0  # not acked: turning retention on later archives it
