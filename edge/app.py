@@ -22,8 +22,8 @@ from edge.readpath import ReadPath
 from edge.routes import control, credentials, executions, playbooks, spec, stream, system, timeline
 from edge.routes import console, deadletters
 from edge.routes import results as result_routes
-from edge.routes.listing import routes as listing_routes
 from edge.routes import schedules as schedule_routes
+from edge.routes.listing import routes as listing_routes
 from edge.state import EdgeState
 from kernel.bootstrap import check_topology
 from kernel.errors import PublishError
