@@ -221,8 +221,11 @@ async def fold_lag(js: JetStreamContext, *, timeout: float = 60.0) -> int:
     return pending
 
 
-async def hist_keys(nc: NATS) -> int:
-    return sum([int((await stream_state(nc, f"KV_{hist_bucket(s)}")).get("num_subjects", 0)) for s in range(SHARDS)])
+async def archived_count(js: JetStreamContext) -> int:
+    """Rows of the shards' indexes of archived executions (their manifests: one KV key a shard)."""
+    from projector.archiveindex import ArchiveIndex
+
+    return sum([(await ArchiveIndex(js, s, None).manifest(newer_than=time.monotonic())).rows for s in range(SHARDS)])
 
 
 @dataclass
@@ -230,7 +233,7 @@ class Series:
     """Samples over time, one list per figure."""
 
     names: tuple[str, ...] = (
-        "published_events", "wal_messages", "wal_subjects", "wal_deleted", "wal_consumers", "proj_keys", "hist_keys",
+        "published_events", "wal_messages", "wal_subjects", "wal_deleted", "wal_consumers", "proj_keys", "hist_keys", "archived",
         "nats_rss_mb", "up_rss_mb", "history_bytes", "history_files", "segment_bytes", "segment_files",
     )  # fmt: skip
     t: list[float] = field(default_factory=list)
@@ -280,6 +283,7 @@ class Sampler:
             "wal_consumers": sum(int(w.get("consumer_count", 0)) for w in wal),
             "proj_keys": sum(int(p.get("num_subjects", 0)) for p in proj),
             "hist_keys": sum(int(h.get("num_subjects", 0)) for h in hist),
+            "archived": await archived_count(self.nc.jetstream()),
             "nats_rss_mb": rss_mb(self.nats_pid),
             "up_rss_mb": rss_mb(self.up.proc.proc.pid),
             "history_bytes": history_bytes,
@@ -411,7 +415,7 @@ async def hold_back(js: JetStreamContext, nc: NATS, ex: Executions, args: argpar
         try:
             lag = await fold_lag(js)
             due = max((n for at, n in ex.completed_at if at + due_after <= t), default=0)
-            overdue = due - await hist_keys(nc) if due else 0
+            overdue = due - await archived_count(js) if due else 0
         except nats.errors.TimeoutError:
             # nats-server too busy to answer within the timeout: that is a reason to hold back too.
             held.nats_timeouts += 1
@@ -601,7 +605,7 @@ async def run(up: Up, args: argparse.Namespace) -> dict[str, Any]:
             row = await sampler.sample(verbose=True)
             if row is not None:
                 final = row
-                if row["hist_keys"] >= executions and row["wal_messages"] == 0:
+                if row["archived"] >= executions and row["wal_messages"] == 0:
                     drained = True
                     break
             if time.monotonic() - t_drain >= args.drain_timeout:
@@ -611,14 +615,14 @@ async def run(up: Up, args: argparse.Namespace) -> dict[str, Any]:
         if final is None:
             raise RuntimeError(f"nats-server answered no stream info for {drain_s:.0f}s after publishing")
         # Which executions the archive holds (all of them once drained), each with its published event count.
-        archived = await archived_ordinals(js, ex, per, drained)
+        archived = await archived_ordinals(js, up.data_dir / "objects", ex, per, drained)
         log(f"archive {'caught up' if drained else 'did NOT catch up'} in {drain_s:.1f}s; "
             f"{len(archived):,} archived executions checked; reading")  # fmt: skip
         reads = await read_phase(js, up, ex, per, archived, args)
         load.append(round(os.getloadavg()[0], 2))
     finally:
         await close(nc)
-    archived_events = final["hist_keys"] * per
+    archived_events = final["archived"] * per
     out: dict[str, Any] = {
         "bench": "soak",
         "events": events,
@@ -671,11 +675,13 @@ async def run(up: Up, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def archived_ordinals(js: JetStreamContext, ex: Executions, per: int, drained: bool) -> list[int]:
+async def archived_ordinals(js: JetStreamContext, objects: Path, ex: Executions, per: int, drained: bool) -> list[int]:
     """The ordinals of archived executions; each checked: its ref holds all ``per`` events up to its last acked seq."""
     from projector.archive import ArchiveIndex
+    from projector.objects import ObjectRoot
 
-    indexes = {p: ArchiveIndex(js, shard_for(TENANT, p, "", SHARDS)) for p in set(ex.projects)}
+    root = ObjectRoot(f"file://{objects.absolute()}")
+    indexes = {p: ArchiveIndex(js, shard_for(TENANT, p, "", SHARDS), root) for p in set(ex.projects)}
     # Once drained every execution is archived: check a random sample of them (a full check is M round trips).
     candidates = random.Random(16).sample(range(len(ex.ids)), min(len(ex.ids), 2000)) if drained else range(len(ex.ids))
     out: list[int] = []
@@ -683,7 +689,7 @@ async def archived_ordinals(js: JetStreamContext, ex: Executions, per: int, drai
         ref, _ = await indexes[ex.projects[i]].get(ex.ids[i])
         if ref is None:
             if drained:
-                raise RuntimeError(f"execution {ex.ids[i]} has no archive ref although hist keys = executions")
+                raise RuntimeError(f"execution {ex.ids[i]} has no archive ref although the indexes hold every execution")
             continue
         if (ref.count, ref.last_seq) != (per, ex.last_seq[i]):
             raise RuntimeError(f"archive ref of {ex.ids[i]}: (count, last_seq) {(ref.count, ref.last_seq)}, "

@@ -97,7 +97,7 @@ def create_app(
     >>> app = create_app(topology=default_topology(), snapshots=SnapshotStore("file:///tmp/objects"),
     ...                  tokens=[TokenSpec(name="t", role="read", tenants=("*",), token="x")])
     >>> sorted({r.path for r in app.routes})[:3]
-    ['/api/v1/callbacks/{token}', '/api/v1/locate', '/api/v1/tenants/{tenant}/projects/{project}/credentials']
+    ['/api/v1/callbacks/{token}', '/api/v1/dead-letters', '/api/v1/locate']
 
     ``policy`` is what tenants' playbooks may reach (python module prefixes, http hosts);
     the default allows neither. ``results`` holds large step results (default: beside the snapshots).

@@ -90,7 +90,7 @@ def test_every_registered_command_is_covered() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {  # type: ignore[arg-type]
         "up", "kernel", "edge", "worker", "publish", "locate", "playbook", "plugin", "run", "cancel", "result", "cluster",
-        "replay", "events", "history", "credential", "schedule",
+        "replay", "events", "history", "credential", "schedule", "executions",
     }
 
 
