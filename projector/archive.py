@@ -290,6 +290,7 @@ class ArchiveReport(NamedTuple):
     executions: int
     messages: int
     segment: str | None
+    unfolded: int = 0  # executions left for later: system/project had not folded their last events yet
 
 
 def index_row(ex: ArchivedExecution, ref: ArchiveRef, before: IndexRow | None, *, shard_count: int) -> IndexRow:
@@ -344,6 +345,7 @@ class Archiver:
         index = self.index
         gate = asyncio.Semaphore(self.concurrency)
         settled: list[tuple[str, int]] = []  # (execution id, archived last seq): KV entries that may go
+        unfolded: list[str] = []
 
         async def pending(tenant: str, project: str, execution_id: str) -> tuple[ArchivedExecution, IndexRow | None] | None:
             async with gate:
@@ -360,13 +362,16 @@ class Archiver:
                         await self._purge(tenant, project, execution_id, ref.last_seq)  # a crash left archived events behind
                     if not messages:
                         settled.append((execution_id, ref.last_seq))  # and perhaps its KV entry
+                if messages and await self._behind(execution_id, messages):
+                    unfolded.append(execution_id)  # its KV entry would be written again after we drop it
+                    return None
                 return (ArchivedExecution(tenant, project, execution_id, messages), row) if messages else None
 
         unique = list(dict.fromkeys(executions))
         found = [p for p in await asyncio.gather(*(pending(*x) for x in unique)) if p is not None]
         if not found:
             await self._drop_entries(settled, gate)
-            return ArchiveReport(0, 0, None)
+            return ArchiveReport(0, 0, None, len(unfolded))
         uri, parts = await asyncio.to_thread(self.archive.write_segment, self.shard, [f[0] for f in found])
         self._fault("after_write")
         await asyncio.to_thread(self.archive.verify_segment, uri, list(parts.values()))
@@ -395,7 +400,25 @@ class Archiver:
             await index.merge(grace_s=self.merge_grace_s)
         else:
             await index.merge()
-        return ArchiveReport(len(found), sum(len(f[0].messages) for f in found), uri)
+        return ArchiveReport(len(found), sum(len(f[0].messages) for f in found), uri, len(unfolded))
+
+    async def _behind(self, execution_id: str, messages: Sequence[StoredMessage]) -> bool:
+        """Whether the execution's KV entry exists but has not folded its last event yet (poison aside)."""
+        bucket = proj_bucket(self.shard)
+        try:
+            entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
+        except NotFoundError:
+            return False  # none: a fold that comes later starts from the archive's row, and writes nothing old
+        if entry.data is None:
+            return False
+        last = 0
+        for m in messages:
+            try:
+                decode_wal_message(m.subject, m.data, shard_count=self.shard_count)
+            except EnvelopeError:
+                continue
+            last = m.seq
+        return _entry_last_seq(entry.data) < last
 
     async def _drop_entries(self, settled: Sequence[tuple[str, int]], gate: asyncio.Semaphore) -> None:
         """Remove the KV entries (``proj_<shard>``) of archived executions: the index row holds their projection now.

@@ -94,6 +94,9 @@ class CleanupPlugin:
                 ctx.log.info(
                     "history.archived", executions=report.executions, messages=report.messages, segment=report.segment
                 )
+            if report.unfolded:
+                # Archived now, system/project's late write would put a KV entry back for good: wait for it.
+                raise Retry(f"{report.unfolded} executions are not folded by system/project yet", delay=0.5)
         if waiting:
             wait = min(ended_at(e) for e in waiting) + retention - now + self.policy.slack
             raise Retry(f"{len(waiting)} ended executions are not due yet", delay=max(0.05, min(MAX_WAIT_S, wait)))
