@@ -31,7 +31,7 @@ from projector.archive import Archiver, HistoryArchive
 from projector.snapshots import SnapshotStore
 from projector.visibility import key_of
 from locator.subjects import vis_bucket
-from tests.e2e.conftest import EXAMPLES, SHARDS, Stack, executions_url
+from tests.e2e.conftest import EXAMPLES, SHARDS, Stack, executions_url, wal_events
 
 A, B, PROJECT = "vis-a", "vis-b", "p"
 # What each raw execution publishes, by the status it ends in (steps: step.enter/step.exit pairs).
@@ -220,7 +220,16 @@ async def test_archived_executions_are_still_listed(stack: Stack, stack_js: JetS
         x = ids.next_str()
         await publish(stack_js, tenant, "", x, status)
         want[x] = status
-    before = await until_listed(edge, tenant, want)
+    await until_listed(edge, tenant, want)
+    # Listed with its status is not yet folded to the end: wait until each summary is at its WAL's last seq.
+    last = {x: (await wal_events(stack_js, tenant, PROJECT, x))[-1].seq for x in want}
+    deadline = time.monotonic() + 60
+    while True:
+        before, _ = await list_all(edge, tenant, limit=500)
+        if {r["execution_id"]: r["last_seq"] for r in before} == last:
+            break
+        assert time.monotonic() < deadline, f"listing never caught up with the WAL: {before} vs {last}"
+        await asyncio.sleep(0.1)
     shard = shard_for(tenant, PROJECT, "", SHARDS)
     await asyncio.sleep(1.5)  # materialize lingers 1 s
     archive = HistoryArchive.at(f"file://{stack.data_dir.absolute()}/objects")

@@ -77,13 +77,14 @@ class Kernel:
         """Die without releasing anything: the task is cancelled and the connection dropped."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            # Bounded: a teardown must not hang the suite when a loaded host delays the cancellation.
+            await asyncio.wait({self.task}, timeout=10)
         await self._close()
 
     async def _close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
-            await close(self.nc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(close(self.nc), 10)
 
 
 StartKernel = Callable[..., Awaitable[Kernel]]
