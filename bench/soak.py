@@ -614,6 +614,9 @@ async def run(up: Up, args: argparse.Namespace) -> dict[str, Any]:
         drain_s = time.monotonic() - t_drain
         if final is None:
             raise RuntimeError(f"nats-server answered no stream info for {drain_s:.0f}s after publishing")
+        leftover = await proj_leftover(js, up.data_dir / "objects") if final["proj_keys"] else []
+        if leftover:
+            log(f"{final['proj_keys']} KV projection entries left after archiving, e.g. {leftover[:3]}")
         # Which executions the archive holds (all of them once drained), each with its published event count.
         archived = await archived_ordinals(js, up.data_dir / "objects", ex, per, drained)
         log(f"archive {'caught up' if drained else 'did NOT catch up'} in {drain_s:.1f}s; "
@@ -650,6 +653,7 @@ async def run(up: Up, args: argparse.Namespace) -> dict[str, Any]:
         "drain": {"seconds": round(drain_s, 1), "drained": drained, "timeout_s": args.drain_timeout},
         "samples_missed": sampler.missed,
         "final": final,
+        "proj_leftover": leftover,
         "objects": {
             "archived_events": archived_events,
             "history_bytes": final["history_bytes"],
@@ -672,6 +676,32 @@ async def run(up: Up, args: argparse.Namespace) -> dict[str, Any]:
     s = sampler.series
     out["series"] = {"t": s.t, "phase": s.phase, **s.values, "wal_messages_per_stream": s.wal_messages_per_stream,
                      "wal_subjects_per_stream": s.wal_subjects_per_stream}  # fmt: skip
+    return out
+
+
+async def proj_leftover(js: JetStreamContext, objects: Path, limit: int = 20) -> list[dict[str, Any]]:
+    """KV projection entries still there after archiving (there should be none): each beside its index row."""
+    from projector.archive import ArchiveIndex
+    from projector.objects import ObjectRoot
+
+    root = ObjectRoot(f"file://{objects.absolute()}")
+    out: list[dict[str, Any]] = []
+    for shard in range(SHARDS):
+        kv = await js.key_value(proj_bucket(shard))
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            continue
+        index = ArchiveIndex(js, shard, root)
+        for key in keys[: limit - len(out)]:
+            msg = await js.get_last_msg(f"KV_{proj_bucket(shard)}", f"$KV.{proj_bucket(shard)}.{key}")
+            entry = json.loads(msg.data or b"{}")
+            row = await index.get_row(key)
+            out.append({"shard": shard, "execution_id": key, "entry_last_seq": entry.get("last_seq"),
+                        "entry_kind": "pointer" if "pointer" in entry else "inline", "entry_seq": msg.seq,
+                        "entry_at": msg.headers.get("Nats-Time-Stamp") if msg.headers else None,
+                        "archived_last_seq": None if row is None else row.last_seq,
+                        "archived_at": None if row is None else row.ref.archived_at})  # fmt: skip
     return out
 
 

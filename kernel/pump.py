@@ -26,7 +26,7 @@ from opentelemetry import trace
 from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT, dead_letter, header_text
 from kernel.host import Plugin, Reject, Retry, ShardContext
 from locator.envelope import EnvelopeError, decode_wal_message, poison_reason
-from locator.subjects import wal_stream, wal_subjects
+from locator.subjects import wal_consumer, wal_stream, wal_subjects
 from projector.fold import WalEvent
 
 __all__ = ["DLQ_CONSUMER", "DLQ_REASON", "DLQ_SEQ", "DLQ_STREAM", "DLQ_SUBJECT", "Pump", "PumpStats", "stream_seq"]
@@ -114,7 +114,7 @@ class Pump:
         self.shard_count = shard_count
         self.plugin = plugin
         self.ctx = ctx
-        self.durable = f"{consumer}_{shard}"
+        self.durable = wal_consumer(consumer, shard)
         self.stream = wal_stream(shard)
         self.max_batch = max_batch
         self.linger = linger

@@ -47,6 +47,11 @@ def vis_bucket(shard: int) -> str:
     return f"vis_{shard}"
 
 
+def wal_consumer(consumer: str, shard: int) -> str:
+    """The durable name of a system playbook's consumer on ``WAL_<shard>`` (``project`` → ``project_3``)."""
+    return f"{consumer}_{shard}"
+
+
 def wal_subjects(shard: int) -> str:
     """The subject filter a shard's WAL stream captures."""
     return f"wal.{shard}.>"

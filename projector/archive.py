@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from locator.envelope import EnvelopeError, decode_wal_message
-from locator.subjects import execution_filter, proj_bucket, wal_stream
+from locator.subjects import execution_filter, proj_bucket, wal_consumer, wal_stream
 from projector.archiveindex import ArchiveError, ArchiveIndex, ArchivePart, ArchiveRef, IndexRow, encode_ref
 from projector.errors import ProjectorError
 from projector.fold import WalEvent, fold
@@ -62,6 +62,9 @@ HISTORY_SCHEMA = pa.schema(
 )
 # Rows per record batch: a point read decompresses the batches that hold one execution, not the segment.
 BATCH_ROWS = 1024
+# How often an archived execution's KV entry is read and purged before it is left: each new round needs a
+# write made from the revision purged before (a pointer to the same projection), so two nearly always do.
+DROP_ATTEMPTS = 4
 _BATCH_ROWS_KEY = b"noetl.batch_rows"
 
 
@@ -339,6 +342,7 @@ class Archiver:
         self.concurrency = concurrency
         self.merge_grace_s = merge_grace_s
         self.faults: set[str] = set()  # fault injection points for crash tests (see system/cleanup)
+        self._folded_through: asyncio.Future[int | None] | None = None
 
     async def archive_executions(self, executions: Sequence[tuple[str, str, str]]) -> ArchiveReport:
         """Archive everything the WAL holds of each (tenant, project, execution id) beyond its archived part."""
@@ -367,6 +371,7 @@ class Archiver:
                     return None
                 return (ArchivedExecution(tenant, project, execution_id, messages), row) if messages else None
 
+        self._folded_through = None  # system/project's ack floor, asked once per call (see _behind)
         unique = list(dict.fromkeys(executions))
         found = [p for p in await asyncio.gather(*(pending(*x) for x in unique)) if p is not None]
         if not found:
@@ -403,14 +408,13 @@ class Archiver:
         return ArchiveReport(len(found), sum(len(f[0].messages) for f in found), uri, len(unfolded))
 
     async def _behind(self, execution_id: str, messages: Sequence[StoredMessage]) -> bool:
-        """Whether the execution's KV entry exists but has not folded its last event yet (poison aside)."""
-        bucket = proj_bucket(self.shard)
-        try:
-            entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
-        except NotFoundError:
-            return False  # none: a fold that comes later starts from the archive's row, and writes nothing old
-        if entry.data is None:
-            return False
+        """Whether system/project may still write the execution's KV entry for what the archive is about to hold.
+
+        With an entry: it has not folded the last event yet (poison aside). Without one: system/project has
+        not acked the last event yet — a fold in flight that read no entry (and no index row, not recorded
+        yet) would create the entry after the archiver dropped it, and nothing would drop it again.
+        Without a system/project consumer (no kernel runs this shard) nothing writes it.
+        """
         last = 0
         for m in messages:
             try:
@@ -418,7 +422,29 @@ class Archiver:
             except EnvelopeError:
                 continue
             last = m.seq
+        bucket = proj_bucket(self.shard)
+        try:
+            entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
+        except NotFoundError:
+            floor = await self._project_ack_floor()
+            return floor is not None and floor < last
+        if entry.data is None:
+            return False
         return _entry_last_seq(entry.data) < last
+
+    async def _project_ack_floor(self) -> int | None:
+        """The WAL seq up to which system/project has acked everything (None: it has no consumer here)."""
+        if self._folded_through is None:
+
+            async def ask() -> int | None:
+                try:
+                    info = await self.js.consumer_info(wal_stream(self.shard), wal_consumer("project", self.shard))
+                except NotFoundError:
+                    return None
+                return info.ack_floor.stream_seq if info.ack_floor is not None else 0
+
+            self._folded_through = asyncio.ensure_future(ask())
+        return await asyncio.shield(self._folded_through)
 
     async def _drop_entries(self, settled: Sequence[tuple[str, int]], gate: asyncio.Semaphore) -> None:
         """Remove the KV entries (``proj_<shard>``) of archived executions: the index row holds their projection now.
@@ -430,16 +456,22 @@ class Archiver:
 
         async def drop(execution_id: str, last_seq: int) -> None:
             async with gate:
-                try:
-                    entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
-                except NotFoundError:
-                    return
-                if entry.seq is None or entry.data is None:
-                    return
-                if _entry_last_seq(entry.data) > last_seq:
-                    return
-                await VisibilityIndex(self.js, self.shard).forget(execution_id)  # listings find it in the index now
-                await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{execution_id}", seq=entry.seq + 1)
+                forgotten = False
+                # Again while something is there: system/materialize (or compaction) may have replaced the
+                # entry read with a pointer to the same projection meanwhile, which the bounded purge keeps.
+                for _ in range(DROP_ATTEMPTS):
+                    try:
+                        entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
+                    except NotFoundError:
+                        return
+                    if entry.seq is None or entry.data is None:
+                        return
+                    if _entry_last_seq(entry.data) > last_seq:
+                        return
+                    if not forgotten:
+                        await VisibilityIndex(self.js, self.shard).forget(execution_id)  # listed from the index now
+                        forgotten = True
+                    await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{execution_id}", seq=entry.seq + 1)
 
         await asyncio.gather(*(drop(x, s) for x, s in settled))
 

@@ -170,7 +170,9 @@ async def test_catchup_after_the_kernel_was_paused(
     for schedule_id in ("last", "none"):
         await cli(url, data_dir, "schedule", "delete", schedule_id, "--tenant", TENANT, "--project", project)
 
-    # Ticks surely missed: due while the kernel was stopped and older than the grace when it went on.
+    # Ticks surely missed: due while the kernel was stopped and older than the grace when it went on. (The
+    # kernel decides a little after it goes on, later still on a loaded machine, so a tick or two after
+    # these may be missed too; and a tick fired on time may be published more than the grace after it.)
     missed = list(range((stopped_at // 2000 + 1) * 2000, continued_at - grace * 1000, 2000))
     assert len(missed) >= 4
     for schedule_id in ("last", "none"):
@@ -180,8 +182,8 @@ async def test_catchup_after_the_kernel_was_paused(
         on_time = [f.tick_ms for f in ticks if f.published_ms - f.tick_ms <= grace * 1000]
         assert any(t < stopped_at for t in on_time) and any(t > continued_at for t in on_time), logs_of(procs)
         if schedule_id == "last":
-            # One catch-up run: the newest missed tick, and none of the older ones.
-            assert len(late) == 1 and late[0] >= missed[-1], (late, missed)
-            assert not set(missed[:-1]) & {f.tick_ms for f in ticks}
+            # One catch-up run: the newest missed tick (published late, as a missed tick is), none of the older ones.
+            assert any(t >= missed[-1] for t in late), (late, missed)
+            assert not set(missed[:-1]) & {f.tick_ms for f in ticks}, (late, missed)
         else:
-            assert late == [] and not set(missed) & {f.tick_ms for f in ticks}, (late, missed)
+            assert not set(missed) & {f.tick_ms for f in ticks}, (late, missed)
