@@ -332,7 +332,7 @@ class Worker:
             f"{command.command_id}:claimed:{d.number}",
             command.attempt + d.number - 1,
             payload={"command_id": command.command_id, "iteration": command.iteration, "delivery": d.number,
-                     "worker": self.worker_id},
+                     "worker": self.worker_id, "pool": self.pool},
         )  # fmt: skip
         return command, claimed
 

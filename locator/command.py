@@ -61,6 +61,8 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     tool: dict[str, Any]
     timeout: float | None = None
     issued_ts: str = ""
+    # The pool it was issued to (its subject's last token); absent from commands issued before pools.
+    pool: str = DEFAULT_POOL
 
 
 class Timer(msgspec.Struct, frozen=True, kw_only=True):

@@ -102,9 +102,12 @@ def _apply_step(p: Projection, env: Envelope, kind: str) -> None:
         return
     step.status = status
     payload = env.payload
+    if kind in ("command.issued", "command.claimed"):
+        _apply_queue(step, env)
     if status == "RUNNING" and step.started_at is None:
         step.started_at = env.ts
     elif status == "COMPLETED":
+        step.queued = msgspec.UNSET
         step.ended_at = env.ts
         step.result = payload.get("result")
         step.result_ref = env.result_ref
@@ -112,9 +115,26 @@ def _apply_step(p: Projection, env: Envelope, kind: str) -> None:
     elif status == "ERROR":
         step.error = payload.get("error", payload or None)
     elif status == "FAILED":
+        step.queued = msgspec.UNSET
         step.ended_at = env.ts
         if "error" in payload:
             step.error = payload["error"]
+
+
+def _apply_queue(step: StepState, env: Envelope) -> None:
+    """A command issued to a pool waits there until a worker's first claim of it (delivery 1).
+
+    A claim of a later delivery is the same command again (its worker died), not one more taken off
+    the queue; a command whose first delivery died before claiming stays counted until the step ends.
+    """
+    payload = env.payload
+    if env.type == "command.issued":
+        pool = payload.get("pool")
+        if isinstance(pool, str):
+            step.pool = pool
+            step.queued = (0 if isinstance(step.queued, msgspec.UnsetType) else step.queued) + 1
+    elif isinstance(step.queued, int) and payload.get("delivery", 1) == 1:
+        step.queued = step.queued - 1 or msgspec.UNSET
 
 
 def _apply_links(p: Projection, env: Envelope) -> None:

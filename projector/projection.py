@@ -23,6 +23,10 @@ class StepState(msgspec.Struct, kw_only=True):
     result: Any = None
     result_ref: str | None = None
     error: Any = None
+    # The worker pool of its latest command, and how many of its commands wait there unclaimed (present
+    # while any does: a pool nobody serves shows here). Absent for steps issued before pools.
+    pool: str | msgspec.UnsetType = msgspec.UNSET
+    queued: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class UserEvent(msgspec.Struct, kw_only=True):

@@ -97,10 +97,12 @@ def summarize(env: Envelope) -> str:
         if isinstance(p.get("iterations"), int):
             text += f", {p['iterations']} iterations"
     elif kind == "command.issued":
-        text = f"{p.get('kind', '?')} command {p.get('command_id', '?')}"
+        text = f"{p.get('kind', '?')} command {p.get('command_id', '?')}" + (
+            f", queued for pool {p['pool']}" if isinstance(p.get("pool"), str) else "")
     elif kind == "command.claimed":
         text = f"claimed {env.causation_id or p.get('command_id', '?')}" + (
-            f" by {p['worker']}" if isinstance(p.get("worker"), str) else "")
+            f" by {p['worker']}" if isinstance(p.get("worker"), str) else "") + (
+            f" in pool {p['pool']}" if isinstance(p.get("pool"), str) else "")
     elif kind == "command.completed" and isinstance(p.get("timer"), str):
         text = f"timer {p['timer']} fired" + _iteration(p)
     elif kind in ("step.exit", "command.completed"):

@@ -250,7 +250,8 @@ def _worker(sub: Subparsers) -> None:
         "redelivered after NOETL_WORKER_ACK_WAIT seconds (default 30).",
     )
     p.add_argument("--pool", default="shared",
-                   help="the worker pool to serve (default shared; the orchestrator sends every command to shared for now)")
+                   help="the worker pool to serve: the commands of steps with `pool: NAME` (default shared, the pool of "
+                        "steps that name none; timer is reserved)")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="commands run at once (env NOETL_WORKER_CONCURRENCY; default 4)")
     p.add_argument("--data-dir", type=Path, default=None,

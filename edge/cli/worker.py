@@ -10,6 +10,8 @@ import signal
 from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology
 from kernel.connect import install_uvloop
 from kernel.worker import run_workers
+from locator.command import TIMER_POOL
+from locator.errors import InvalidName
 from locator.names import check_name
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
@@ -21,6 +23,8 @@ DEFAULT_CONCURRENCY = 4
 
 def run(args: argparse.Namespace) -> int:
     pool = check_name("pool", args.pool)
+    if pool == TIMER_POOL:
+        raise InvalidName(f"pool {TIMER_POOL!r} is reserved for the kernel's scheduler", field="pool")
     concurrency = args.concurrency if args.concurrency is not None else env_int("NOETL_WORKER_CONCURRENCY", DEFAULT_CONCURRENCY)
     topology = resolve_topology(args)
     data_dir = args.data_dir or default_data_dir()

@@ -287,6 +287,7 @@ class _Planner:
             v=COMMAND_VERSION, command_id=command_id(st.execution_id, step.name, iteration, attempt),
             execution_id=st.execution_id, tenant=st.tenant, project=st.project, affinity=st.affinity,
             step=step.name, iteration=iteration, attempt=attempt, tool=tool, timeout=step.timeout, issued_ts=now_ts(),
+            pool=step.worker_pool,
         )
 
     def start_child(self, step: Step, tool: PlaybookTool, run: StepRun, key: int, attempt: int) -> None:
@@ -357,7 +358,7 @@ class _Planner:
             self.fail_step(step, {"type": "template", "message": f"tool: {e}", "iteration": iteration})
             return
         self.emit("command.issued", f"{cid}:issued", step=step.name, attempt=attempt,
-                  payload={"command_id": cid, "iteration": iteration, "kind": command.tool["kind"]})
+                  payload={"command_id": cid, "iteration": iteration, "kind": command.tool["kind"], "pool": command.pool})
         self.out.commands.append(command)
 
     def advance(self, step: Step, run: StepRun, key: int) -> None:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from locator.command import DEFAULT_POOL, TIMER_POOL
 from locator.names import NAME_PATTERN, STEP_PATTERN
 from system_playbooks.orchestrate.errors import ExpressionError, PlaybookError
 from system_playbooks.orchestrate.expressions import FUNCTIONS, LITERALS, ROOTS, Expression, compile_expression
@@ -226,6 +227,13 @@ class Step(_Struct, frozen=True):
     retry: Retry | None = None
     timeout: Seconds | None = None
     on_error: StepName | None = None
+    # The worker pool its commands go to (cmd.<shard>.<pool>); unset: the default pool, shared.
+    pool: str | None = None
+
+    @property
+    def worker_pool(self) -> str:
+        """The pool whose workers run this step's commands."""
+        return self.pool or DEFAULT_POOL
 
 
 class Playbook(_Struct, frozen=True):
@@ -552,6 +560,8 @@ def _template(value: Any, path: str, scope: _Scope) -> None:
 
 
 def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str], loops: Mapping[str, str]) -> None:
+    if step.pool is not None:
+        _check_pool(step, f"{where}.pool")
     around = _Scope(step, False, DATA_ROOTS, steps, loops)
     if step.loop is not None:
         var = step.loop.as_
@@ -610,6 +620,17 @@ def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str]
                 elif value != "" or field == "project":
                     _check_child_name(field, value, f"{tool}.{field}")
             _template(workload, f"{tool}.workload", inside)
+
+
+def _check_pool(step: Step, path: str) -> None:
+    pool = step.pool
+    if ALIAS_RE.fullmatch(pool or "") is None:
+        raise PlaybookError(f"invalid pool {pool!r}: must match {NAME_PATTERN} (it names the subject cmd.<shard>.<pool>)",
+                            path=path)  # fmt: skip
+    if pool == TIMER_POOL:
+        raise PlaybookError(f"pool {TIMER_POOL!r} is reserved for the kernel's scheduler", path=path)
+    if isinstance(step.tool, (CallbackTool, PlaybookTool)):
+        raise PlaybookError(f"a {step.tool.__struct_config__.tag} step runs on no worker: it takes no pool", path=path)
 
 
 def _check_child_name(field: str, value: str, path: str) -> None:

@@ -177,7 +177,7 @@ class OrchestratePlugin:
         events = [await producer.send(env) for env in decided.events]
         commands = [
             await ctx.send_command(
-                cmd_subject(ctx.shard, command_pool(command.tool)), command_encoder.encode(command),
+                cmd_subject(ctx.shard, command.pool), command_encoder.encode(command),
                 msg_id=command.command_id,
             )
             for command in decided.commands
@@ -234,11 +234,6 @@ class OrchestratePlugin:
 
         await asyncio.gather(*(guarded(evs) for evs in by_execution.values()))
         return []
-
-
-def command_pool(tool: dict[str, object]) -> str:
-    """The worker pool a tool runs in (one shared pool for now)."""
-    return "shared"
 
 
 def _token() -> str:

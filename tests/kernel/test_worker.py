@@ -120,7 +120,7 @@ async def test_noop_is_claimed_then_exits_with_its_result(
     claimed, exit_ = envs
     assert claimed.type == "command.claimed" and claimed.event_id == "101:greet:-:1:claimed:1"
     assert claimed.step == "greet" and claimed.attempt == 1 and claimed.causation_id == "101:greet:-:1"
-    assert claimed.payload == {"command_id": "101:greet:-:1", "iteration": None, "delivery": 1, "worker": "w-test"}
+    assert claimed.payload == {"command_id": "101:greet:-:1", "iteration": None, "delivery": 1, "worker": "w-test", "pool": "shared"}
     assert exit_.event_id == "101:greet:-:result" and exit_.attempt == 1 and exit_.causation_id == "101:greet:-:1"
     assert exit_.payload == {"result": {"hello": "world"}, "iteration": None, "command_id": "101:greet:-:1"}
     assert exit_.result_ref is None
