@@ -14,11 +14,13 @@ import asyncio
 import time
 
 import structlog
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from locator.subjects import cmd_stream, dlq_stream, hist_bucket, proj_bucket, wal_stream
+from locator.command import TIMER_POOL
+from locator.subjects import POOL_CONSUMER_PREFIX, cmd_stream, cmd_subjects, dlq_stream, hist_bucket, proj_bucket, wal_stream
 from projector.archiveindex import ArchiveIndex
 from projector.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
 from projector.objects import ObjectRoot
@@ -65,6 +67,25 @@ class EdgeMetrics:
             "noetl_history_archived_executions", "rows of the index of archived executions (its manifest, KV hist_<shard>)",
             ["shard"], registry=r,
         )
+        # Worker pools, per shard (see docs/workers.md "Pools"): from one STREAM.INFO with per-subject counts
+        # (CMD_<shard> is a work queue: a command stays stored until a worker acks it) and one consumer listing.
+        self.pool_pending = Gauge(
+            "noetl_pool_pending", "commands of the pool stored in CMD_<shard> and not yet done (queued or running)",
+            ["shard", "pool"], registry=r,
+        )
+        self.pool_undelivered = Gauge(
+            "noetl_pool_undelivered", "commands of the pool no worker has received yet (all of them while the pool "
+            "has no consumer)", ["shard", "pool"], registry=r,
+        )
+        self.pool_unacked = Gauge(
+            "noetl_pool_unacked", "commands of the pool a worker received and has not acked (running, or its worker "
+            "died and they wait for redelivery)", ["shard", "pool"], registry=r,
+        )
+        self.pool_pulls = Gauge(
+            "noetl_pool_pull_requests", "pull requests of the pool's workers waiting for a command (0: no worker of "
+            "the pool is asking)", ["shard", "pool"], registry=r,
+        )
+        self._pools: dict[int, set[str]] = {}
         self.segments = Gauge(
             "noetl_segments", "objects under history/shard=<n>/ and segments/shard=<n>/ (listed at most once a minute)",
             ["shard", "tier"], registry=r,
@@ -98,6 +119,7 @@ class EdgeMetrics:
                             self.archived.labels(label).set((await index.manifest(newer_than=time.monotonic())).rows)
                 self.pending_commands.labels(label).set((await js.stream_info(cmd_stream(shard))).state.messages)
                 self.dlq.labels(label).set((await js.stream_info(dlq_stream(shard))).state.messages)
+                await self._refresh_pools(js, shard)
                 for consumer in ("project", "materialize"):
                     try:
                         info = await js.consumer_info(wal_stream(shard), f"{consumer}_{shard}")
@@ -108,6 +130,28 @@ class EdgeMetrics:
             except (EdgeError, Exception):  # a scrape reports what it can
                 self.up.labels(label).set(0)
             await self._refresh_objects(shard)
+
+    async def _refresh_pools(self, js: JetStreamContext, shard: int) -> None:
+        label = str(shard)
+        info = await js.stream_info(cmd_stream(shard), subjects_filter=cmd_subjects(shard))
+        stored: dict[str, int] = {}
+        for subject, count in (info.state.subjects or {}).items():
+            pool = subject.rpartition(".")[2]  # cmd.<shard>.<pool>
+            if pool != TIMER_POOL:
+                stored[pool] = count
+        consumers = {
+            c.name.removeprefix(POOL_CONSUMER_PREFIX): c
+            for c in await js.consumers_info(cmd_stream(shard))
+            if c.name is not None and c.name.startswith(POOL_CONSUMER_PREFIX)
+        }
+        # A pool seen before and drained since reports 0, not its last figures.
+        pools = self._pools[shard] = set(stored) | set(consumers) | self._pools.get(shard, set())
+        for pool in pools:
+            c = consumers.get(pool)
+            self.pool_pending.labels(label, pool).set(stored.get(pool, 0))
+            self.pool_undelivered.labels(label, pool).set(stored.get(pool, 0) if c is None else c.num_pending or 0)
+            self.pool_unacked.labels(label, pool).set(0 if c is None else c.num_ack_pending or 0)
+            self.pool_pulls.labels(label, pool).set(0 if c is None else c.num_waiting or 0)
 
     async def _refresh_objects(self, shard: int) -> None:
         if self.objects is None:

@@ -50,7 +50,7 @@ from kernel.runtime import default_holder
 from locator.command import COMMAND_VERSION, DEFAULT_POOL, TIMER_POOL, Command, command_decoder
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, new_event
 from locator.errors import LocatorError
-from locator.subjects import cmd_stream, cmd_subject
+from locator.subjects import cmd_stream, cmd_subject, pool_consumer
 from locator.topology import Topology
 from projector.results import ResultError, ResultKey, ResultStore
 
@@ -193,7 +193,7 @@ class Worker:
         self.shards = sorted(set(range(topology.shard_count) if shards is None else shards))
         self.worker_id = worker_id or default_holder()
         self.settings = (settings or WorkerSettings()).checked()
-        self.durable = f"workers_{pool}"
+        self.durable = pool_consumer(pool)
         self.producer = Producer(js, topology, payload_cap=self.settings.payload_cap)
         self.log = log.bind(worker=self.worker_id, pool=pool)
         self._slots = _Slots(concurrency)

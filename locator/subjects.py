@@ -69,6 +69,18 @@ def cmd_subject(shard: int, pool: str) -> str:
     return f"cmd.{shard}.{check_name('pool', pool)}"
 
 
+POOL_CONSUMER_PREFIX = "workers_"
+
+
+def pool_consumer(pool: str) -> str:
+    """The durable consumer every worker of ``pool`` shares on each ``CMD_<shard>`` (filter ``cmd.<shard>.<pool>``).
+
+    >>> pool_consumer("gpu")
+    'workers_gpu'
+    """
+    return POOL_CONSUMER_PREFIX + check_name("pool", pool)
+
+
 def dlq_subject(shard: int, reason: str) -> str:
     """Dead letters are filed under their reason code (``dlq.<shard>.<reason>``)."""
     return f"dlq.{shard}.{check_name('reason', reason)}"
