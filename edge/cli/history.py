@@ -46,6 +46,7 @@ class ShardArchive(msgspec.Struct, frozen=True, kw_only=True):
     executions: int
     messages: int
     segments: list[str]
+    left: int = 0  # ended, but system/project has not folded them to their last event yet
 
 
 class ArchiveSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,14 +56,20 @@ class ArchiveSummary(msgspec.Struct, frozen=True, kw_only=True):
     messages: int
     segments: int
     shards: list[ShardArchive]
+    left: int = 0
 
     def line(self) -> str:
         """The closing line.
 
         >>> ArchiveSummary(executions=2, messages=9, segments=1, shards=[]).line()
         'archived 2 executions, 9 messages, 1 segments'
+        >>> ArchiveSummary(executions=2, messages=9, segments=1, shards=[], left=3).line()
+        'archived 2 executions, 9 messages, 1 segments; left 3 not folded by system/project yet (run it again later)'
         """
-        return f"archived {self.executions} executions, {self.messages} messages, {self.segments} segments"
+        line = f"archived {self.executions} executions, {self.messages} messages, {self.segments} segments"
+        if self.left:
+            line += f"; left {self.left} not folded by system/project yet (run it again later)"
+        return line
 
 
 def selected_shards(args: argparse.Namespace, topology: Topology) -> list[int]:
@@ -213,7 +220,7 @@ async def archive_shard(
     """
     archiver = Archiver(js, shard=shard, shard_count=shard_count, archive=archive)
     tried: set[tuple[str, str, str]] = set()
-    executions = messages = 0
+    executions = messages = left = 0
     segments: list[str] = []
     while True:
         found = await ended_executions(js, shard, tenant=tenant, project=project)
@@ -221,7 +228,7 @@ async def archive_shard(
             found += await idle_executions(js, shard, idle_s=idle_s, tenant=tenant, project=project)
         new = [x for x in found if x not in tried]
         if not new:
-            return ShardArchive(shard=shard, executions=executions, messages=messages, segments=segments)
+            return ShardArchive(shard=shard, executions=executions, messages=messages, segments=segments, left=left)
         tried.update(new)
         progress.found(len(new))
         for i in range(0, len(new), batch):
@@ -229,6 +236,7 @@ async def archive_shard(
             report = await _archive_batch(archiver, chunk)
             executions += report.executions
             messages += report.messages
+            left += report.unfolded
             if report.segment is not None:
                 segments.append(report.segment)
                 log.info("history.archived", shard=shard, executions=report.executions, messages=report.messages,
@@ -248,7 +256,7 @@ async def archive_now(args: argparse.Namespace, topology: Topology, shards: list
     done.sort(key=lambda s: s.shard)
     return ArchiveSummary(
         executions=sum(s.executions for s in done), messages=sum(s.messages for s in done),
-        segments=sum(len(s.segments) for s in done), shards=done,
+        segments=sum(len(s.segments) for s in done), shards=done, left=sum(s.left for s in done),
     )  # fmt: skip
 
 

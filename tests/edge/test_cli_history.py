@@ -10,13 +10,14 @@ from typing import Any
 import httpx
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.producer import Producer
 from kernel.server import EmbeddedServer, free_port
 from locator import new_event, shard_for
-from locator.subjects import hist_bucket, wal_stream
+from locator.subjects import hist_bucket, wal_consumer, wal_stream, wal_subjects
 from locator.topology import Topology, default_topology
 from projector.archive import ArchiveIndex, HistoryArchive, read_stored
 from projector.replay import history
@@ -133,6 +134,34 @@ async def test_archive_now_moves_ended_executions_and_stats_follow_the_server(
     late = await read_stored(js, shard=ACME, tenant="acme", project="web", execution_id="1")
     assert [m.subject for m in late] == [f"wal.{ACME}.acme.web.1.user.late"]
     assert [e.env.type for e in await _history(js, "1", archive)][-2:] == ["execution.completed", "user.late"]
+
+
+async def test_archive_now_leaves_what_system_project_has_not_folded_and_says_so(
+    nats_server: EmbeddedServer, js: JetStreamContext, topology: Topology, tmp_path: Path, cli: Any
+) -> None:
+    # A stopped kernel's system/project consumer, nothing acked: no KV entry exists, and one could still be
+    # written for these events once it runs again, so archiving now would leave that entry behind for good.
+    await publish_executions(js, topology)
+    stalled = ConsumerConfig(durable_name=wal_consumer("project", ACME), ack_policy=AckPolicy.EXPLICIT,
+                             filter_subject=wal_subjects(ACME))  # fmt: skip
+    await js.add_consumer(wal_stream(ACME), config=stalled)
+    before = await server_figures(js, ACME)
+    proc = cli("history", "archive", "--now", "--tenant", "acme", "--nats-url", nats_server.url, "--data-dir", str(tmp_path))
+    assert proc.stdout == (
+        "archived 0 executions, 0 messages, 0 segments; left 3 not folded by system/project yet (run it again later)\n"
+    )
+    assert await server_figures(js, ACME) == before  # nothing purged
+    summary = json.loads(cli("history", "archive", "--now", "--tenant", "acme", "--json", "--nats-url", nats_server.url,
+                             "--data-dir", str(tmp_path)).stdout)  # fmt: skip
+    assert (summary["executions"], summary["left"]) == (0, 3)
+    assert [s["left"] for s in summary["shards"] if s["shard"] == ACME] == [3]
+
+    # Acked up to the end (what the kernel does once it folded them): archived on the next run.
+    sub = await js.pull_subscribe_bind(wal_consumer("project", ACME), stream=wal_stream(ACME))
+    for msg in await sub.fetch(100, timeout=5):
+        await msg.ack_sync()
+    proc = cli("history", "archive", "--now", "--tenant", "acme", "--nats-url", nats_server.url, "--data-dir", str(tmp_path))
+    assert proc.stdout == "archived 3 executions, 12 messages, 1 segments\n"
 
 
 async def _history(js: JetStreamContext, execution_id: str, archive: HistoryArchive) -> list[Any]:
