@@ -44,6 +44,7 @@ from kernel.idempotency import (
     start_digest,
 )
 from kernel.producer import Producer
+from locator.command import DEFAULT_POOL
 from locator.envelope import Envelope, EnvelopeError, decode_wal_message, new_event
 from locator.ids import Snowflake
 from locator.names import check_name
@@ -69,6 +70,11 @@ def _line(seq: int, env: Any) -> str | None:
         return f"step {env.step} FAILED error={json.dumps(p.get('error'), separators=(',', ':'))[:200]}"
     if env.type == "step.retry":
         return f"step {env.step} RETRY attempt={env.attempt}"
+    # A pinned step's pool: said when its command waits for a worker of that pool and when one takes it.
+    if env.type == "command.issued" and p.get("pool") not in (None, DEFAULT_POOL):
+        return f"step {env.step} QUEUED pool={p['pool']} command={p.get('command_id')}"
+    if env.type == "command.claimed" and p.get("pool") not in (None, DEFAULT_POOL):
+        return f"step {env.step} CLAIMED pool={p['pool']} worker={p.get('worker')} attempt={env.attempt}"
     if env.type == "callback.waiting" and isinstance(p.get("child"), dict):
         return f"step {env.step} WAITING child={p['child'].get('execution_id')}"
     if env.type == "callback.waiting":

@@ -112,7 +112,8 @@ export async function showExecution(view, id, me) {
     steps.replaceChildren(h("h2", {}, "Steps"), h("table", { id: "steps", class: "list" },
       h("thead", {}, h("tr", {}, ["step", "status", "attempts", "started", "ended"].map((c) => h("th", {}, c)))),
       h("tbody", {}, Object.entries(shown.steps).map(([name, st]) => h("tr", { dataset: { step: name }, onclick: () => pick(name) },
-        h("td", {}, h("span", { class: "link" }, name)), h("td", { class: `status s-${st.status}` }, st.status),
+        h("td", {}, h("span", { class: "link" }, name)), h("td", { class: `status s-${st.status}` }, st.status,
+          st.queued ? h("span", { class: "muted queued" }, ` · ${st.queued} queued for pool ${st.pool}`) : null),
         h("td", { class: "num" }, String(st.attempts)), h("td", {}, when(st.started_at)), h("td", {}, when(st.ended_at)))))));
   }
 
