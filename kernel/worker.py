@@ -202,19 +202,7 @@ class Worker:
     # --- consuming --------------------------------------------------------------------------------
 
     async def _ensure_consumer(self, shard: int) -> None:
-        """Create or update the pool's durable consumer on the shard's command stream."""
-        config = ConsumerConfig(
-            name=self.durable,
-            durable_name=self.durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self.settings.ack_wait,
-            # The worker files a command in the DLQ at delivery max_deliver + 1; the server's
-            # limit is only the backstop should that filing fail too.
-            max_deliver=self.settings.max_deliver + 1,
-            filter_subject=cmd_subject(shard, self.pool),
-        )
-        await self.js.add_consumer(cmd_stream(shard), config)
+        await ensure_pool_consumer(self.js, shard, self.pool, self.settings)
 
     async def _subscribe(self, shard: int) -> JetStreamContext.PullSubscription:
         await self._ensure_consumer(shard)
@@ -439,6 +427,47 @@ class Worker:
             detail=detail, msg_id=f"dlq:{stream}:{d.seq}",
         )  # fmt: skip
         self.log.warning("dlq", reason=reason, shard=d.shard, seq=d.seq, detail=detail[:200])
+
+
+async def ensure_pool_consumer(js: JetStreamContext, shard: int, pool: str, settings: WorkerSettings) -> None:
+    """Create or update ``pool``'s durable consumer on the shard's command stream (every worker of it shares it)."""
+    durable = pool_consumer(pool)
+    config = ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait,
+        # The worker files a command in the DLQ at delivery max_deliver + 1; the server's
+        # limit is only the backstop should that filing fail too.
+        max_deliver=settings.max_deliver + 1,
+        filter_subject=cmd_subject(shard, pool),
+    )
+    await js.add_consumer(cmd_stream(shard), config)
+
+
+async def prepare_pool(
+    urls: Sequence[str], topology: Topology, *, pool: str, settings: WorkerSettings | None = None
+) -> list[int]:
+    """Create ``pool``'s consumers on every shard and return the shards, running nothing.
+
+    What an autoscaler that starts a pool from zero workers needs first: it
+    reads the pool's lag from those consumers, which a worker otherwise creates
+    only when it starts (``noetl-edge worker --pool NAME --prepare``).
+    """
+    if pool == TIMER_POOL:
+        raise ConfigError(f"pool {TIMER_POOL!r} is reserved for the kernel's scheduler")
+    settings = (settings or WorkerSettings.from_env()).checked()
+    nc = await connect(urls, name=f"noetl-worker-prepare-{pool}")
+    try:
+        js = nc.jetstream()
+        await check_topology(js, topology)
+        shards = list(range(topology.shard_count))
+        for shard in shards:
+            await ensure_pool_consumer(js, shard, pool, settings)
+        return shards
+    finally:
+        await close(nc)
 
 
 async def run_workers(

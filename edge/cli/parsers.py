@@ -252,6 +252,9 @@ def _worker(sub: Subparsers) -> None:
     p.add_argument("--pool", default="shared",
                    help="the worker pool to serve: the commands of steps with `pool: NAME` (default shared, the pool of "
                         "steps that name none; timer is reserved)")
+    p.add_argument("--prepare", action="store_true",
+                   help="create the pool's durable consumer (workers_<pool>) on every shard and exit without running "
+                        "anything: what an autoscaler reading the pool's lag needs before its first worker")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="commands run at once (env NOETL_WORKER_CONCURRENCY; default 4)")
     p.add_argument("--data-dir", type=Path, default=None,

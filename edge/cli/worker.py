@@ -9,10 +9,11 @@ import signal
 
 from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology
 from kernel.connect import install_uvloop
-from kernel.worker import run_workers
+from kernel.worker import WorkerSettings, prepare_pool, run_workers
 from locator.command import TIMER_POOL
 from locator.errors import InvalidName
 from locator.names import check_name
+from locator.subjects import cmd_stream, pool_consumer
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
 from system_playbooks.orchestrate.tools import ToolRunner
@@ -31,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     results = ResultStore.from_env(data_dir=data_dir)
     # The keychain key (for steps that reference credentials): NOETL_KEYCHAIN_KEY(_FILE) or <data_dir>/keychain.key.
     runner = ToolRunner(policy_from_env(os.environ), wasm_host=WasmLimits.from_env(os.environ).host(), data_dir=data_dir)
+
+    if args.prepare:
+        settings = WorkerSettings.from_env()  # a bad setting stops here, before NATS
+        shards = asyncio.run(prepare_pool(connect_urls(args, topology), topology, pool=pool, settings=settings))
+        print(f"prepared pool {pool}: consumer {pool_consumer(pool)} on {cmd_stream(shards[0])}..{cmd_stream(shards[-1])}")
+        return 0
 
     async def main() -> None:
         stop = asyncio.Event()
