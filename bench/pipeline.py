@@ -183,7 +183,11 @@ def serve_baseline(bind: str) -> int:
 
 
 def probe(url: str, token: str, etag: str, interval: float, count: int, out: Path) -> int:
-    """GET ``url`` one request at a time until SIGTERM (or ``count`` samples); milliseconds each to ``out``."""
+    """GET ``url`` one request at a time until SIGTERM (or ``count`` samples); milliseconds each to ``out``.
+
+    A failed request (not 200 from the cache at ``etag``) is counted as an error, and its time is a sample
+    too: that is how long a user waited for it.
+    """
     stopping = False
 
     def stop(*_: Any) -> None:
@@ -193,19 +197,21 @@ def probe(url: str, token: str, etag: str, interval: float, count: int, out: Pat
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     samples: list[float] = []
+    errors: list[str] = []
     with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30.0) as client:
         print("ready", flush=True)
         while not stopping and (count == 0 or len(samples) < count):
             t0 = time.perf_counter()
-            r = client.get(url)
-            ms = (time.perf_counter() - t0) * 1000
-            if r.status_code != 200 or r.headers.get("x-noetl-source") != "cache" or r.headers.get("etag") != etag:
-                print(f"probe: GET {url}: {r.status_code} {dict(r.headers)} {r.text[:300]}", file=sys.stderr)
-                return 1
-            samples.append(ms)
+            try:
+                r = client.get(url)
+                if r.status_code != 200 or r.headers.get("x-noetl-source") != "cache" or r.headers.get("etag") != etag:
+                    errors.append(f"{r.status_code} {r.headers.get('x-noetl-source')} {r.headers.get('etag')} {r.text[:200]}")
+            except httpx.TransportError as e:
+                errors.append(repr(e))
+            samples.append((time.perf_counter() - t0) * 1000)
             if interval > 0:
                 time.sleep(interval)
-    out.write_text(json.dumps(samples))
+    out.write_text(json.dumps({"samples": samples, "errors": len(errors), "first_error": errors[0] if errors else None}))
     return 0
 
 
@@ -261,14 +267,15 @@ class Probe:
         if self.proc.line() != "ready":
             raise RuntimeError(f"probe: no ready line; stderr:\n{self.proc.tail()}")
 
-    def finish(self, *, wait: bool = False) -> list[float]:
+    def finish(self, *, wait: bool = False) -> dict[str, Any]:
+        """``{"samples": [ms, …], "errors": n, "first_error": text | None}``."""
         if wait:
             self.proc.proc.wait(timeout=600)
         self.proc.stop()
         if self.proc.proc.returncode != 0 or not self.out.exists():
-            raise RuntimeError(f"probe failed ({self.proc.proc.returncode}); stderr:\n{self.proc.tail()}")
-        samples: list[float] = json.loads(self.out.read_text())
-        return samples
+            raise RuntimeError(f"probe failed ({self.proc.proc.returncode}); stderr:\n{self.proc.log_path.read_text()[-3000:]}")
+        got: dict[str, Any] = json.loads(self.out.read_text())
+        return got
 
 
 # --------------------------------------------------------------------------- setup through the edge
@@ -360,6 +367,7 @@ class HttpRound:
     requests: int
     seconds: float
     latencies_ms: list[float]
+    errors: list[str]
 
     @property
     def rps(self) -> float:
@@ -367,8 +375,13 @@ class HttpRound:
 
 
 async def post_round(clients: Sequence[httpx.AsyncClient], urls: Sequence[str], seconds: float, *, edge: bool) -> HttpRound:
-    """One task per client posts one event a request to its URL for ``seconds``; every answer is checked."""
+    """One task per client posts one event a request to its URL for ``seconds``; every answer is checked.
+
+    An answer other than 200 is an error (counted, not a request done; its time is a latency sample: the
+    client waited for it); a 200 without one fresh ack is a bug and stops the run.
+    """
     latencies: list[list[float]] = [[] for _ in clients]
+    errors: list[str] = []
     stop_at = 0.0
 
     async def worker(i: int) -> None:
@@ -378,7 +391,8 @@ async def post_round(clients: Sequence[httpx.AsyncClient], urls: Sequence[str], 
             r = await client.post(url, json={"type": "user.tick", "payload": {"n": len(own)}})
             own.append((time.perf_counter() - t0) * 1000)
             if r.status_code != 200:
-                raise RuntimeError(f"POST {url}: {r.status_code} {r.text[:300]}")
+                errors.append(f"{r.status_code} {r.text[:200]}")
+                continue
             if edge:
                 acks = r.json()["acks"]
                 if len(acks) != 1 or acks[0].get("duplicate") is not False or not acks[0].get("seq"):
@@ -389,7 +403,7 @@ async def post_round(clients: Sequence[httpx.AsyncClient], urls: Sequence[str], 
     await asyncio.gather(*(worker(i) for i in range(len(clients))))
     elapsed = time.perf_counter() - t0
     flat = [x for own in latencies for x in own]
-    return HttpRound(len(flat), elapsed, flat)
+    return HttpRound(len(flat) - len(errors), elapsed, flat, errors)
 
 
 async def http_ingest(up: Up, baseline_url: str, warm: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
@@ -407,7 +421,7 @@ async def http_ingest(up: Up, baseline_url: str, warm: tuple[str, str], args: ar
         base_urls = ["/events"] * n
         base_rounds: list[HttpRound] = []
         edge_rounds: list[HttpRound] = []
-        probe_samples: list[float] = []
+        probe_runs: list[dict[str, Any]] = []
         for r in range(1 + args.http_rounds):
             b = await post_round(base_clients, base_urls, args.http_seconds, edge=False)
             p = Probe(up, warm[0], warm[1], f"http{r}", args.get_interval)
@@ -421,15 +435,17 @@ async def http_ingest(up: Up, baseline_url: str, warm: tuple[str, str], args: ar
             if r > 0:
                 base_rounds.append(b)
                 edge_rounds.append(e)
-                probe_samples += got
+                probe_runs.append(got)
     finally:
         for c in edge_clients + base_clients:
             await c.aclose()
 
     def side(rounds: list[HttpRound]) -> dict[str, Any]:
         lat = [x for rr in rounds for x in rr.latencies_ms]
+        errors = [e for rr in rounds for e in rr.errors]
         return {"rps_median": round(statistics.median(rr.rps for rr in rounds)), "rps_rounds": [round(rr.rps) for rr in rounds],
-                **{k: v for k, v in stats_ms(lat).items() if k in ("p50", "p99", "samples")}}  # fmt: skip
+                **{k: v for k, v in stats_ms(lat).items() if k in ("p50", "p99", "samples")},
+                "errors": len(errors), "first_error": errors[0] if errors else None}  # fmt: skip
 
     base, edge = side(base_rounds), side(edge_rounds)
     ratio = round(edge["rps_median"] / base["rps_median"], 3)
@@ -437,8 +453,8 @@ async def http_ingest(up: Up, baseline_url: str, warm: tuple[str, str], args: ar
         "connections": n, "round_seconds": args.http_seconds, "rounds": args.http_rounds,
         "baseline_trivial_starlette": base, "edge_post_events": edge, "ratio": ratio,
         "goal_ratio": GOALS["http_ratio"], "goal_p99_ms": GOALS["http_p99_ms"],
-        "meets_goal": ratio >= GOALS["http_ratio"] and edge["p99"] <= GOALS["http_p99_ms"],
-        "probe": probe_samples,
+        "meets_goal": ratio >= GOALS["http_ratio"] and edge["p99"] <= GOALS["http_p99_ms"] and edge["errors"] == 0,
+        "probe": probe_runs,
     }  # fmt: skip
 
 
@@ -508,7 +524,7 @@ async def sustained(js: JetStreamContext, up: Up, warm: tuple[str, str], args: a
                 await asyncio.sleep(0.1)
         total_s = time.perf_counter() - t0
     finally:
-        samples = p.finish()
+        probed = p.finish()
     cpu1 = cpu_seconds(up.proc.proc.pid), cpu_seconds(up.nats_pid())
     raw_rate, e2e_rate = events / raw_s, events / total_s
     ratio = round(e2e_rate / raw_rate, 3)
@@ -522,7 +538,7 @@ async def sustained(js: JetStreamContext, up: Up, warm: tuple[str, str], args: a
         "ratio": ratio, "goal_ratio": GOALS["sustained_ratio"], "meets_goal": ratio >= GOALS["sustained_ratio"],
         "cpu_cores": {"up": round((cpu1[0] - cpu0[0]) / total_s, 2), "nats_server": round((cpu1[1] - cpu0[1]) / total_s, 2)},
         "loadavg_at_start": load0,
-        "probe": samples,
+        "probe": probed,
     }  # fmt: skip
 
 
@@ -588,14 +604,33 @@ async def orchestration(nc: NATS, js: JetStreamContext, up: Up, warm: tuple[str,
             queue = iter(range(args.burst))
             t0 = time.perf_counter()
 
+            nonce = Snowflake().next_str()
+            retried: list[str] = []
+
             async def starter(client: httpx.AsyncClient) -> None:
+                # As a careful client starts: with an Idempotency-Key, retried (same key) on a 5xx or a lost answer.
                 for i in queue:
                     project = ps[i % len(ps)]
-                    execution_id, _ = await start_execution(client, project, {"playbook": {"path": PLAYBOOK}, "workload": {"i": i}})
-                    project_of[execution_id] = project
+                    body = {"playbook": {"path": PLAYBOOK}, "workload": {"i": i}}
+                    for attempt in range(args.start_retries + 1):
+                        try:
+                            r = await client.post(f"{api(project)}/executions", json=body,
+                                                  headers={"Idempotency-Key": f"{nonce}-{i}"})  # fmt: skip
+                        except httpx.TransportError as e:
+                            retried.append(repr(e))
+                            continue
+                        if r.status_code in (200, 202):
+                            project_of[str(r.json()["execution_id"])] = project
+                            break
+                        if r.status_code < 500 or attempt == args.start_retries:
+                            raise RuntimeError(f"start {i} in {project}: {r.status_code} {r.text[:300]}")
+                        retried.append(f"{r.status_code} {r.text[:200]}")
+                        await asyncio.sleep(0.2 * (attempt + 1))
 
             await asyncio.gather(*(starter(c) for c in clients))
             started_s = time.perf_counter() - t0
+            if len(project_of) != args.burst:
+                raise RuntimeError(f"{args.burst} starts made {len(project_of)} executions")
             log(f"orchestration: {args.burst:,} started in {started_s:.1f}s")
             deadline = time.perf_counter() + args.drain_timeout
             while any(e not in ends.ended for e in project_of):
@@ -607,7 +642,7 @@ async def orchestration(nc: NATS, js: JetStreamContext, up: Up, warm: tuple[str,
             last = max(ends.ended[e][0] for e in project_of)
             total_s = last - t0
         finally:
-            samples = probe_p.finish()
+            probed = probe_p.finish()
         cpu1 = cpu_seconds(up.proc.proc.pid), cpu_seconds(up.nats_pid())
         wrong = sorted(e for e in project_of if ends.ended[e][1] != "execution.completed")
         # Exactly one command.issued and one step.exit per step: counted per execution on the WAL.
@@ -641,6 +676,7 @@ async def orchestration(nc: NATS, js: JetStreamContext, up: Up, warm: tuple[str,
     return {
         "executions": args.burst, "steps_per_execution": args.steps, "start_connections": args.start_connections,
         "starts_seconds": round(started_s, 2), "seconds": round(total_s, 2),
+        "start_retries": len(retried), "first_start_retry": retried[0] if retried else None,
         "steps_per_s": round(steps_per_s), "executions_per_s": round(args.burst / total_s, 1),
         "wrong": len(wrong), "duplicate_commands": duplicates, "missing_commands": missing_cmds,
         "executions_without_exactly_one_exit_per_step": bad_exits,
@@ -650,7 +686,7 @@ async def orchestration(nc: NATS, js: JetStreamContext, up: Up, warm: tuple[str,
         and bad_exits == 0 and bad_projections == 0,
         "cpu_cores": {"up": round((cpu1[0] - cpu0[0]) / total_s, 2), "nats_server": round((cpu1[1] - cpu0[1]) / total_s, 2)},
         "loadavg_at_start": load0,
-        "probe": samples,
+        "probe": probed,
     }  # fmt: skip
 
 
@@ -686,12 +722,12 @@ async def measure(up: Up, baseline_url: str, args: argparse.Namespace) -> dict[s
             warm = await warm_execution(client, projects()[2])
         phases: dict[str, Any] = {}
 
-        async def idle(name: str) -> list[float]:
+        async def idle(name: str) -> dict[str, Any]:
             await wait_idle(js, up, 120)
-            p = Probe(up, warm[0], warm[1], name, args.get_interval, args.idle_gets)
-            samples = p.finish(wait=True)
+            got = Probe(up, warm[0], warm[1], name, args.get_interval, args.idle_gets).finish(wait=True)
+            samples = got["samples"]
             log(f"edge {name}: warm GET p50 {percentile(samples, 50):.2f} ms, p99 {percentile(samples, 99):.2f} ms")
-            return samples
+            return got
 
         async def timed(name: str, coro: Awaitable[dict[str, Any]]) -> None:
             load = loadavg()
@@ -714,20 +750,27 @@ async def measure(up: Up, baseline_url: str, args: argparse.Namespace) -> dict[s
 
     loaded = {
         "during_http_ingest": phases["http_ingest"].pop("probe"),
-        "during_sustained_ingest": phases["sustained_ingest"].pop("probe"),
-        "during_orchestration": phases["orchestration"].pop("probe"),
+        "during_sustained_ingest": [phases["sustained_ingest"].pop("probe")],
+        "during_orchestration": [phases["orchestration"].pop("probe")],
     }
-    idle_stats = stats_ms(idle_before + idle_after)
+    def probe_stats(*runs: dict[str, Any]) -> dict[str, Any]:
+        errors = [r["first_error"] for r in runs if r["first_error"]]
+        return {**stats_ms([x for r in runs for x in r["samples"]]), "errors": sum(r["errors"] for r in runs),
+                "first_error": errors[0] if errors else None}  # fmt: skip
+
+    idle_stats = probe_stats(idle_before, idle_after)
     edge_doc: dict[str, Any] = {
         "get_interval_s": args.get_interval,
-        "idle": idle_stats, "idle_before": stats_ms(idle_before), "idle_after": stats_ms(idle_after),
-        **{name: stats_ms(s) for name, s in loaded.items()},
+        "idle": idle_stats, "idle_before": probe_stats(idle_before), "idle_after": probe_stats(idle_after),
+        **{name: probe_stats(*runs) for name, runs in loaded.items()},
         "goal_p99_ms": GOALS["edge_p99_ms"],
     }  # fmt: skip
     edge_doc["p99_over_idle_p99"] = {
         name: round(edge_doc[name]["p99"] / idle_stats["p99"], 2) for name in loaded if edge_doc[name]["samples"]
     }
-    edge_doc["meets_goal"] = all(edge_doc[name].get("p99", 1e9) <= GOALS["edge_p99_ms"] for name in loaded)
+    edge_doc["meets_goal"] = all(
+        edge_doc[name].get("p99", 1e9) <= GOALS["edge_p99_ms"] and edge_doc[name]["errors"] == 0 for name in loaded
+    )
     return {**phases, "edge_under_load": edge_doc}
 
 
@@ -758,6 +801,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ingest-events", type=int, default=20_000, help="events per side per round of bench/ingest.py")
     p.add_argument("--ingest-rounds", type=int, default=3, help="rounds of bench/ingest.py (default 3)")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds a phase may wait for the kernel (default 600)")
+    p.add_argument("--start-retries", type=int, default=5, help="retries of a start answered 5xx (default 5)")
     p.add_argument("--check-sample", type=int, default=50, help="orchestrated projections read back and checked (default 50)")
     p.add_argument("--json-out", type=Path, help="also write the JSON document to this file")
     p.add_argument("--log-level", default="warning", help="log level of up on stderr (default warning)")

@@ -54,7 +54,7 @@ def test_quick_run_prints_every_figure_beside_its_baseline(tmp_path: Path) -> No
     assert (orch["wrong"], orch["duplicate_commands"], orch["missing_commands"]) == (0, 0, 0)
     assert orch["executions_without_exactly_one_exit_per_step"] == 0
     assert orch["projections_checked"] == 10 and orch["projections_wrong"] == 0
-    assert orch["steps_per_s"] > 0 and orch["goal_steps_per_s"] == 1500.0
+    assert orch["steps_per_s"] > 0 and orch["goal_steps_per_s"] == 1500.0 and orch["start_retries"] >= 0
 
     edge = out["edge_under_load"]
     _latency(edge["idle_before"], 50)
@@ -63,13 +63,14 @@ def test_quick_run_prints_every_figure_beside_its_baseline(tmp_path: Path) -> No
     for name in ("during_http_ingest", "during_sustained_ingest", "during_orchestration"):
         _latency(edge[name])
         assert edge["p99_over_idle_p99"][name] > 0
+        assert edge[name]["errors"] >= 0 and (edge[name]["first_error"] is None) is (edge[name]["errors"] == 0)
     assert edge["goal_p99_ms"] == 10.0
 
     http = out["http_ingest"]
     assert http["connections"] == 8 and http["rounds"] == 1
     for side in ("baseline_trivial_starlette", "edge_post_events"):
         assert http[side]["rps_median"] > 0 and 0 < http[side]["p50"] <= http[side]["p99"]
-        assert len(http[side]["rps_rounds"]) == 1
+        assert len(http[side]["rps_rounds"]) == 1 and http[side]["errors"] >= 0
     assert (http["goal_ratio"], http["goal_p99_ms"]) == (0.5, 20.0)
 
     ingest = out["ingest"]
