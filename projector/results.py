@@ -217,6 +217,11 @@ class ResultStore:
         """The stored table (for the ``json`` form, the one-row table with its ``result`` column)."""
         return self._read(ref)[0]
 
+    def read(self, ref: str) -> tuple[pa.Table, ResultFormat]:
+        """The stored table and its form: ``rows`` and ``table`` are tables as they are, ``json`` the one-row
+        table of its JSON text (:meth:`get_json` decodes it)."""
+        return self._read(ref)
+
     def get_json(self, ref: str) -> Any:
         """The stored value: the JSON value that was put, or a ``table``'s rows as a list of dicts."""
         table, form = self._read(ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 from collections.abc import Callable, Sequence
 
@@ -17,6 +18,7 @@ from kernel.runtime import Kernel, default_holder
 from kernel.server import default_data_dir
 from locator.topology import Topology
 from projector.snapshots import SnapshotStore
+from system_playbooks.orchestrate.catalog import policy_from_env
 
 log = structlog.get_logger("noetl.cli.kernel")
 
@@ -55,6 +57,9 @@ def _plugins(text: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     plugins = _plugins(args.plugins)
+    # The orchestrator decodes and renders every allowed tool kind: refuse to start when NOETL_TOOL_KINDS names
+    # one not installed here, as the edge and the workers do (one clear line, exit 2).
+    policy_from_env(os.environ)
     topology = resolve_topology(args)
     snapshots = SnapshotStore.from_env(data_dir=args.data_dir or default_data_dir())
 

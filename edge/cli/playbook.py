@@ -22,8 +22,9 @@ from system_playbooks.orchestrate.catalog import Catalog, CatalogError, Playbook
 from system_playbooks.orchestrate.playbook import PlaybookError, Policy, load_playbook
 
 def _policy(args: argparse.Namespace) -> Policy:
-    env = policy_from_env(os.environ)
-    return Policy(
+    env = policy_from_env(os.environ)  # the tool kinds and nats subjects too (NOETL_TOOL_KINDS, NOETL_NATS_SUBJECTS)
+    return msgspec.structs.replace(
+        env,
         python_allow=tuple(args.python_allow) if args.python_allow is not None else env.python_allow,
         http_hosts=tuple(args.http_host) if args.http_host is not None else env.http_hosts,
     )

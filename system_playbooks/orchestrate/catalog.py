@@ -45,6 +45,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from kernel.errors import ConfigError
 from kernel.plugins import PluginRegistryError, find_record
 from locator.names import check_name
 from locator.subjects import CATALOG_BUCKET, KEYCHAIN_BUCKET
@@ -55,9 +56,11 @@ from system_playbooks.orchestrate.playbook import (
     Policy,
     WasmTool,
     credential_refs,
+    decode_playbook,
     load_playbook,
     parse_playbook,
 )
+from system_playbooks.orchestrate.registry import BUILTIN_KINDS, registry
 
 __all__ = [
     "Catalog",
@@ -76,7 +79,6 @@ LATEST: Final = "latest"
 _PATH_RE: Final = re.compile(PATH_PATTERN)
 _VERSION_RE: Final = re.compile(r"^v([1-9][0-9]{0,17})$")
 _encoder = msgspec.json.Encoder(order="sorted")
-_decoder = msgspec.json.Decoder(Playbook)
 
 
 class CatalogError(OrchestrateError):
@@ -264,7 +266,7 @@ class Catalog:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
             return None
-        return _decoder.decode(entry.value or b"")
+        return decode_playbook(entry.value or b"")
 
     async def latest_version(self, tenant: str, project: str, path: str) -> int:
         """The highest registered version of ``path``; :class:`PlaybookNotFound` if none."""
@@ -302,14 +304,35 @@ class Catalog:
 
 
 def policy_from_env(env: Mapping[str, str]) -> Policy:
-    """The operator's :class:`Policy` from ``NOETL_PYTHON_ALLOW`` (module prefixes) and ``NOETL_HTTP_HOSTS``
-    (hosts), both comma-separated; unset means nothing is allowed.
+    """The operator's :class:`Policy` from the environment, each variable comma-separated:
+
+    * ``NOETL_PYTHON_ALLOW`` (module prefixes) and ``NOETL_HTTP_HOSTS`` (hosts): unset means nothing is allowed;
+    * ``NOETL_TOOL_KINDS``: the tool kinds playbooks may use; unset or empty means the built-in ones. Each
+      must be installed (an entry point of group ``noetl_edge.tools`` that loads), else a
+      :class:`~kernel.errors.ConfigError` naming it: the edge, the kernel and the workers read it alike;
+    * ``NOETL_NATS_SUBJECTS``: NATS subject patterns ``nats`` tools may publish to; unset means none.
 
     >>> policy_from_env({"NOETL_PYTHON_ALLOW": "examples.tools., acme", "NOETL_HTTP_HOSTS": ""})
-    Policy(python_allow=('examples.tools.', 'acme'), http_hosts=())
+    ... # doctest: +NORMALIZE_WHITESPACE
+    Policy(python_allow=('examples.tools.', 'acme'), http_hosts=(),
+           tool_kinds=('callback', 'duckdb', 'http', 'nats', 'noop', 'playbook', 'python', 'wasm'), nats_subjects=())
+    >>> policy_from_env({"NOETL_TOOL_KINDS": "noop,shell"})
+    Traceback (most recent call last):
+    ...
+    kernel.errors.ConfigError: NOETL_TOOL_KINDS: no tool kind 'shell' is installed (no entry point 'shell' in group noetl_edge.tools)
     """
 
     def items(name: str) -> tuple[str, ...]:
-        return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+        return tuple(dict.fromkeys(part.strip() for part in env.get(name, "").split(",") if part.strip()))
 
-    return Policy(python_allow=items("NOETL_PYTHON_ALLOW"), http_hosts=items("NOETL_HTTP_HOSTS"))
+    kinds = items("NOETL_TOOL_KINDS") or BUILTIN_KINDS
+    registry().check_allowed(kinds)
+    subjects = items("NOETL_NATS_SUBJECTS")
+    for pattern in subjects:
+        tokens = pattern.split(".")
+        if any(not t or any(c.isspace() for c in t) or (t != ">" and ">" in t) or (t != "*" and "*" in t)
+               for t in tokens) or ">" in tokens[:-1]:  # fmt: skip
+            raise ConfigError(f"NOETL_NATS_SUBJECTS: invalid subject pattern {pattern!r} (dot-separated tokens; "
+                              "'*' a whole token, '>' only the last)")  # fmt: skip
+    return Policy(python_allow=items("NOETL_PYTHON_ALLOW"), http_hosts=items("NOETL_HTTP_HOSTS"), tool_kinds=kinds,
+                  nats_subjects=subjects)  # fmt: skip

@@ -52,7 +52,8 @@ from system_playbooks.orchestrate.children import (
 )
 from system_playbooks.orchestrate.errors import ExpressionError
 from system_playbooks.orchestrate.expressions import ROOTS, Expression, compile_expression
-from system_playbooks.orchestrate.playbook import CallbackTool, Playbook, PlaybookTool, Step
+from system_playbooks.orchestrate.playbook import CallbackTool, Playbook, PlaybookTool, Step, tool_kind
+from system_playbooks.orchestrate.registry import registry
 from system_playbooks.orchestrate.state import (
     COMPLETED,
     DONE,
@@ -279,10 +280,9 @@ class _Planner:
             items = run.items or []
             context |= {step.loop.as_: items[key] if 0 <= key < len(items) else None, "index": key}
         names = _names(step)
-        tool = msgspec.to_builtins(step.tool)
-        for name in ("args", "url", "headers", "body", "result"):
-            if name in tool:
-                tool[name] = _render(tool[name], context, names)
+        # The kind renders its templated fields (and whatever else its worker needs from the steps before).
+        kind = registry().kind(tool_kind(step.tool))
+        tool = kind.render(msgspec.to_builtins(step.tool), lambda value: _render(value, context, names), context["steps"])
         return Command(
             v=COMMAND_VERSION, command_id=command_id(st.execution_id, step.name, iteration, attempt),
             execution_id=st.execution_id, tenant=st.tenant, project=st.project, affinity=st.affinity,

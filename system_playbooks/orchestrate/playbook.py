@@ -8,9 +8,16 @@ steps). ``loop`` fans a step out over a list. The graph of ``next`` and
 ``retry``) and every step must be reachable from the start step.
 
 Everything a tenant could use to reach beyond its sandbox is checked against
-the operator's :class:`Policy` at load (register) time: a ``python`` tool may
-only name a callable under an allowed module prefix, an ``http`` tool only an
-allowed host. With the default policy both are refused.
+the operator's :class:`Policy` at load (register) time: a tool kind must be
+allowed (``NOETL_TOOL_KINDS``, the built-in kinds by default), a ``python``
+tool may only name a callable under an allowed module prefix, an ``http``
+tool only an allowed host, a ``nats`` tool only an allowed subject. With the
+default policy the last three are refused.
+
+The tool kinds are a registry (:mod:`system_playbooks.orchestrate.registry`):
+a step's ``tool`` is validated as the config Struct of the kind it names, and
+checked by that kind (:mod:`system_playbooks.orchestrate.kinds` for the
+built-in ones). The configs of the built-in kinds are defined here.
 
 Problems are reported one at a time, the first in document order, as
 :class:`PlaybookError` whose message starts with the path of the problem
@@ -21,28 +28,34 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Union, cast
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
+from kernel.errors import ConfigError
 from locator.command import DEFAULT_POOL, TIMER_POOL
 from locator.names import NAME_PATTERN, STEP_PATTERN
 from system_playbooks.orchestrate.errors import ExpressionError, PlaybookError
 from system_playbooks.orchestrate.expressions import FUNCTIONS, LITERALS, ROOTS, Expression, compile_expression
+from system_playbooks.orchestrate.registry import BUILTIN_KINDS, ENTRY_POINT_GROUP, KindCheck, ToolConfig, registry
 from system_playbooks.orchestrate.templates import compile_template
 
 __all__ = [
     "MAX_PLAYBOOK_BYTES",
     "Arc",
+    "RESERVED_SUBJECTS",
     "CallbackTool",
+    "DuckdbTool",
     "HttpAuth",
     "HttpTool",
     "Loop",
+    "NatsTool",
     "NoopTool",
     "Playbook",
     "PlaybookError",
@@ -54,8 +67,11 @@ __all__ = [
     "Tool",
     "WasmTool",
     "credential_refs",
+    "decode_playbook",
     "load_playbook",
     "parse_playbook",
+    "reserved_subject",
+    "subject_matches",
 ]
 
 MAX_PLAYBOOK_BYTES: Final = 1024 * 1024
@@ -69,6 +85,13 @@ ALIAS_RE: Final = re.compile(NAME_PATTERN)
 CREDENTIAL_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 HEADER_NAME_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 
+# The runtime's own subjects: a nats tool never publishes there, whatever NOETL_NATS_SUBJECTS allows
+# (the WAL, commands, dead letters, the ingest subjects that map into the WAL, JetStream/KV/system APIs,
+# replies to other clients' requests).
+RESERVED_SUBJECTS: Final = ("wal.>", "cmd.>", "dlq.>", "in.>", "ina.>", "$JS.>", "$KV.>", "$O.>", "$SYS.>",
+                            "_INBOX.>")  # fmt: skip
+_SUBJECT_TOKEN_RE: Final = re.compile(r"^[^\s.*>]+$")
+
 StepName = Annotated[str, msgspec.Meta(pattern=STEP_PATTERN)]
 PlaybookPath = Annotated[str, msgspec.Meta(pattern=PATH_PATTERN, max_length=255)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -81,15 +104,30 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ``examples.tools.math:add``; a prefix without a trailing dot allows that
     module and its submodules. ``http_hosts`` holds hosts: ``"api.example.com"``
     exactly, or ``"*.example.com"`` for any subdomain (not the apex itself).
+    ``tool_kinds`` holds the tool kinds playbooks may use (the built-in ones by
+    default); ``nats_subjects`` the NATS subject patterns (``*`` one token,
+    ``>`` the rest) ``nats`` tools may publish to, never one of
+    :data:`RESERVED_SUBJECTS`.
 
     >>> Policy(python_allow=("examples.tools.",)).allows_call("examples.tools.math:add")
     True
     >>> Policy().allows_host("example.com")
     False
+    >>> Policy(nats_subjects=("orders.>",)).allows_subject("orders.eu.new")
+    True
     """
 
     python_allow: tuple[str, ...] = ()
     http_hosts: tuple[str, ...] = ()
+    tool_kinds: tuple[str, ...] = BUILTIN_KINDS
+    nats_subjects: tuple[str, ...] = ()
+
+    def allows_kind(self, kind: str) -> bool:
+        return kind in self.tool_kinds
+
+    def allows_subject(self, subject: str) -> bool:
+        """Does a pattern of ``nats_subjects`` match the literal ``subject`` (reserved ones aside)?"""
+        return reserved_subject(subject) is None and any(subject_matches(p, subject) for p in self.nats_subjects)
 
     def allows_call(self, call: str) -> bool:
         module = call.partition(":")[0]
@@ -111,11 +149,44 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return False
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Does the NATS subject ``pattern`` (``*`` one token, ``>`` one or more at the end) match ``subject``?
+
+    >>> subject_matches("orders.*.new", "orders.eu.new"), subject_matches("orders.>", "orders")
+    (True, False)
+    """
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">" and i == len(want) - 1:
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(have) == len(want)
+
+
+def reserved_subject(subject: str) -> str | None:
+    """The reserved pattern ``subject`` falls under (or the ``$`` it starts with), else None.
+
+    >>> reserved_subject("wal.0.acme.web.1.step.exit"), reserved_subject("orders.new")
+    ('wal.>', None)
+    """
+    if subject.startswith("$"):
+        return "$..."
+    return next((p for p in RESERVED_SUBJECTS if subject_matches(p, subject)), None)
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why ``subject`` cannot be published to (not a literal NATS subject), else None."""
+    if not subject or len(subject) > 255 or not all(_SUBJECT_TOKEN_RE.match(t) for t in subject.split(".")):
+        return f"invalid subject {subject!r}: dot-separated tokens without spaces or wildcards, at most 255 characters"
+    return None
+
+
 class _Struct(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Playbooks are written by hand: an unknown field is a typo (``retyr:``), never silently ignored."""
 
 
-class PythonTool(_Struct, frozen=True, tag="python", tag_field="kind"):
+class PythonTool(ToolConfig, frozen=True, tag="python"):
     """Call ``package.module:function`` with the rendered ``args`` as keyword arguments.
 
     ``credentials`` maps a name to a keychain alias of the project: the worker resolves each
@@ -145,7 +216,7 @@ class HttpAuth(_Struct, frozen=True):
         return self.header if self.type == "header" and self.header else "Authorization"
 
 
-class HttpTool(_Struct, frozen=True, tag="http", tag_field="kind"):
+class HttpTool(ToolConfig, frozen=True, tag="http"):
     """One HTTP request to a host the policy allows; ``url``, ``headers`` and ``body`` are templates."""
 
     url: str
@@ -156,7 +227,7 @@ class HttpTool(_Struct, frozen=True, tag="http", tag_field="kind"):
     auth: HttpAuth | None = None
 
 
-class WasmTool(_Struct, frozen=True, tag="wasm", tag_field="kind"):
+class WasmTool(ToolConfig, frozen=True, tag="wasm"):
     """Run the project's WASM plug-in ``plugin`` (its active version, or ``version``) with the rendered ``args``."""
 
     plugin: PlaybookPath
@@ -164,19 +235,19 @@ class WasmTool(_Struct, frozen=True, tag="wasm", tag_field="kind"):
     version: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-class NoopTool(_Struct, frozen=True, tag="noop", tag_field="kind"):
+class NoopTool(ToolConfig, frozen=True, tag="noop"):
     """Do nothing; the step's result is the rendered ``result`` (None by default)."""
 
     result: Any = None
 
 
-class CallbackTool(_Struct, frozen=True, tag="callback", tag_field="kind"):
+class CallbackTool(ToolConfig, frozen=True, tag="callback"):
     """Wait for an external callback, at most ``timeout`` seconds."""
 
     timeout: Seconds = 300.0
 
 
-class PlaybookTool(_Struct, frozen=True, tag="playbook", tag_field="kind"):
+class PlaybookTool(ToolConfig, frozen=True, tag="playbook"):
     """Start the playbook ``path`` (its latest version, or ``version``) as a child execution and wait for it.
 
     The child runs in the same tenant, in ``project`` and ``affinity`` (the parent's by default; either
@@ -191,8 +262,32 @@ class PlaybookTool(_Struct, frozen=True, tag="playbook", tag_field="kind"):
     affinity: str | None = None
 
 
-Tool = PythonTool | HttpTool | WasmTool | NoopTool | CallbackTool | PlaybookTool
-TOOL_KINDS: Final = ("callback", "http", "noop", "playbook", "python", "wasm")
+class NatsTool(ToolConfig, frozen=True, tag="nats"):
+    """Publish the rendered ``data`` as JSON to ``subject``; with ``request``, send a request and wait ``timeout``
+    seconds for the reply (the step's result: decoded JSON, else text). ``subject`` may be a template; it must
+    match a pattern of the operator's ``NOETL_NATS_SUBJECTS`` and never a reserved subject."""
+
+    subject: str
+    data: Any = None
+    request: bool = False
+    timeout: Seconds = 10.0
+
+
+class DuckdbTool(ToolConfig, frozen=True, tag="duckdb"):
+    """Run the SQL query ``sql`` over the results of earlier steps, each the table named after its step.
+
+    ``tables`` names those steps; when the command is issued each name becomes that step's result
+    (inline, or its ``result_ref``), which the worker reads into the table (see docs/orchestrate.md).
+    """
+
+    sql: Annotated[str, msgspec.Meta(min_length=1, max_length=65536)]
+    tables: tuple[StepName, ...] | dict[str, Any] = ()
+    max_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 1_000_000
+
+
+# The built-in kinds' configs; a playbook checked through the registry may hold any installed kind's ToolConfig.
+Tool = PythonTool | HttpTool | WasmTool | NoopTool | CallbackTool | PlaybookTool | NatsTool | DuckdbTool
+TOOL_KINDS: Final = BUILTIN_KINDS
 
 
 class Arc(_Struct, frozen=True):
@@ -286,12 +381,11 @@ def credential_refs(playbook: Playbook) -> list[tuple[str, str]]:
     [('steps[0].tool.auth.credential', 'api')]
     """
     refs: list[tuple[str, str]] = []
+    kinds = registry()
     for i, step in enumerate(playbook.steps):
-        match step.tool:
-            case HttpTool(auth=HttpAuth(credential=alias)):
-                refs.append((f"steps[{i}].tool.auth.credential", alias))
-            case PythonTool(credentials=credentials):
-                refs.extend((f"steps[{i}].tool.credentials.{name}", alias) for name, alias in credentials.items())
+        tool: ToolConfig = step.tool
+        kind = kinds.kind(tool_kind(tool))
+        refs.extend((f"steps[{i}].tool.{field}", alias) for field, alias in kind.credentials(tool))
     return refs
 
 
@@ -353,27 +447,71 @@ def _msgspec_error(e: msgspec.ValidationError) -> PlaybookError:
     return PlaybookError(reason[:1].lower() + reason[1:], path=path.lstrip("."))
 
 
-def _check_tool_kinds(data: object) -> None:
-    # The tagged union would say "Invalid value 'shell'"; name the tool kinds instead.
+def _check_tool_kinds(data: object, policy: Policy) -> None:
+    # The tagged union would say "Invalid value 'shell'"; name the tool kinds the operator allows instead.
     steps = data.get("steps") if isinstance(data, dict) else None
     if not isinstance(steps, list):
         return
+    kinds = registry()
+    allowed = ", ".join(policy.tool_kinds) or "none"
     for i, step in enumerate(steps):
         tool = step.get("tool") if isinstance(step, dict) else None
         if not isinstance(tool, dict):
             continue
-        kinds = ", ".join(TOOL_KINDS)
+        path = f"steps[{i}].tool.kind"
         if "kind" not in tool:
-            raise PlaybookError(f"missing tool kind (one of {kinds})", path=f"steps[{i}].tool.kind")
-        if tool["kind"] not in TOOL_KINDS:
-            raise PlaybookError(f"unknown tool kind {tool['kind']!r} (one of {kinds})", path=f"steps[{i}].tool.kind")
+            raise PlaybookError(f"missing tool kind (one of {allowed})", path=path)
+        kind = tool["kind"]
+        installed = isinstance(kind, str) and (kind in kinds.kinds or kind in kinds.broken)
+        if not isinstance(kind, str) or not policy.allows_kind(kind):
+            if installed:
+                raise PlaybookError(f"tool kind {kind!r} is not allowed by the operator (NOETL_TOOL_KINDS "
+                                    f"allows: {allowed})", path=path)  # fmt: skip
+            raise PlaybookError(f"unknown tool kind {kind!r} (one of {allowed})", path=path)
+        try:
+            kinds.kind(kind)
+        except ConfigError as e:
+            raise PlaybookError(f"{e} (NOETL_TOOL_KINDS allows it)", path=path) from None
+
+
+def tool_kind(tool: ToolConfig) -> str:
+    """The kind name of a tool config (its tag)."""
+    return str(tool.__struct_config__.tag)
+
+
+@functools.cache
+def _validating(kinds: frozenset[str]) -> type[Playbook]:
+    """A Playbook subclass whose steps' ``tool`` is the tagged union of the configs of ``kinds``, to validate with."""
+    configs = tuple(registry().kinds[name].config for name in sorted(kinds))
+    union: Any = Union[configs] if configs else ToolConfig  # noqa: UP007 - built at run time
+    options: dict[str, Any] = {"frozen": True, "kw_only": True, "forbid_unknown_fields": True}
+    step = msgspec.defstruct("Step", [("tool", union)], bases=(Step,), **options)
+    steps = Annotated[tuple[step, ...], msgspec.Meta(min_length=1)]  # type: ignore[valid-type]
+    return cast(type[Playbook], msgspec.defstruct("Playbook", [("steps", steps)], bases=(Playbook,), **options))
+
+
+def _plain(playbook: Playbook) -> Playbook:
+    """The same playbook as a :class:`Playbook` of :class:`Step` (not of the validating subclasses)."""
+    fields = {name: getattr(playbook, name) for name in playbook.__struct_fields__}
+    fields["steps"] = tuple(Step(**{name: getattr(s, name) for name in s.__struct_fields__}) for s in playbook.steps)
+    return Playbook(**fields)
+
+
+def decode_playbook(data: bytes) -> Playbook:
+    """A playbook the catalog stored as JSON (validated when registered), of any installed tool kind.
+
+    Raises ``msgspec.ValidationError`` / ``msgspec.DecodeError``; a kind no longer installed is an
+    invalid ``kind`` at its path.
+    """
+    return _plain(msgspec.json.decode(data, type=_validating(frozenset(registry().kinds))))
 
 
 def parse_playbook(data: object, *, policy: Policy) -> Playbook:
     """Validate an already-decoded playbook document (a dict, as from YAML or JSON)."""
-    _check_tool_kinds(data)
+    _check_tool_kinds(data, policy)
+    kinds = frozenset(policy.tool_kinds) & frozenset(registry().kinds)
     try:
-        playbook = msgspec.convert(data, Playbook)
+        playbook = _plain(msgspec.convert(data, _validating(kinds)))
     except msgspec.ValidationError as e:
         raise _msgspec_error(e) from None
     _check_graph(playbook)
@@ -575,52 +713,15 @@ def _check_step(step: Step, where: str, policy: Policy, *, steps: frozenset[str]
     for j, arc in enumerate(step.next):
         if arc.when is not None:
             _expression(arc.when, f"{where}.next[{j}].when", around)
-    tool = f"{where}.tool"
     inside = around if step.loop is None else _Scope(step, True, DATA_ROOTS | {step.loop.as_, "index"}, steps, loops)
-    match step.tool:
-        case PythonTool(call=call, args=args, credentials=credentials):
-            for name, alias in credentials.items():
-                if CREDENTIAL_NAME_RE.fullmatch(name) is None:
-                    raise PlaybookError(
-                        f"invalid credential name {name!r}: an identifier (letters, digits, '_'), at most 63 characters",
-                        path=f"{tool}.credentials",
-                    )
-                _check_alias(alias, f"{tool}.credentials.{name}")
-            if CALL_RE.fullmatch(call) is None:
-                raise PlaybookError(f"invalid call {call!r}: expected 'package.module:function'", path=f"{tool}.call")
-            if not policy.allows_call(call):
-                allowed = ", ".join(policy.python_allow) or "none"
-                raise PlaybookError(
-                    f"call {call!r} is not allowed by the operator policy (allowed module prefixes: {allowed})",
-                    path=f"{tool}.call",
-                )
-            _template(args, f"{tool}.args", inside)
-        case HttpTool(url=url, headers=headers, body=body, auth=auth):
-            if auth is not None:
-                _check_auth(auth, headers, f"{tool}.auth")
-            _check_url(url, f"{tool}.url", policy)
-            _template(url, f"{tool}.url", inside)
-            _template(headers, f"{tool}.headers", inside)
-            _template(body, f"{tool}.body", inside)
-        case WasmTool(args=args):
-            _template(args, f"{tool}.args", inside)
-        case NoopTool(result=result):
-            _template(result, f"{tool}.result", inside)
-        case CallbackTool():
-            pass
-        case PlaybookTool(workload=workload, project=project, affinity=affinity):
-            if step.timeout is not None:
-                raise PlaybookError("a playbook step waits for its child to end: it takes no timeout "
-                                    "(cancel the parent to stop its children)", path=f"{where}.timeout")
-            for field, value in (("project", project), ("affinity", affinity)):
-                if value is None:
-                    continue
-                if "{{" in value:
-                    _template(value, f"{tool}.{field}", inside)
-                elif value != "" or field == "project":
-                    _check_child_name(field, value, f"{tool}.{field}")
-            _template(workload, f"{tool}.workload", inside)
-
+    # The kind's own checks (policy, names), then its templated fields, in the order it lists them.
+    config: ToolConfig = step.tool
+    kind = registry().kind(tool_kind(config))
+    at = KindCheck(path=f"{where}.tool", step=step, policy=policy, steps=steps,
+                   check_template=lambda value, path: _template(value, path, inside))  # fmt: skip
+    kind.check(config, at)
+    for field in kind.templated:
+        at.template(getattr(config, field), field)
 
 def _check_pool(step: Step, path: str) -> None:
     pool = step.pool

@@ -9,6 +9,12 @@ Every failure is a :class:`ToolError` with a short ``type`` and a
 ``message``, which the worker reports as the ``call.error`` event's
 ``{"type", "message"}``.
 
+Which code runs a tool is the registry's answer for its ``kind``
+(:mod:`system_playbooks.orchestrate.registry`; the built-in kinds are in
+:mod:`system_playbooks.orchestrate.kinds`, their python and http runners
+here); a kind the operator does not allow (``NOETL_TOOL_KINDS``) is refused
+with type ``denied``.
+
 Credentials: a tool that references keychain aliases (``http`` ``auth``,
 ``python`` ``credentials``) has them resolved by :class:`ToolRunner` right
 before the call, always in the command's own tenant/project, with the
@@ -45,21 +51,24 @@ from kernel.worker import Reported
 from locator.command import Command
 from locator.topology import Topology
 from system_playbooks.orchestrate.errors import OrchestrateError
-from system_playbooks.orchestrate.playbook import (
-    CALL_RE,
-    CallbackTool,
-    HttpAuth,
-    HttpTool,
-    NoopTool,
-    PlaybookTool,
-    Policy,
-    PythonTool,
-    Tool,
-    WasmTool,
-)
+from kernel.errors import ConfigError
+from projector.results import ResultStore
+from system_playbooks.orchestrate.playbook import CALL_RE, HttpAuth, HttpTool, Policy, PythonTool, tool_kind
+from system_playbooks.orchestrate.registry import ToolConfig, ToolKind, registry
 from system_playbooks.orchestrate.wasm_tool import WasmTools
 
-__all__ = ["MAX_HTTP_BODY", "ToolContext", "ToolError", "ToolRunner", "run_tool", "tool_aliases"]
+__all__ = [
+    "MAX_HTTP_BODY",
+    "ToolContext",
+    "ToolError",
+    "ToolRunner",
+    "builtins_result",
+    "parse_tool",
+    "run_http",
+    "run_python",
+    "run_tool",
+    "tool_aliases",
+]
 
 log = structlog.get_logger("noetl.orchestrate.tools")
 
@@ -87,7 +96,13 @@ class ToolError(OrchestrateError):
 
 @dataclass(frozen=True, kw_only=True)
 class ToolContext:
-    """Who runs the tool: the step attempt (a Python tool sees it as its ``noetl`` argument) and the policy."""
+    """Who runs the tool: the step attempt (a Python tool sees it as its ``noetl`` argument) and the policy.
+
+    What a kind's ``run`` may use besides: ``secrets`` (the credentials its config references, resolved from
+    the keychain for this call only; :meth:`secret`), ``results`` (the result store, to read an earlier step's
+    ``result_ref``; a large result is stored by returning it, or a ``pyarrow.Table``), ``nats`` (the worker's
+    NATS connection, ``nats.aio.client.Client``) and ``wasm`` (the plug-in registry).
+    """
 
     execution_id: str
     step: str
@@ -98,6 +113,8 @@ class ToolContext:
     project: str = ""
     affinity: str = ""
     wasm: WasmTools | None = None  # set once the worker bound the runner to its NATS connection
+    results: ResultStore | None = None
+    nats: Any = None  # nats.aio.client.Client once bound (nats-py ships no types)
     secrets: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)  # alias -> value, this call only
 
     def noetl(self, credentials: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -122,29 +139,40 @@ class ToolContext:
             raise ToolError("credential", f"credential {alias!r} is not UTF-8 text") from None
 
 
-def tool_aliases(tool: Tool) -> list[str]:
+def tool_aliases(tool: ToolConfig) -> list[str]:
     """The keychain aliases ``tool`` references, each once, in order.
 
     >>> tool_aliases(HttpTool(url="https://x/", auth=HttpAuth(type="bearer", credential="api")))
     ['api']
     """
-    match tool:
-        case HttpTool(auth=HttpAuth(credential=alias)):
-            return [alias]
-        case PythonTool(credentials=credentials):
-            return list(dict.fromkeys(credentials.values()))
-    return []
+    aliases = [alias for _, alias in _kind(tool_kind(tool)).credentials(tool)]
+    return list(dict.fromkeys(aliases))
 
 
-def _parse(tool: dict[str, Any]) -> Tool:
+def _kind(name: str) -> ToolKind:
     try:
-        parsed: Tool = msgspec.convert(tool, Tool)
+        return registry().kind(name)
+    except ConfigError as e:
+        raise ToolError("invalid_tool", f"the command's tool is not a valid playbook tool: {e}") from None
+
+
+def parse_tool(tool: dict[str, Any], policy: Policy) -> ToolConfig:
+    """A command's tool as its kind's config; :class:`ToolError` ``denied`` for a kind the operator does not allow,
+    ``invalid_tool`` for one that is not installed or a config that does not validate."""
+    name = tool.get("kind")
+    if not isinstance(name, str):
+        raise ToolError("invalid_tool", "the command's tool is not a valid playbook tool: it names no kind")
+    kind = _kind(name)
+    if not policy.allows_kind(name):
+        allowed = ", ".join(policy.tool_kinds) or "none"
+        raise ToolError("denied", f"tool kind {name!r} is not allowed by the operator (NOETL_TOOL_KINDS allows: {allowed})")
+    try:
+        return msgspec.convert(tool, kind.config)
     except msgspec.ValidationError as e:
         raise ToolError("invalid_tool", f"the command's tool is not a valid playbook tool: {e}") from e
-    return parsed
 
 
-def _builtins(value: Any) -> Any:
+def builtins_result(value: Any) -> Any:
     """The result as plain JSON values (a ``pyarrow.Table`` passes as it is)."""
     if isinstance(value, pa.Table):
         return value
@@ -154,8 +182,8 @@ def _builtins(value: Any) -> Any:
         raise ToolError("bad_result", f"the tool returned a value that is not JSON-serializable: {e}") from e
 
 
-async def run_tool(tool: dict[str, Any] | Tool, ctx: ToolContext) -> Any:
-    """Run one rendered tool (``msgspec.to_builtins`` of a playbook :data:`Tool`) and return its result.
+async def run_tool(tool: dict[str, Any] | ToolConfig, ctx: ToolContext) -> Any:
+    """Run one rendered tool (``msgspec.to_builtins`` of a playbook tool) with its kind's runner; return its result.
 
     Raises :class:`ToolError` on any failure.
 
@@ -168,26 +196,10 @@ async def run_tool(tool: dict[str, Any] | Tool, ctx: ToolContext) -> Any:
     ...
     system_playbooks.orchestrate.tools.ToolError: call 'os:getcwd' is not allowed by the operator policy (allowed module prefixes: none)
     """
-    match _parse(tool) if isinstance(tool, dict) else tool:
-        case NoopTool(result=result):
-            return _builtins(result)
-        case PythonTool() as python:
-            return _builtins(await _run_python(python, ctx))
-        case HttpTool() as http:
-            return await _run_http(http, ctx)
-        case WasmTool(plugin=plugin) as wasm:
-            if ctx.wasm is None or not ctx.tenant:
-                raise ToolError("unsupported", f"wasm tool {plugin!r}: this runner is not bound to a plug-in registry")
-            return await ctx.wasm.run(wasm, ctx)
-        case CallbackTool():
-            raise ToolError(
-                "unsupported", "a callback step waits for an external callback: it never runs on a data worker"
-            )
-        case PlaybookTool():
-            raise ToolError(
-                "unsupported", "a playbook step starts a child execution from the orchestrator: it never runs on a data worker"
-            )
-    raise AssertionError("unreachable: Tool is a closed union")
+    config = parse_tool(tool, ctx.policy) if isinstance(tool, dict) else tool
+    if not isinstance(tool, dict) and not ctx.policy.allows_kind(tool_kind(config)):
+        parse_tool({"kind": tool_kind(config)}, ctx.policy)  # raises denied
+    return await _kind(tool_kind(config)).run(config, ctx)
 
 
 # --- python ---------------------------------------------------------------------------------------
@@ -243,7 +255,8 @@ def _call_sync(tool: PythonTool, ctx: ToolContext) -> tuple[Any, bool]:
         raise ToolError(type(e).__name__, str(e) or type(e).__name__) from e
 
 
-async def _run_python(tool: PythonTool, ctx: ToolContext) -> Any:
+async def run_python(tool: PythonTool, ctx: ToolContext) -> Any:
+    """Call a ``python`` tool's callable (in a thread unless it is a coroutine function)."""
     call = tool.call
     if CALL_RE.fullmatch(call) is None:
         raise ToolError("invalid_tool", f"invalid call {call!r}: expected 'package.module:function'")
@@ -271,7 +284,8 @@ def _is_json(content_type: str) -> bool:
     return media == _JSON_TYPES[0] or media.endswith(_JSON_TYPES[1])
 
 
-async def _run_http(tool: HttpTool, ctx: ToolContext) -> dict[str, Any]:
+async def run_http(tool: HttpTool, ctx: ToolContext) -> dict[str, Any]:
+    """One ``http`` tool request: ``{"status", "headers", "body"}`` (the body decoded when it is JSON)."""
     try:
         parts = urlsplit(tool.url)
         host = parts.hostname
@@ -355,7 +369,10 @@ class ToolRunner:
         self.policy = policy
         self.wasm_host = wasm_host
         self.wasm: WasmTools | None = None
+        self.nats: Any = None
         self.data_dir = data_dir
+        # The same store (NOETL_OBJECTS_URL…) the worker puts large results in: tools read earlier ones from it.
+        self.results = None if data_dir is None else ResultStore.from_env(data_dir=data_dir, env=env)
         self.env = env
         self.keychain: Keychain | None = None
         self.no_keychain = "this worker is not bound to the keychain"
@@ -365,6 +382,8 @@ class ToolRunner:
         and credentials are resolved from the keychain with the platform key (``NOETL_KEYCHAIN_KEY``,
         ``NOETL_KEYCHAIN_KEY_FILE`` or ``<data_dir>/keychain.key``)."""
         self.wasm = WasmTools(js, topology, host=self.wasm_host)
+        # The core connection under the JetStream context (nats-py keeps it as _nc): nats tools publish on it.
+        self.nats = getattr(js, "_nc", None)
         if self.data_dir is None:
             self.no_keychain = "this worker was started without a data directory to find the keychain key in"
             return
@@ -403,8 +422,10 @@ class ToolRunner:
             project=command.project,
             affinity=command.affinity,
             wasm=self.wasm,
+            results=self.results,
+            nats=self.nats,
         )
-        tool = _parse(command.tool)
+        tool = parse_tool(command.tool, self.policy)
         aliases = tool_aliases(tool)
         if not aliases:
             return await run_tool(tool, ctx)
@@ -425,7 +446,7 @@ class ToolRunner:
         return Reported(mask.value(value), {"credentials": used})
 
 
-def _mask_values(tool: Tool, resolved: Mapping[str, Resolved]) -> list[bytes]:
+def _mask_values(tool: ToolConfig, resolved: Mapping[str, Resolved]) -> list[bytes]:
     """What to mask: each value, and for basic auth also its password alone (its base64 comes with each)."""
     values = [r.value for r in resolved.values()]
     if isinstance(tool, HttpTool) and tool.auth is not None and tool.auth.type == "basic":
