@@ -47,7 +47,8 @@ def _up(sub: Subparsers) -> None:
         "streams and buckets, run a kernel that folds every shard into projections and Feather snapshots "
         "(file://<data-dir>/objects unless NOETL_OBJECTS_URL) and orchestrates playbooks, a pool of data "
         "workers (NOETL_WORKER_CONCURRENCY, default 4; python tools under NOETL_PYTHON_ALLOW, http tools to "
-        "NOETL_HTTP_HOSTS), serve the HTTP edge on --http-port (creating an "
+        "NOETL_HTTP_HOSTS, nats tools to NOETL_NATS_SUBJECTS; the tool kinds of NOETL_TOOL_KINDS, default the "
+        "built-in ones), serve the HTTP edge on --http-port (creating an "
         "admin token at <data-dir>/token unless NOETL_TOKENS_FILE is set), print 'ready <nats-url> <http-url>' "
         "and run until SIGINT/SIGTERM.",
     )
@@ -167,7 +168,7 @@ def _playbook(sub: Subparsers) -> None:
         "register",
         help="validate a playbook file and store its version",
         description="Validate FILE against the operator policy (env NOETL_PYTHON_ALLOW, NOETL_HTTP_HOSTS, "
-        "comma-separated; or the flags) before connecting: an invalid file exits 2 with the path of "
+        "NOETL_NATS_SUBJECTS, NOETL_TOOL_KINDS, comma-separated; or the flags) before connecting: an invalid file exits 2 with the path of "
         "the error and writes nothing. Registering the same content again is a no-op; a version that "
         "exists with other content exits 1.",
     )
@@ -243,8 +244,9 @@ def _worker(sub: Subparsers) -> None:
         "worker",
         help="a data worker: pull commands, run their tools, report results to the WAL",
         description="Pull commands from every shard's command stream (CMD_<shard>, subjects cmd.<shard>.<pool>), "
-        "run each tool (python callables under the operator's NOETL_PYTHON_ALLOW prefixes, http to "
-        "NOETL_HTTP_HOSTS, noop), publish command.claimed and step.exit / command.completed / call.error, then "
+        "run each tool with its kind from the tool registry (the kinds of NOETL_TOOL_KINDS, default the built-in "
+        "ones: python callables under the operator's NOETL_PYTHON_ALLOW prefixes, http to NOETL_HTTP_HOSTS, nats "
+        "to NOETL_NATS_SUBJECTS, noop, wasm, duckdb), publish command.claimed and step.exit / command.completed / call.error, then "
         "ack. Results over the payload cap go to object storage (NOETL_OBJECTS_URL, default "
         "file://<data-dir>/objects). Stateless: run as many as you like; a killed worker's command is "
         "redelivered after NOETL_WORKER_ACK_WAIT seconds (default 30).",

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import structlog
 
-from edge.cli.options import UsageError, env_int
+from edge.cli.options import UsageError, env_int, log_level
 from kernel.bootstrap import StreamSettings, bootstrap
-from edge.app import create_app
-from edge.auth import TokenSpec, ensure_admin_token, load_tokens
+from edge.auth import ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
-from edge.serve import install_uvloop, serve, wait_listening
+from edge.cli.upedge import edge_argv, start_edge, stop_edge
+from edge.serve import install_uvloop, wait_listening
 from kernel.connect import close, connect
 from kernel.worker import WorkerSettings, run_workers
 from projector.results import ResultStore
@@ -54,13 +54,42 @@ def _record_shard_count(data_dir: Path, shards: int) -> None:
 
 
 async def _serve(
-    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, tokens: list[TokenSpec],
-    keychain_key: PlatformKey,
-) -> None:
+    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, logging: tuple[str, str]
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # The edge in a process of its own: on one event loop with the kernel and the workers, a request waited
+    # behind every fold and step of a busy kernel (docs/performance.md). Started first, so
+    # that its imports overlap the bootstrap (its lifespan only connects; the ready line waits for both).
+    edge = start_edge(edge_argv(
+        bind=http, data_dir=server.data_dir, nats_url=server.url, shards=server.topology.shard_count,
+        log_level=logging[0], log_format=logging[1],
+    ))  # fmt: skip
+    edge_died: list[int] = []
+
+    async def watch_edge() -> None:
+        code = await asyncio.to_thread(edge.wait)
+        if not stop.is_set():  # up without its edge is not up: stop everything, and say so
+            edge_died.append(code)
+            log.error("edge.exited", code=code)
+            print(f"noetl-edge: error: the HTTP edge exited (code {code}); stopping", file=sys.stderr, flush=True)
+            stop.set()
+
+    edge_watch = asyncio.create_task(watch_edge())
+    try:
+        await _run(server, settings, snapshots, http, stop)
+    finally:
+        stop.set()
+        await stop_edge(edge)
+        await edge_watch
+    log.info("shutdown", reason="edge exited" if edge_died else "signal")
+    return 1 if edge_died else 0
+
+
+async def _run(server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, stop: asyncio.Event) -> None:
+    """Bootstrap, then the kernel and the worker pool until ``stop``; the ready line once the edge listens too."""
     nc = await connect([server.url], name="noetl-up")
     try:
         report = await bootstrap(nc.jetstream(), server.topology, settings=settings)
@@ -70,10 +99,6 @@ async def _serve(
         await close(nc)
     policy = policy_from_env(os.environ)
     results = ResultStore.from_env(data_dir=server.data_dir)
-    app = create_app(
-        topology=server.topology, tokens=tokens, snapshots=snapshots, policy=policy, results=results, keychain_key=keychain_key
-    )
-    edge = asyncio.create_task(serve(app, [http], stop))
     # The worker pool: the same loop as `noetl-edge worker`, in this process.
     workers = asyncio.create_task(
         run_workers(
@@ -87,7 +112,7 @@ async def _serve(
 
     async def announce() -> None:
         # One line, once both the kernel checked the topology and the edge accepts connections.
-        await asyncio.gather(kernel_ready.wait(), wait_listening(http))
+        await asyncio.gather(kernel_ready.wait(), wait_listening(http, timeout=60.0))
         print(f"ready {server.url} http://{http}", flush=True)
 
     announcer = asyncio.create_task(announce())
@@ -98,9 +123,7 @@ async def _serve(
     finally:
         stop.set()
         announcer.cancel()
-        await edge
         await workers
-    log.info("shutdown", reason="signal")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,10 +146,8 @@ def run(args: argparse.Namespace) -> int:
         args.http_port = free_port(args.host)
     elif port_in_use(args.host, args.http_port):
         raise ServerStartError(f"HTTP port {args.host}:{args.http_port} is already in use; choose another with --http-port")
-    tokens = load_tokens(data_dir=data_dir)
-    if not tokens:
+    if not load_tokens(data_dir=data_dir):
         path = ensure_admin_token(data_dir)
-        tokens = load_tokens(data_dir=data_dir)
         print(f"noetl-edge: admin token for the HTTP API is in {path} (mode 0600)", file=sys.stderr, flush=True)
     try:
         keychain_key = PlatformKey.from_env(data_dir=data_dir, create=True)
@@ -149,11 +170,13 @@ def run(args: argparse.Namespace) -> int:
         server.start()
         server.topology = topology.with_urls("local", (server.url,))
         install_uvloop()
-        asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, tokens, keychain_key))
+        logging = (log_level(args, stderr_is_a_terminal=sys.stderr.isatty()), str(args.log_format))
+        exit_code = asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, logging))
     except KeyboardInterrupt:
+        exit_code = 0
         log.info("shutdown", reason="interrupted")
     finally:
         code = server.stop()
         if code not in (0, None):
             print(f"noetl-edge: warning: nats-server exited with code {code}", file=sys.stderr)
-    return 0
+    return exit_code
