@@ -832,6 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.probe:
         return probe(args.probe, os.environ["NOETL_PROBE_TOKEN"], args.probe_etag, args.get_interval, args.probe_count,
                      args.probe_out)  # fmt: skip
+    # SIGTERM stops the run as Ctrl-C does (every child process is stopped on the way out).
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     load_start = loadavg()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
