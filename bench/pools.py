@@ -15,8 +15,9 @@ Then rounds alternate:
 * **baseline** — ``EdgeMetrics.refresh`` over every shard with the pool gauges
   switched off: what a scrape cost before pools (WAL, KV, DLQ, CMD and lag
   figures);
-* **pools** — the same refresh with the pool gauges (one ``STREAM.INFO`` with
-  per-subject counts and one consumer listing more per shard).
+* **pools** — the same refresh with the pool gauges (the per-subject counts
+  come with the ``STREAM.INFO`` of ``CMD_<shard>`` either way; one consumer
+  listing more per shard).
 
 Each phase times ``--scrapes`` refreshes; a warm-up round is not counted. The
 result is scrapes per second per phase (median and best over the rounds) and
@@ -54,6 +55,7 @@ from bench.common import dist_version, nats_server_version  # noqa: E402
 from edge.metrics import EdgeMetrics  # noqa: E402
 from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
+from kernel.logs import configure_logging  # noqa: E402
 from kernel.server import EmbeddedServer  # noqa: E402
 from locator.subjects import cmd_stream, cmd_subject, pool_consumer  # noqa: E402
 from locator.topology import default_topology  # noqa: E402
@@ -115,7 +117,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await fill(js, pools, args.commands)
                 plain, with_pools = EdgeMetrics(), EdgeMetrics()
 
-                async def no_pools(js: JetStreamContext, shard: int) -> None:
+                async def no_pools(js: JetStreamContext, shard: int, subjects: dict[str, int]) -> None:
                     return None
 
                 plain._refresh_pools = no_pools  # type: ignore[method-assign]
@@ -158,6 +160,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="counted rounds (default 5)")
     p.add_argument("--quick", action="store_true", help="a small run: 2 pools, 3 commands, 3 scrapes, 1 round")
     args = p.parse_args()
+    configure_logging(level="warning")  # stdout holds the JSON document only
     if args.quick:
         args.pools, args.commands, args.scrapes, args.rounds = 2, 3, 3, 1
     print(json.dumps(asyncio.run(run(args)), sort_keys=True))

@@ -67,8 +67,8 @@ class EdgeMetrics:
             "noetl_history_archived_executions", "rows of the index of archived executions (its manifest, KV hist_<shard>)",
             ["shard"], registry=r,
         )
-        # Worker pools, per shard (see docs/workers.md "Pools"): from one STREAM.INFO with per-subject counts
-        # (CMD_<shard> is a work queue: a command stays stored until a worker acks it) and one consumer listing.
+        # Worker pools, per shard (see docs/workers.md "Pools"): from the per-subject counts of CMD_<shard>
+        # (a work queue: a command stays stored until a worker acks it) and one listing of its consumers.
         self.pool_pending = Gauge(
             "noetl_pool_pending", "commands of the pool stored in CMD_<shard> and not yet done (queued or running)",
             ["shard", "pool"], registry=r,
@@ -117,9 +117,11 @@ class EdgeMetrics:
                         if name == "hist":
                             index = ArchiveIndex(js, shard, None)
                             self.archived.labels(label).set((await index.manifest(newer_than=time.monotonic())).rows)
-                self.pending_commands.labels(label).set((await js.stream_info(cmd_stream(shard))).state.messages)
+                # One STREAM.INFO of CMD_<shard> for both its size and its per-subject (per-pool) counts.
+                cmd = await js.stream_info(cmd_stream(shard), subjects_filter=cmd_subjects(shard))
+                self.pending_commands.labels(label).set(cmd.state.messages)
                 self.dlq.labels(label).set((await js.stream_info(dlq_stream(shard))).state.messages)
-                await self._refresh_pools(js, shard)
+                await self._refresh_pools(js, shard, cmd.state.subjects or {})
                 for consumer in ("project", "materialize"):
                     try:
                         info = await js.consumer_info(wal_stream(shard), f"{consumer}_{shard}")
@@ -131,11 +133,11 @@ class EdgeMetrics:
                 self.up.labels(label).set(0)
             await self._refresh_objects(shard)
 
-    async def _refresh_pools(self, js: JetStreamContext, shard: int) -> None:
+    async def _refresh_pools(self, js: JetStreamContext, shard: int, subjects: dict[str, int]) -> None:
+        """The pool gauges of ``shard`` from its command subjects' counts and one listing of its consumers."""
         label = str(shard)
-        info = await js.stream_info(cmd_stream(shard), subjects_filter=cmd_subjects(shard))
         stored: dict[str, int] = {}
-        for subject, count in (info.state.subjects or {}).items():
+        for subject, count in subjects.items():
             pool = subject.rpartition(".")[2]  # cmd.<shard>.<pool>
             if pool != TIMER_POOL:
                 stored[pool] = count
