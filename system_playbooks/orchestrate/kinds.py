@@ -10,9 +10,11 @@ they are registry rows for validation, and a data worker refuses them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
-from system_playbooks.orchestrate.errors import PlaybookError
+import msgspec
+
+from system_playbooks.orchestrate.errors import ExpressionError, PlaybookError
 from system_playbooks.orchestrate.playbook import (
     CALL_RE,
     CREDENTIAL_NAME_RE,
@@ -35,7 +37,12 @@ from system_playbooks.orchestrate.playbook import (
 from system_playbooks.orchestrate.registry import KindCheck, ToolConfig, ToolKind
 from system_playbooks.orchestrate.tools import ToolContext, ToolError, builtins_result, run_http, run_python
 
-__all__ = ["CallbackKind", "DuckdbKind", "HttpKind", "NatsKind", "NoopKind", "PlaybookKind", "PythonKind", "WasmKind"]
+__all__ = ["MAX_INLINE_TABLES", "CallbackKind", "DuckdbKind", "HttpKind", "NatsKind", "NoopKind", "PlaybookKind",
+           "PythonKind", "WasmKind"]
+
+# What a duckdb command may carry of earlier steps' inline results (each is at most an event's payload cap;
+# a command must stay under the CMD streams' max_msg_size, 256 KiB by default).
+MAX_INLINE_TABLES: Final = 160 * 1024
 
 
 class NoopKind(ToolKind):
@@ -225,12 +232,16 @@ class DuckdbKind(ToolKind):
                 raise at.error(f"step {name!r} is listed twice", f"tables[{j}]")
 
     def render(self, tool: dict[str, Any], render: Callable[[Any], Any], steps: Mapping[str, Any]) -> dict[str, Any]:
-        names = tool.get("tables") or []
-        tool["tables"] = {
-            name: {"result": (steps.get(name) or {}).get("result"), "result_ref": (steps.get(name) or {}).get("result_ref"),
-                   "status": (steps.get(name) or {}).get("status")}
-            for name in names
-        }  # fmt: skip
+        tables: dict[str, Any] = {}
+        for name in tool.get("tables") or []:
+            run = steps.get(name) or {}
+            tables[name] = {"status": run.get("status"), "result": run.get("result"), "result_ref": run.get("result_ref")}
+        # Inline results ride in the command: refuse (the step fails, type template) what a command cannot carry.
+        size = len(msgspec.json.encode(tables))
+        if size > MAX_INLINE_TABLES:
+            raise ExpressionError(f"tables: the inline results of {', '.join(tables)} are {size} bytes as JSON, more "
+                                  f"than a command carries ({MAX_INLINE_TABLES})")  # fmt: skip
+        tool["tables"] = tables
         return tool
 
     async def run(self, config: ToolConfig, ctx: ToolContext) -> Any:

@@ -72,6 +72,8 @@ __all__ = [
     "parse_playbook",
     "reserved_subject",
     "subject_matches",
+    "subject_problem",
+    "tool_kind",
 ]
 
 MAX_PLAYBOOK_BYTES: Final = 1024 * 1024

@@ -15,6 +15,7 @@ import pytest
 
 from kernel.errors import ConfigError
 from projector.results import ResultKey, ResultStore
+from system_playbooks.orchestrate.errors import ExpressionError
 from system_playbooks.orchestrate import playbook as playbook_module
 from system_playbooks.orchestrate.catalog import policy_from_env
 from system_playbooks.orchestrate.duckdb_tool import input_table
@@ -299,3 +300,11 @@ def test_a_duckdb_command_carries_the_steps_results() -> None:
     assert tool["tables"] == {"load": {"status": "COMPLETED", "result": None,
                                        "result_ref": "noetl://results/t/p/7/load/--1.feather"}}  # fmt: skip
     assert msgspec.convert(tool, DuckdbTool).tables == tool["tables"]
+
+
+def test_a_duckdb_command_too_large_for_the_command_stream_fails_the_step_instead() -> None:
+    kind = registry().kind("duckdb")
+    big = [{"pad": "x" * 1000, "i": i} for i in range(60)]  # each under an event's cap, together over a command's
+    steps = {name: {"status": "COMPLETED", "result": big, "result_ref": None} for name in ("a", "b", "c")}
+    with pytest.raises(ExpressionError, match=r"^tables: the inline results of a, b, c are \d+ bytes as JSON, more than"):
+        kind.render({"kind": "duckdb", "sql": "select 1", "tables": ["a", "b", "c"]}, lambda v: v, steps)
