@@ -136,6 +136,14 @@ def _cli() -> list[str]:
 CHILD_ENV = {"PYTHONPATH": str(REPO_ROOT)}
 
 
+def probe_line(name: str, probed: dict[str, Any]) -> None:
+    """The probe's figures of a phase on stderr, so that an interrupted run still tells them."""
+    samples = probed["samples"]
+    if samples:
+        log(f"edge during {name}: warm GET p50 {percentile(samples, 50):.2f} ms, p99 {percentile(samples, 99):.2f} ms, "
+            f"{probed['errors']} error(s) of {len(samples)}")  # fmt: skip
+
+
 def stats_ms(samples: Sequence[float]) -> dict[str, Any]:
     if not samples:
         return {"samples": 0}
@@ -432,6 +440,7 @@ async def http_ingest(up: Up, baseline_url: str, warm: tuple[str, str], args: ar
             label = "warm-up" if r == 0 else f"round {r}/{args.http_rounds}"
             log(f"http ingest {label}: baseline {b.rps:,.0f} req/s p99 {percentile(b.latencies_ms, 99):.1f} ms, "
                 f"edge {e.rps:,.0f} req/s p99 {percentile(e.latencies_ms, 99):.1f} ms")  # fmt: skip
+            probe_line(f"http ingest {label}", got)
             if r > 0:
                 base_rounds.append(b)
                 edge_rounds.append(e)
@@ -529,6 +538,7 @@ async def sustained(js: JetStreamContext, up: Up, warm: tuple[str, str], args: a
     raw_rate, e2e_rate = events / raw_s, events / total_s
     ratio = round(e2e_rate / raw_rate, 3)
     log(f"sustained: end to end {e2e_rate:,.0f} events/s in {total_s:.1f}s ({ratio:.2f}x the raw rate)")
+    probe_line("sustained ingest", probed)
     return {
         "events": events, "executions": args.executions, "events_per_execution": per, "window": args.window,
         "baseline_raw_publish": {"seconds": round(raw_s, 2), "events_per_s": round(raw_rate)},
@@ -671,6 +681,7 @@ async def orchestration(nc: NATS, js: JetStreamContext, up: Up, warm: tuple[str,
         for c in clients:
             await c.aclose()
     steps_per_s = args.burst * args.steps / total_s
+    probe_line("orchestration", probed)
     log(f"orchestration: {args.burst:,} executions in {total_s:.1f}s, {steps_per_s:,.0f} steps/s, wrong {len(wrong)}, "
         f"duplicate commands {duplicates}")  # fmt: skip
     return {
