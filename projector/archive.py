@@ -35,13 +35,12 @@ from nats.js.errors import NotFoundError
 
 from locator.envelope import EnvelopeError, decode_wal_message
 from locator.subjects import execution_filter, proj_bucket, wal_consumer, wal_stream
-from projector.archiveindex import ArchiveError, ArchiveIndex, ArchivePart, ArchiveRef, IndexRow, encode_ref
+from projector.archiveindex import ArchiveError, ArchiveIndex, ArchivePart, ArchiveRef, IndexRow, encode_ref, entry_last_seq
 from projector.errors import ProjectorError
 from projector.fold import WalEvent, fold
 from projector.objects import ObjectRoot
 from projector.projection import canonical, decode_projection
 from projector.walread import StoredMessage, read_subject
-from projector.visibility import VisibilityIndex
 
 __all__ = [
     "ArchiveError", "ArchiveIndex", "ArchivePart", "ArchiveRef", "ArchiveReport", "ArchivedExecution", "Archiver",
@@ -62,9 +61,6 @@ HISTORY_SCHEMA = pa.schema(
 )
 # Rows per record batch: a point read decompresses the batches that hold one execution, not the segment.
 BATCH_ROWS = 1024
-# How often an archived execution's KV entry is read and purged before it is left: each new round needs a
-# write made from the revision purged before (a pointer to the same projection), so two nearly always do.
-DROP_ATTEMPTS = 4
 _BATCH_ROWS_KEY = b"noetl.batch_rows"
 
 
@@ -413,7 +409,9 @@ class Archiver:
         With an entry: it has not folded the last event yet (poison aside). Without one: system/project has
         not acked the last event yet — a fold in flight that read no entry (and no index row, not recorded
         yet) would create the entry after the archiver dropped it, and nothing would drop it again.
-        Without a system/project consumer (no kernel runs this shard) nothing writes it.
+        Without a system/project consumer (no kernel runs this shard, or the pump is re-creating it) the
+        archive goes ahead: system/project checks the index again after creating an entry, and drops an
+        entry that folded nothing past the archive (see its ``_archived_meanwhile``).
         """
         last = 0
         for m in messages:
@@ -430,7 +428,7 @@ class Archiver:
             return floor is not None and floor < last
         if entry.data is None:
             return False
-        return _entry_last_seq(entry.data) < last
+        return entry_last_seq(entry.data) < last
 
     async def _project_ack_floor(self) -> int | None:
         """The WAL seq up to which system/project has acked everything (None: it has no consumer here)."""
@@ -452,26 +450,10 @@ class Archiver:
         Removed without a marker (a purge of the key's subject, up to the revision read), and only when the
         entry folded nothing past the archive: a late event folded meanwhile keeps its entry.
         """
-        bucket = proj_bucket(self.shard)
 
         async def drop(execution_id: str, last_seq: int) -> None:
             async with gate:
-                forgotten = False
-                # Again while something is there: system/materialize (or compaction) may have replaced the
-                # entry read with a pointer to the same projection meanwhile, which the bounded purge keeps.
-                for _ in range(DROP_ATTEMPTS):
-                    try:
-                        entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
-                    except NotFoundError:
-                        return
-                    if entry.seq is None or entry.data is None:
-                        return
-                    if _entry_last_seq(entry.data) > last_seq:
-                        return
-                    if not forgotten:
-                        await VisibilityIndex(self.js, self.shard).forget(execution_id)  # listed from the index now
-                        forgotten = True
-                    await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{execution_id}", seq=entry.seq + 1)
+                await self.index.drop_entry(execution_id, last_seq)
 
         await asyncio.gather(*(drop(x, s) for x, s in settled))
 
@@ -495,18 +477,3 @@ class Archiver:
     def _fault(self, point: str) -> None:
         if point in self.faults:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _LastSeq(msgspec.Struct):
-    last_seq: int = 0
-
-
-_last_seq = msgspec.json.Decoder(_LastSeq)
-
-
-def _entry_last_seq(data: bytes) -> int:
-    """The ``last_seq`` of a KV projection entry (a projection or a pointer); unreadable counts as newest."""
-    try:
-        return _last_seq.decode(data).last_seq
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return 2**63

@@ -46,9 +46,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from locator.subjects import hist_bucket
+from locator.subjects import hist_bucket, proj_bucket
 from projector.errors import ProjectorError
 from projector.objects import ObjectRoot
+from projector.visibility import VisibilityIndex
 
 INDEX_KEY = "index"
 BATCH_ROWS = 256  # rows per record batch: a point read decompresses one batch of this many projections
@@ -56,6 +57,9 @@ FANOUT = 8  # size-tiered merging: this many segments of one level become one se
 DEFAULT_GRACE_S = 600.0
 ROWS_REMEMBERED = 1024  # per shard and connection
 MAX_AGE_S = 2.0  # a hit is served from a manifest at most this old
+# How often an archived execution's KV entry is read and purged before it is left: each new round needs a
+# write made from the revision purged before (a pointer to the same projection), so two nearly always do.
+DROP_ATTEMPTS = 4
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -283,6 +287,29 @@ class ArchiveIndex:
         manifest: IndexManifest = state.manifest
         return manifest
 
+    async def drop_entry(self, execution_id: str, last_seq: int) -> bool:
+        """Remove an archived execution's KV entry (``proj_<shard>``) and listing key, unless it folded past ``last_seq``.
+
+        Its index row holds the projection now. Removed without a marker: a purge of the key's subject up to
+        the revision read, so a late fold written meanwhile survives; read and purged again while something
+        replaced the entry read with one that folded nothing more (system/materialize's pointer to the same
+        projection). Returns whether an entry was removed.
+        """
+        bucket = proj_bucket(self.shard)
+        dropped = False
+        for _ in range(DROP_ATTEMPTS):
+            try:
+                entry = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{execution_id}", direct=True)
+            except NotFoundError:
+                return dropped
+            if entry.seq is None or entry.data is None or entry_last_seq(entry.data) > last_seq:
+                return dropped
+            if not dropped:
+                await VisibilityIndex(self.js, self.shard).forget(execution_id)  # listed from the index now
+            await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{execution_id}", seq=entry.seq + 1)
+            dropped = True
+        return dropped
+
     # -- reading ------------------------------------------------------------------------------------
 
     async def get_row(self, execution_id: str, *, tenant: str | None = None, project: str | None = None) -> IndexRow | None:
@@ -479,3 +506,18 @@ class ArchiveIndex:
             pass
         except (OSError, ValueError) as e:
             raise ArchiveError(f"could not delete index segment {uri}: {e}") from e
+
+
+class _LastSeq(msgspec.Struct):
+    last_seq: int = 0
+
+
+_last_seq = msgspec.json.Decoder(_LastSeq)
+
+
+def entry_last_seq(data: bytes) -> int:
+    """The ``last_seq`` of a KV projection entry (a projection or a pointer); unreadable counts as newest."""
+    try:
+        return _last_seq.decode(data).last_seq
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 2**63

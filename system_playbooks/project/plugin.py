@@ -103,11 +103,29 @@ class ProjectPlugin:
             # Before the projection: a batch redelivered after a crash between the two writes both again.
             await visibility.put(summarize(folded))
         revision = await self._write(ctx, cache, execution_id, folded, None if entry is None else entry.revision)
+        if entry is None and await self._archived_meanwhile(ctx, execution_id, folded):
+            return rejects
         remembered = self._remembered(ctx)
         remembered[execution_id] = CacheEntry(revision=revision, projection=folded)
         while len(remembered) > REMEMBERED:
             remembered.popitem(last=False)
         return rejects
+
+    async def _archived_meanwhile(self, ctx: ShardContext, execution_id: str, folded: Projection) -> bool:
+        """Whether system/cleanup archived the execution while this fold was in flight (then its new entry goes).
+
+        The fold read no KV entry and no index row, and created the entry; if the archiver recorded the row
+        and dropped the entry in between, this entry would outlive the archive for good.
+        """
+        archived = ctx.archive_index()
+        if archived is None:
+            return False
+        row = await archived.get_row(execution_id, tenant=folded.tenant, project=folded.project)
+        if row is None or row.last_seq < folded.last_seq:
+            return False  # not archived, or this fold holds events past the archive (a late event re-opened it)
+        dropped = await archived.drop_entry(execution_id, row.last_seq)
+        ctx.log.info("projection.archived_meanwhile", execution_id=execution_id, dropped=dropped)
+        return True
 
     async def _write(
         self, ctx: ShardContext, cache: ProjectionCache, execution_id: str, folded: Projection, revision: int | None

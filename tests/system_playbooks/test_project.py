@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import NoKeysError
 
 from kernel.host import context_for, load_plugin, system_manifests
 from locator import new_event, shard_for
+from locator.subjects import vis_bucket
+from locator.topology import Topology
+from projector.archiveindex import ArchiveIndex, ArchivePart, ArchiveRef, IndexRow, encode_ref
 from projector.cache import KvProjectionCache
 from projector.fold import WalEvent, fold
 from projector.projection import canonical
@@ -125,3 +130,58 @@ async def test_an_entry_that_cannot_be_read_isolates_its_execution_not_the_batch
                                           [broken[0], fine[0], broken[1], fine[1]])  # fmt: skip
     (segment,) = store.list_segments(SHARD)
     assert store.read_segment(segment).column("execution_id").to_pylist() == ["67"]
+
+
+async def vis_keys_of(js: JetStreamContext, execution_id: str) -> list[str]:
+    try:
+        keys = await (await js.key_value(vis_bucket(SHARD))).keys()
+    except NoKeysError:
+        return []
+    return [k for k in keys if k.endswith(f".{execution_id}")]
+
+
+async def test_an_entry_created_while_its_execution_was_archived_goes_again(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold read no entry and no index row; system/cleanup recorded the row and dropped the (absent) entry
+    before the fold created one: system/project looks again after creating it, and drops it (and its listing
+    key) — else it would outlive the archive for good. A fold past the archive (a late event) keeps its entry."""
+    manifest = next(m for m in system_manifests() if m.path == "system/project")
+    cache = await KvProjectionCache.open(js, SHARD)
+    snapshots = SnapshotStore(f"file://{tmp_path}/objects")
+    ctx = context_for(manifest, SHARD, cache=cache, snapshots=snapshots, js=js, topology=topology)
+    index = ctx.archive_index()
+    assert index is not None
+    history = events("88", 1, 3)
+    archived = fold(None, history)
+    assert archived is not None
+    part = ArchivePart(segment="file:///nowhere.arrow", row=0, rows=3, first_seq=1, last_seq=3, digest="d")
+    ref = ArchiveRef(tenant="acme", project="web", parts=(part,), archived_at="2026-12-05T00:00:00.000Z")
+    row = IndexRow(execution_id="88", tenant="acme", project="web", status=archived.status, last_seq=3, event_count=3,
+                   projection=canonical(archived).decode(), history=encode_ref(ref))  # fmt: skip
+
+    real_get_row = ArchiveIndex.get_row
+    calls = 0
+
+    async def archived_during_the_first_lookup(self: ArchiveIndex, execution_id: str, **kw: str | None) -> IndexRow | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the lookup has read the manifest: the archiver records the row only now
+            found = await real_get_row(self, execution_id, **kw)
+            await index.record([row])
+            return found
+        return await real_get_row(self, execution_id, **kw)
+
+    monkeypatch.setattr(ArchiveIndex, "get_row", archived_during_the_first_lookup)
+    await ProjectPlugin().handle(ctx, history)
+    assert calls == 2  # before the fold, and again after creating the entry
+    assert await cache.get("88") is None
+    assert await vis_keys_of(js, "88") == []
+
+    # A late event re-opens it: folded onto the archived projection, and that entry stays.
+    plugin = ProjectPlugin()
+    late = events("88", 9, 1)
+    await plugin.handle(ctx, late)
+    entry = await cache.get("88")
+    assert entry is not None and entry.projection is not None
+    assert canonical(entry.projection) == canonical(fold(archived, late))  # type: ignore[arg-type]
