@@ -32,11 +32,13 @@ nats-server's resident memory (VmRSS of ``up``'s nats-server child, from
 /proc) and that of the ``up`` process itself; bytes and files under
 ``<data>/objects/history`` and ``<data>/objects/segments``. Each series is
 reported over time with its peak, its last value and ``last / peak``, and a
-``growth`` figure: the peak over the second half of the publishing phase
-over the peak over its first half (about 2 for a series that grows with the
-total, about 1 for one that has plateaued; plateaued means <= 1.25, judged
-only when the events published grew by half or more between the halves,
-otherwise ``undetermined``). The JSON lists what plateaued, what grew and
+``growth`` figure: the peak while the second half of the events was
+published over the peak while the first half was (halves of the events, not
+of the time, so a publisher held back late in the run changes nothing; about
+2 for a series that grows with the total, about 1 for one that has
+plateaued; plateaued means <= 1.25, judged only when each half has samples
+and the events published by the end of the second are at least 1.5 times
+those of the first, otherwise ``undetermined``). The JSON lists what plateaued, what grew and
 what could not be told.
 
 **Reads**, once every execution is archived (``hist`` keys = M, the WAL
@@ -309,11 +311,21 @@ class Sampler:
 
 
 def plateau(series: Series) -> dict[str, dict[str, Any]]:
-    """Per figure: peak, last, last / peak, and the publishing phase's second-half peak over its first-half peak."""
-    publish_t = [t for t, ph in zip(series.t, series.phase) if ph == "publish"]
-    mid = (publish_t[0] + publish_t[-1]) / 2 if publish_t else 0.0
-    published = [(t, v) for t, ph, v in zip(series.t, series.phase, series.values.get("published_events", [])) if ph == "publish"]
-    early, late = [v for t, v in published if t <= mid], [v for t, v in published if t > mid]
+    """Per figure: peak, last, last / peak, and its peak over the second half of the events published over its
+    peak over the first half (halves of the events, not of the time: a publisher held back late changes nothing).
+
+    >>> s = Series()
+    >>> for i, (phase, published) in enumerate([("publish", 100), ("publish", 500), ("publish", 900), ("drain", 1000)]):
+    ...     row = dict.fromkeys(Series.names, 0) | {"published_events": published, "wal_messages": published // 10}
+    ...     s.add(float(i), phase, row, ([], []))
+    >>> plateau(s)["wal_messages"]
+    {'peak': 100, 'last': 100, 'last_over_peak': 1.0, 'growth': 1.8, 'plateaued': False}
+    """
+    published = series.values.get("published_events", [])
+    total = max((v for v in published if v is not None), default=0)
+    half = [p is not None and p <= total / 2 for p in published]  # sample i was taken in the first half
+    early = [v for v, ph, h in zip(published, series.phase, half) if ph == "publish" and h and v is not None]
+    late = [v for v, ph, h in zip(published, series.phase, half) if ph == "publish" and not h and v is not None]
     # A verdict needs the total to have grown meanwhile: a stalled publisher makes anything look flat.
     total_grew = bool(early and late and max(early) > 0 and max(late) / max(early) >= MIN_TOTAL_GROWTH)
     out: dict[str, dict[str, Any]] = {}
@@ -321,13 +333,13 @@ def plateau(series: Series) -> dict[str, dict[str, Any]]:
         if name == "published_events":
             continue
         values = series.values.get(name, [])
-        pairs = [(t, v) for t, ph, v in zip(series.t, series.phase, values) if ph == "publish" and v is not None]
+        pairs = [(h, v) for h, ph, v in zip(half, series.phase, values) if ph == "publish" and v is not None]
         all_values = [v for v in values if v is not None]
         if not all_values:
             continue
         peak, last = max(all_values), all_values[-1]
-        first = [v for t, v in pairs if t <= mid]
-        second = [v for t, v in pairs if t > mid]
+        first = [v for h, v in pairs if h]
+        second = [v for h, v in pairs if not h]
         growth = round(max(second) / max(first), 3) if first and second and max(first) > 0 else None
         out[name] = {
             "peak": peak,
