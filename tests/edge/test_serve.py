@@ -124,7 +124,8 @@ def start_up(procs: list[Proc], tmp_path: Path) -> UpInfo:
     data = tmp_path / "data"
     up = Proc(["up", "--data-dir", str(data), "--nats-port", "0", "--http-port", "0"], log=tmp_path / "up.stderr")
     procs.append(up)
-    words = up.line().split()
+    # up says ready once the kernel and its edge child both are: two interpreters starting on a loaded CI host.
+    words = up.line(timeout=60).split()
     assert len(words) == 3 and words[0] == "ready", words
     assert words[1].startswith("nats://") and words[2].startswith("http://"), words
     return UpInfo(up, words[1], words[2], data, (data / "token").read_text().strip())
