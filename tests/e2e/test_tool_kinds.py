@@ -179,6 +179,26 @@ async def test_without_the_allow_list_entry_the_kind_is_refused_at_register_time
     assert proc.returncode == 2 and "steps[1].tool.times: times must be between 1 and 10, got 11" in proc.stderr
 
 
+async def test_the_http_edge_registers_the_third_party_kind_and_names_its_errors(
+    kinds_stack: tuple[Stack, dict[str, str]]
+) -> None:
+    stack, _ = kinds_stack
+    base = f"/api/v1/tenants/{TENANT}/projects/http/playbooks"
+    headers = {"Content-Type": "application/yaml"}
+    async with stack.client() as edge:
+        ok = await edge.put(f"{base}/kinds/echo-http", content=ECHO.replace("kinds/echo", "kinds/echo-http"),
+                            headers=headers)  # fmt: skip
+        assert ok.status_code == 201, ok.text
+        bad = await edge.put(f"{base}/kinds/echo-bad", headers=headers,
+                             content=ECHO.replace("kinds/echo", "kinds/echo-bad").replace("times: 2", "times: 11"))
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["field"] == "steps[1].tool.times"
+        assert bad.json()["detail"].endswith("times must be between 1 and 10, got 11")
+        shown = await edge.get(f"{base}/kinds/echo-http")
+        assert shown.status_code == 200 and shown.json()["playbook"]["steps"][1]["tool"] == {
+            "kind": "echo", "text": "hello {{ steps.greet.result.name }}", "times": 2}
+
+
 def test_an_allow_list_naming_a_kind_not_installed_stops_every_process(kinds_stack: tuple[Stack, dict[str, str]],
                                                                        tmp_path: Path) -> None:  # fmt: skip
     stack, _ = kinds_stack
