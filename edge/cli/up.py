@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     # The worker pool's settings are checked now: a bad one must stop `up` before it says ready.
     WorkerSettings.from_env()
     WasmLimits.from_env(os.environ)
+    policy_from_env(os.environ)  # NOETL_TOOL_KINDS names installed kinds, NOETL_NATS_SUBJECTS valid patterns
     if env_int("NOETL_WORKER_CONCURRENCY", 4) < 1:
         raise UsageError(f"NOETL_WORKER_CONCURRENCY must be at least 1, got {env_int('NOETL_WORKER_CONCURRENCY', 4)}")
     topology = default_topology(shard_count=shards)

@@ -209,6 +209,12 @@ def test_an_allow_list_naming_a_kind_not_installed_stops_every_process(kinds_sta
         proc = cli(stack, env, *args, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
         assert expected in proc.stderr, (args, proc.stderr)
+    # up refuses before it starts anything: no server, no token, no data directory.
+    data = tmp_path / "up-data"
+    proc = subprocess.run([cli_path(), "up"], capture_output=True, text=True, timeout=60,
+                          env={**env, "NOETL_DATA_DIR": str(data), "NOETL_NATS_PORT": "0"})  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == f"noetl-edge: error: {expected}", proc.stderr
+    assert not data.exists()
 
 
 # --------------------------------------------------------------------------- nats
