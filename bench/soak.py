@@ -711,7 +711,7 @@ async def proj_leftover(js: JetStreamContext, objects: Path, limit: int = 20) ->
             row = await index.get_row(key)
             out.append({"shard": shard, "execution_id": key, "entry_last_seq": entry.get("last_seq"),
                         "entry_kind": "pointer" if "pointer" in entry else "inline", "entry_seq": msg.seq,
-                        "entry_at": msg.headers.get("Nats-Time-Stamp") if msg.headers else None,
+                        "entry_at": msg.time.isoformat() if msg.time else None,
                         "archived_last_seq": None if row is None else row.last_seq,
                         "archived_at": None if row is None else row.ref.archived_at})  # fmt: skip
     return out
