@@ -95,7 +95,12 @@ class ProjectPlugin:
         ]
         mine = [e for e in events if (e.env.tenant, e.env.project) == owner]
         if not mine or (base is not None and mine[-1].seq <= base.last_seq):
-            return rejects  # nothing new: a redelivery of events already folded
+            # Nothing new: a redelivery of events already folded, after a batch failed (rare). If the entry
+            # was written by a batch that failed before its check below, system/cleanup may have archived the
+            # execution meanwhile: look again, so an entry outliving the archive goes now.
+            if mine and entry is not None and base is not None:
+                await self._archived_meanwhile(ctx, execution_id, base)
+            return rejects
         folded = fold(base, mine)
         assert folded is not None
         visibility = ctx.visibility()
@@ -112,10 +117,12 @@ class ProjectPlugin:
         return rejects
 
     async def _archived_meanwhile(self, ctx: ShardContext, execution_id: str, folded: Projection) -> bool:
-        """Whether system/cleanup archived the execution while this fold was in flight (then its new entry goes).
+        """Whether system/cleanup archived the execution as far as ``folded`` (then its KV entry goes).
 
-        The fold read no KV entry and no index row, and created the entry; if the archiver recorded the row
-        and dropped the entry in between, this entry would outlive the archive for good.
+        Asked after a fold that read no KV entry and no index row created the entry (the archiver may have
+        recorded the row and dropped the entry in between), and on a redelivery of events already folded
+        (the batch that wrote the entry may have failed before asking): else the entry would outlive the
+        archive for good.
         """
         archived = ctx.archive_index()
         if archived is None:

@@ -185,3 +185,45 @@ async def test_an_entry_created_while_its_execution_was_archived_goes_again(
     entry = await cache.get("88")
     assert entry is not None and entry.projection is not None
     assert canonical(entry.projection) == canonical(fold(archived, late))  # type: ignore[arg-type]
+
+
+async def test_a_redelivered_batch_drops_an_entry_its_execution_was_archived_past(
+    js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    """The batch that created the entry failed before its look at the index (NATS timed out under load) and
+    system/cleanup archived the execution meanwhile: the redelivery, which folds nothing new, drops it."""
+    manifest = next(m for m in system_manifests() if m.path == "system/project")
+    cache = await KvProjectionCache.open(js, SHARD)
+    ctx = context_for(manifest, SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/objects"), js=js,
+                      topology=topology)  # fmt: skip
+    index = ctx.archive_index()
+    assert index is not None
+    history = events("99", 1, 4)
+    await ProjectPlugin().handle(ctx, history)
+    entry = await cache.get("99")
+    assert entry is not None and entry.last_seq == 4
+    archived = fold(None, history)
+    assert archived is not None
+    part = ArchivePart(segment="file:///nowhere.arrow", row=0, rows=4, first_seq=1, last_seq=4, digest="d")
+    ref = ArchiveRef(tenant="acme", project="web", parts=(part,), archived_at="2026-12-05T00:00:00.000Z")
+    await index.record([IndexRow(execution_id="99", tenant="acme", project="web", status=archived.status, last_seq=4,
+                                 event_count=4, projection=canonical(archived).decode(), history=encode_ref(ref))])  # fmt: skip
+
+    await ProjectPlugin().handle(ctx, history)  # redelivered (a new pump: nothing remembered)
+    assert await cache.get("99") is None
+    assert await vis_keys_of(js, "99") == []
+
+
+async def test_a_redelivery_keeps_the_entry_of_an_execution_not_archived(
+    js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    manifest = next(m for m in system_manifests() if m.path == "system/project")
+    cache = await KvProjectionCache.open(js, SHARD)
+    ctx = context_for(manifest, SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/objects"), js=js,
+                      topology=topology)  # fmt: skip
+    history = events("98", 1, 3)
+    await ProjectPlugin().handle(ctx, history)
+    await ProjectPlugin().handle(ctx, history)
+    entry = await cache.get("98")
+    assert entry is not None and entry.last_seq == 3
+    assert await vis_keys_of(js, "98") != []
