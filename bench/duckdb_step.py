@@ -45,7 +45,7 @@ if str(REPO_ROOT) not in sys.path:
 from examples.tools.big import rows  # noqa: E402
 from projector.results import ResultKey, ResultStore  # noqa: E402
 from system_playbooks.orchestrate.playbook import Policy  # noqa: E402
-from system_playbooks.orchestrate.tools import ToolContext, run_tool  # noqa: E402
+from worker.tools.runner import ToolContext, run_tool  # noqa: E402
 
 SQL = "select count(*) as n, sum(value) as value_sum, count(*) filter (where even) as evens from load"
 

@@ -135,7 +135,7 @@ OUTCOMES = ("step.exit", "call.error")
 
 def install_worker_hooks() -> None:
     from kernel.producer import Producer
-    from kernel.worker import Worker
+    from worker.worker import Worker
 
     process, publish = Worker._process, Producer.publish
 

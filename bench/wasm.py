@@ -10,14 +10,14 @@ input range as output:
 - ``roundtrip.warm_us``: per call on an already-instantiated module: the host
   writes 64 bytes into guest memory, calls ``run``; the guest calls ``log``,
   whose Python callback copies the message out of guest memory through the
-  caller (as the host functions of ``kernel/wasm.py`` do); the host reads the
+  caller (as the host functions of ``worker/wasm.py`` do); the host reads the
   output range back. **Baseline** (``python_us``): a plain Python function doing
   the same copies (input in, message out through a callback, output back).
 - ``roundtrip.bare_call_us``: the same warm instance, a call of ``alloc(0)``:
   host→guest→host with no copy and no host function, i.e. what wasmtime-py's
   call path alone costs (so ``warm_us - bare_call_us`` is the two copies and the
   host function).
-- ``roundtrip.invoke_us``: per call through ``kernel.wasm.WasmHost.invoke``, what
+- ``roundtrip.invoke_us``: per call through ``worker.wasm.WasmHost.invoke``, what
   a plug-in call really costs: a fresh ``Store`` with fuel, memory limit and
   epoch deadline, instantiation through the grant set's ``Linker``, ``alloc``,
   the copy in, ``run`` (its ``log`` intent parsed and recorded), the copy out.
@@ -68,8 +68,8 @@ import wasmtime
 
 from bench.common import dist_version
 from bench.fold import pure_events
-from kernel.toolchain import build
-from kernel.wasm import Grants, WasmHost
+from worker.toolchain import build
+from worker.wasm import Grants, WasmHost
 from projector.fold import WalEvent, fold
 from projector.projection import canonical
 from system_playbooks.materialize.rows import build_rows, input_table

@@ -27,7 +27,7 @@ from edge.routes.listing import routes as listing_routes
 from edge.state import EdgeState
 from kernel.bootstrap import check_topology
 from kernel.errors import PublishError
-from kernel.keychain import KeychainError, PlatformKey
+from worker.keychain import KeychainError, PlatformKey
 from locator.errors import LocatorError
 from locator.ids import Snowflake
 from locator.topology import Topology

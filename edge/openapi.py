@@ -35,7 +35,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.errors import PROBLEM
-from kernel.keychain import ALIAS_RE
+from worker.keychain import ALIAS_RE
 from locator.names import INT64_MAX, NAME_PATTERN, STEP_PATTERN
 from system_playbooks.orchestrate.playbook import PATH_PATTERN
 

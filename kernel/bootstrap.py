@@ -5,7 +5,7 @@ topology asks for, nothing is created or changed and the differences are
 reported together (:class:`~kernel.errors.BootstrapMismatch`).
 
 With several cells (a supercluster) every asset is created in its cell
-(:mod:`kernel.placement`), so one bootstrap through any cell's connection lays
+(:mod:`cluster.placement`), so one bootstrap through any cell's connection lays
 out the whole supercluster, and an asset found in another cell is a mismatch.
 """
 
@@ -29,7 +29,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from kernel.errors import BootstrapMismatch, ConfigError, TopologyMismatch
-from kernel.placement import placed, placement_cell
+from cluster.placement import placed, placement_cell
 from locator import subjects as sub
 from locator.topology import Topology
 
@@ -227,7 +227,7 @@ def global_assets(*, replicas: int, settings: StreamSettings, cell: str | None =
             cell,
         ),
         _obj_asset(sub.PLUGINS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas), cell),
-        # Credentials (kernel/keychain.py), encrypted; the history keeps a credential's last versions.
+        # Credentials (worker/keychain.py), encrypted; the history keeps a credential's last versions.
         _kv_asset(
             KeyValueConfig(bucket=sub.KEYCHAIN_BUCKET, history=5, storage=StorageType.FILE, replicas=replicas), cell
         ),
@@ -235,7 +235,7 @@ def global_assets(*, replicas: int, settings: StreamSettings, cell: str | None =
         _kv_asset(
             KeyValueConfig(bucket=sub.SCHEDULES_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas), cell
         ),
-        # Idempotency keys of starts (kernel/idempotency.py): max_age is the window, after which a key is forgotten.
+        # Idempotency keys of starts (edge/idempotency.py): max_age is the window, after which a key is forgotten.
         _kv_asset(
             KeyValueConfig(
                 bucket=sub.IDEMPOTENCY_BUCKET,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel.server import free_port
+from cluster.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from kernel.plugins import PluginRecord, PluginRegistry
-from kernel.toolchain import build
-from kernel.wasm import WasmHost
+from worker.plugins import PluginRecord, PluginRegistry
+from worker.toolchain import build
+from worker.wasm import WasmHost
 
 SCORE = Path(__file__).resolve().parents[1] / "examples" / "wasm" / "score.c"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from edge.cli.options import UsageError, connect_urls, default_data_dir, resolve_topology
 from edge.cli.output import EXIT_OK, EXIT_RUNTIME, fail, print_json
 from kernel.connect import close, connect
-from kernel.keychain import (
+from worker.keychain import (
     CredentialMeta,
     Keychain,
     KeychainError,

@@ -14,14 +14,14 @@ import msgspec
 from edge.cli.output import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, fail, print_json
 from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.connect import close, connect
-from kernel.plugins import (
+from worker.plugins import (
     PluginNotFound,
     PluginRegistry,
     PluginRegistryError,
     check_owner,
 )
-from kernel.toolchain import BuildError, build
-from kernel.wasm import WasmError, WasmHost
+from worker.toolchain import BuildError, build
+from worker.wasm import WasmError, WasmHost
 
 def _owner(args: argparse.Namespace) -> str:
     if args.system == bool(args.tenant or args.project) or (not args.system and not (args.tenant and args.project)):

@@ -8,7 +8,7 @@ the execution completed, 1 when it failed, was cancelled, or ``--timeout``
 passed first.
 
 With ``--idempotency-key KEY`` the start happens at most once per key in the
-tenant's project within the window (:mod:`kernel.idempotency`): a repeat
+tenant's project within the window (:mod:`edge.idempotency`): a repeat
 prints the first execution with ``"replayed": true`` (and ``--wait`` follows
 it), and the key with another playbook version, workload or affinity exits 2.
 """
@@ -34,7 +34,7 @@ from edge.cli.options import UsageError, connect_urls, resolve_topology
 from kernel.bootstrap import check_topology
 from kernel.connect import close, connect
 from kernel.errors import KernelError
-from kernel.idempotency import (
+from edge.idempotency import (
     BadIdempotencyKey,
     IdempotencyConflict,
     IdempotencyStore,
@@ -138,7 +138,7 @@ def _requested(args: argparse.Namespace, execution_id: str, playbook: dict[str, 
 
 async def _start_once(args: argparse.Namespace, js: Any, producer: Producer, key: str, ref: dict[str, Any],
                       workload: dict[str, Any]) -> Start:
-    """The start under ``key``: this run's, or the one an earlier start with the key made (kernel/idempotency.py)."""
+    """The start under ``key``: this run's, or the one an earlier start with the key made (edge/idempotency.py)."""
 
     async def fresh() -> Envelope:
         return _requested(args, Snowflake().next_str(), ref, workload)

@@ -20,16 +20,16 @@ from edge.cli.kernel import run_kernel
 from edge.cli.upedge import edge_argv, start_edge, stop_edge
 from edge.serve import install_uvloop, wait_listening
 from kernel.connect import close, connect
-from kernel.worker import WorkerSettings, run_workers
+from worker.worker import WorkerSettings, run_workers
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
-from system_playbooks.orchestrate.tools import ToolRunner
-from system_playbooks.orchestrate.wasm_tool import WasmLimits
+from worker.tools.runner import ToolRunner
+from worker.tools.wasm_tool import WasmLimits
 from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
 from kernel.errors import ServerStartError
-from kernel.keychain import KeychainError, PlatformKey
-from kernel.server import EmbeddedServer, default_data_dir, free_port, port_in_use
+from worker.keychain import KeychainError, PlatformKey
+from cluster.server import EmbeddedServer, default_data_dir, free_port, port_in_use
 from locator.topology import DEFAULT_SHARDS, default_topology
 
 log = structlog.get_logger("noetl.cli.up")

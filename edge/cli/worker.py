@@ -9,15 +9,15 @@ import signal
 
 from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology
 from kernel.connect import install_uvloop
-from kernel.worker import WorkerSettings, prepare_pool, run_workers
+from worker.worker import WorkerSettings, prepare_pool, run_workers
 from locator.command import TIMER_POOL
 from locator.errors import InvalidName
 from locator.names import check_name
 from locator.subjects import cmd_stream, pool_consumer
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
-from system_playbooks.orchestrate.tools import ToolRunner
-from system_playbooks.orchestrate.wasm_tool import WasmLimits
+from worker.tools.runner import ToolRunner
+from worker.tools.wasm_tool import WasmLimits
 
 DEFAULT_CONCURRENCY = 4
 

@@ -1,7 +1,7 @@
 """The keychain over HTTP, for the ``admin`` role: set a credential (PUT), its metadata (GET), list, delete.
 
 The PUT body is the value itself, raw bytes (any content type), 1 to
-:data:`kernel.keychain.MAX_VALUE` bytes. No response ever holds a value:
+:data:`worker.keychain.MAX_VALUE` bytes. No response ever holds a value:
 reads give metadata only (alias, version, created_at, key id, size).
 """
 
@@ -17,7 +17,7 @@ from edge.errors import NotFound, Unavailable, Unprocessable
 from edge.openapi import BINARY, Media, operation
 from edge.responses import json_response, read_body
 from edge.state import EdgeState, state_of
-from kernel.keychain import (
+from worker.keychain import (
     MAX_VALUE,
     CredentialMeta,
     Keychain,

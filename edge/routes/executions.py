@@ -27,7 +27,7 @@ from edge.openapi import AFFINITY, AFTER_SEQ, AS_OF_SEQ, LIMIT, MIN_SEQ, Media, 
 from edge.responses import convert, json_response, read_json
 from edge.routes.playbooks import Conflict, catalog_of
 from edge.state import EdgeState, state_of
-from kernel.idempotency import (
+from edge.idempotency import (
     MAX_KEY,
     BadIdempotencyKey,
     IdempotencyConflict,
@@ -37,7 +37,7 @@ from kernel.idempotency import (
     check_key,
     start_digest,
 )
-from kernel.idempotency import Start as IdempotentStart
+from edge.idempotency import Start as IdempotentStart
 from kernel.producer import Ack, Producer
 from locator.envelope import (
     EVENT_ID_RE,

@@ -1,4 +1,4 @@
-"""The compiled row builder: ``wasm/rows.c`` run in a :class:`~kernel.wasm.WasmHost`, same contract as :func:`rows.build_rows`.
+"""The compiled row builder: ``wasm/rows.c`` run in a :class:`~worker.wasm.WasmHost`, same contract as :func:`rows.build_rows`.
 
 The guest is granted no host function (it only computes), under the system
 ring. Its input is cut into chunks of at most ``chunk_bytes`` of projection
@@ -22,8 +22,8 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kernel.toolchain import BuildError
-from kernel.wasm import Grants, WasmError, WasmHost, WasmModule
+from worker.toolchain import BuildError
+from worker.wasm import Grants, WasmError, WasmHost, WasmModule
 from system_playbooks.materialize.rows import INPUT, OUTPUT, RowError, input_table
 from system_playbooks.wasm_sdk.cache import built
 from system_playbooks.wasm_sdk.framing import from_stream, to_stream

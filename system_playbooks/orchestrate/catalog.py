@@ -16,7 +16,7 @@ into the Struct without parsing YAML again.
 
 A ``tool: wasm`` step must name a plug-in the project has registered (and,
 when it pins ``version``, that version): :meth:`Catalog.add` reads the plug-in
-records from the same bucket (``_plugins.*``, see :mod:`kernel.plugins`) and
+records from the same bucket (``_plugins.*``, see :mod:`worker.plugins`) and
 refuses the playbook with :class:`UnknownPlugin` naming the step, before
 anything is written.
 
@@ -46,7 +46,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 
 from kernel.errors import ConfigError
-from kernel.plugins import PluginRegistryError, find_record
+from worker.plugins import PluginRegistryError, find_record
 from locator.names import check_name
 from locator.subjects import CATALOG_BUCKET, KEYCHAIN_BUCKET
 from system_playbooks.orchestrate.errors import OrchestrateError, PlaybookError
@@ -60,7 +60,7 @@ from system_playbooks.orchestrate.playbook import (
     load_playbook,
     parse_playbook,
 )
-from system_playbooks.orchestrate.registry import BUILTIN_KINDS, registry
+from worker.tools.registry import BUILTIN_KINDS, registry
 
 __all__ = [
     "Catalog",

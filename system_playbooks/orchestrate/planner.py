@@ -53,7 +53,7 @@ from system_playbooks.orchestrate.children import (
 from system_playbooks.orchestrate.errors import ExpressionError
 from system_playbooks.orchestrate.expressions import ROOTS, Expression, compile_expression
 from system_playbooks.orchestrate.playbook import CallbackTool, Playbook, PlaybookTool, Step, tool_kind
-from system_playbooks.orchestrate.registry import registry
+from worker.tools.registry import registry
 from system_playbooks.orchestrate.state import (
     COMPLETED,
     DONE,

@@ -14,9 +14,9 @@ tool may only name a callable under an allowed module prefix, an ``http``
 tool only an allowed host, a ``nats`` tool only an allowed subject. With the
 default policy the last three are refused.
 
-The tool kinds are a registry (:mod:`system_playbooks.orchestrate.registry`):
+The tool kinds are a registry (:mod:`worker.tools.registry`):
 a step's ``tool`` is validated as the config Struct of the kind it names, and
-checked by that kind (:mod:`system_playbooks.orchestrate.kinds` for the
+checked by that kind (:mod:`worker.tools.kinds` for the
 built-in ones). The configs of the built-in kinds are defined here.
 
 Problems are reported one at a time, the first in document order, as
@@ -43,7 +43,7 @@ from locator.command import DEFAULT_POOL, TIMER_POOL
 from locator.names import NAME_PATTERN, STEP_PATTERN
 from system_playbooks.orchestrate.errors import ExpressionError, PlaybookError
 from system_playbooks.orchestrate.expressions import FUNCTIONS, LITERALS, ROOTS, Expression, compile_expression
-from system_playbooks.orchestrate.registry import BUILTIN_KINDS, ENTRY_POINT_GROUP, KindCheck, ToolConfig, registry
+from worker.tools.registry import BUILTIN_KINDS, ENTRY_POINT_GROUP, KindCheck, ToolConfig, registry
 from system_playbooks.orchestrate.templates import compile_template
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Built modules of the project's own guest sources, cached by the digest of everything that goes into them.
 
 A system playbook with ``runtime: wasm`` ships its source, never a ``.wasm``:
-the first use builds it with :func:`kernel.toolchain.build` (the ``ziglang``
+the first use builds it with :func:`worker.toolchain.build` (the ``ziglang``
 wheel) into the cache directory (``$NOETL_WASM_CACHE``, default
 ``~/.cache/noetl-edge/wasm``) under the sha256 of the source, the SDK files, the
 defines, the compiler command and the ziglang version; later uses read it back.
@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from kernel.toolchain import SDK, BuildError, build, build_command
+from worker.toolchain import SDK, BuildError, build, build_command
 
 CACHE_ENV = "NOETL_WASM_CACHE"
 

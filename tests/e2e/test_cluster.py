@@ -28,11 +28,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from edge.auth import ensure_admin_token
-from kernel.cluster import LocalCluster
+from cluster.local import LocalCluster
 from kernel.connect import close, connect
 from kernel.leases import lease_holder
 from kernel.producer import Ack, Producer
-from kernel.server import free_port
+from cluster.server import free_port
 from locator.envelope import Envelope, new_event
 from locator.shard import shard_for
 from locator.subjects import LEASES_BUCKET, proj_bucket, wal_stream

@@ -25,7 +25,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from kernel.keychain import Keychain, PlatformKey, Scope
+from worker.keychain import Keychain, PlatformKey, Scope
 from locator.command import Command, command_encoder, command_id
 from locator.ids import Snowflake
 from locator.shard import shard_for

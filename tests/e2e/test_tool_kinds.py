@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 
 from examples.tools.big import rows
 from kernel.connect import close, connect
-from system_playbooks.orchestrate.registry import BUILTIN_KINDS
+from worker.tools.registry import BUILTIN_KINDS
 from tests.conftest import cli_env, cli_path
 from tests.e2e.conftest import REPO, Proc, Stack, check_invariant
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
-from kernel.server import EmbeddedServer
+from cluster.server import EmbeddedServer
 from locator.envelope import Envelope
 from tests import wasm_plugins
 from tests.e2e.conftest import Proc, e2e_env, wait_for_wal

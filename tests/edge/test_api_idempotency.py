@@ -18,8 +18,8 @@ from nats.js import JetStreamContext
 from starlette.applications import Starlette
 
 from kernel.bootstrap import StreamSettings, bootstrap
-from kernel.idempotency import IdempotencyStore
-from kernel.server import EmbeddedServer
+from edge.idempotency import IdempotencyStore
+from cluster.server import EmbeddedServer
 from locator.subjects import wal_stream
 from locator.topology import default_topology
 from tests.conftest import stream_messages

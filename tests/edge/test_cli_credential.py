@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
-from kernel.keychain import MAX_VALUE, Keychain, PlatformKey, Scope
-from kernel.server import EmbeddedServer
+from worker.keychain import MAX_VALUE, Keychain, PlatformKey, Scope
+from cluster.server import EmbeddedServer
 from tests.conftest import cli_env
 
 SECRET = "cli-secret-9d81f3a0b2"

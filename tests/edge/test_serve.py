@@ -24,10 +24,10 @@ import httpx
 import pytest
 import yaml
 
-from kernel.keychain import PlatformKey
+from worker.keychain import PlatformKey
 from kernel.bootstrap import bootstrap
 from kernel.connect import close, connect
-from kernel.server import EmbeddedServer, free_port
+from cluster.server import EmbeddedServer, free_port
 from locator import shard_for
 from locator.topology import Cell, make_topology
 from projector.projection import canonical, decode_projection
