@@ -15,7 +15,8 @@ from kernel.bootstrap import StreamSettings, check_topology
 from kernel.host import Manifest, Plugin, context_for, load_plugin, system_manifests
 from kernel.leases import ShardLeases
 from kernel.pump import Pump, PumpStats
-from kernel.scheduler import ScheduleFirer, Scheduler
+from kernel.scheduler import Scheduler
+from system_playbooks.schedules.firer import ScheduleFirer
 from locator.topology import Topology
 from projector.cache import KvProjectionCache
 from projector.snapshots import SnapshotStore

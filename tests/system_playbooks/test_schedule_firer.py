@@ -12,7 +12,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from kernel.producer import Producer
-from kernel.scheduler import ScheduleFirer
+from system_playbooks.schedules.firer import ScheduleFirer
 from locator.envelope import decode_envelope, new_event
 from locator.shard import shard_for
 from locator.subjects import wal_stream
