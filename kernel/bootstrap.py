@@ -161,6 +161,10 @@ def shard_assets(
                 subjects=[sub.wal_subjects(shard)],
                 retention=RetentionPolicy.LIMITS,
                 allow_direct=True,
+                # Producer.publish_many's atomic batches (kernel/atomic.py). Not compared on an existing
+                # stream: a WAL created before it (or on a server before 2.12) is kept, and the producer
+                # publishes to it one event at a time, as it always did.
+                allow_atomic=True,
                 max_msg_size=settings.max_msg_size,
                 metadata={SHARD_COUNT_KEY: str(shard_count)},
                 **common,
