@@ -6,10 +6,10 @@ What is measured
 Two deployments run side by side for the whole run, each bootstrapped with
 the default topology (4 shards):
 
-* **baseline ``r1``** — one ``nats-server`` (``cluster.server.EmbeddedServer``),
+* **baseline ``r1``** — one ``nats-server`` (``natscluster.server.EmbeddedServer``),
   streams and buckets with 1 replica (what ``noetl-edge up`` runs);
 * **``r3``** — a 3-node cluster started exactly as ``noetl-edge cluster up``
-  starts it (``cluster.local.LocalCluster``: same configs, meta leader wait,
+  starts it (``natscluster.local.LocalCluster``: same configs, meta leader wait,
   bootstrap with 3 replicas), the client connected to all three URLs.
 
 Rounds alternate r1, r3, r1, r3… (a warm-up round of each first, not
@@ -58,13 +58,13 @@ from nats.aio.client import Client as NATS  # noqa: E402
 from bench.common import dist_version, nats_server_version  # noqa: E402
 from edge.cli.cluster import bootstrap_when_ready  # noqa: E402
 from kernel.bootstrap import StreamSettings  # noqa: E402
-from cluster.local import LocalCluster  # noqa: E402
+from natscluster.local import LocalCluster  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
 from kernel.host import system_manifests  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
 from kernel.producer import Ack, Producer  # noqa: E402
 from kernel.runtime import Kernel  # noqa: E402
-from cluster.server import EmbeddedServer  # noqa: E402
+from natscluster.server import EmbeddedServer  # noqa: E402
 from locator import default_topology  # noqa: E402
 from locator.envelope import new_event  # noqa: E402
 from locator.shard import shard_for  # noqa: E402

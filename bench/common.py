@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from cluster.natsbin import find_nats_server
+from natscluster.natsbin import find_nats_server
 
 
 def child_env() -> dict[str, str]:

@@ -81,7 +81,7 @@ import httpx  # noqa: E402
 
 from bench.common import Proc, cpu_seconds, dist_version  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
-from cluster.server import free_port  # noqa: E402
+from natscluster.server import free_port  # noqa: E402
 from locator.shard import shard_for  # noqa: E402
 from locator.subjects import wal_stream  # noqa: E402
 from projector.cache import KvProjectionCache  # noqa: E402

@@ -3,7 +3,7 @@
 
 What is measured
 ----------------
-One ``nats-server`` (``cluster.server.EmbeddedServer``, JetStream on a temporary
+One ``nats-server`` (``natscluster.server.EmbeddedServer``, JetStream on a temporary
 directory) is started and bootstrapped with the default topology (4 shards).
 Every round then:
 
@@ -89,7 +89,7 @@ from kernel.host import Manifest, Plugin, context_for, load_plugin, system_manif
 from kernel.logs import configure_logging  # noqa: E402
 from kernel.producer import Ack, Producer  # noqa: E402
 from kernel.pump import Pump  # noqa: E402
-from cluster.server import EmbeddedServer  # noqa: E402
+from natscluster.server import EmbeddedServer  # noqa: E402
 from locator import default_topology  # noqa: E402
 from locator.envelope import ENVELOPE_VERSION, Envelope, new_event, now_ts  # noqa: E402
 from locator.shard import shard_for  # noqa: E402

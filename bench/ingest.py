@@ -3,7 +3,7 @@
 
 What is measured
 ----------------
-One ``nats-server`` (``cluster.server.EmbeddedServer``, JetStream on a temporary
+One ``nats-server`` (``natscluster.server.EmbeddedServer``, JetStream on a temporary
 directory) is started and bootstrapped with the default topology's WAL streams.
 Then, on the same connection, these phases alternate round by round:
 
@@ -70,7 +70,7 @@ from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import connect  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
 from kernel.producer import MSG_ID, Ack, Producer  # noqa: E402
-from cluster.server import EmbeddedServer  # noqa: E402
+from natscluster.server import EmbeddedServer  # noqa: E402
 from locator import default_topology  # noqa: E402
 from locator.envelope import Envelope, encode_envelope, new_event, subject_for  # noqa: E402
 from locator.subjects import wal_stream  # noqa: E402

@@ -100,7 +100,7 @@ from bench.edge import percentile  # noqa: E402
 from bench.soak import event_shape, projects  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
 from kernel.producer import MSG_ID  # noqa: E402
-from cluster.server import free_port  # noqa: E402
+from natscluster.server import free_port  # noqa: E402
 from locator.envelope import encode_envelope, new_event, subject_for  # noqa: E402
 from locator.ids import Snowflake  # noqa: E402
 from locator.subjects import wal_stream  # noqa: E402

@@ -3,7 +3,7 @@
 
 What is measured
 ----------------
-One ``nats-server`` (``cluster.server.EmbeddedServer``) is bootstrapped with the
+One ``nats-server`` (``natscluster.server.EmbeddedServer``) is bootstrapped with the
 default topology (4 shards). On every shard, ``--pools`` worker pools each get
 ``--commands`` stored commands on ``cmd.<shard>.<pool>`` and their durable
 consumer ``workers_<pool>`` (as a worker creates it), and one command in
@@ -56,7 +56,7 @@ from edge.metrics import EdgeMetrics  # noqa: E402
 from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
-from cluster.server import EmbeddedServer  # noqa: E402
+from natscluster.server import EmbeddedServer  # noqa: E402
 from locator.subjects import cmd_stream, cmd_subject, pool_consumer  # noqa: E402
 from locator.topology import default_topology  # noqa: E402
 

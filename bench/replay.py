@@ -3,7 +3,7 @@
 
 What is measured
 ----------------
-One ``nats-server`` (``cluster.server.EmbeddedServer``, JetStream on a temporary
+One ``nats-server`` (``natscluster.server.EmbeddedServer``, JetStream on a temporary
 directory) is started and bootstrapped with the default topology (4 shards).
 One execution of N events (default 50,000) is published once with
 ``Producer.publish_many``, *not timed*: ``execution.requested``, then per step
@@ -73,7 +73,7 @@ from kernel.bootstrap import bootstrap
 from kernel.connect import close, connect
 from kernel.logs import configure_logging
 from kernel.producer import Ack, Producer
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import default_topology
 from locator.envelope import Envelope, new_event
 from locator.shard import shard_for

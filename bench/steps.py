@@ -3,7 +3,7 @@
 
 What is measured
 ----------------
-One ``nats-server`` (``cluster.server.EmbeddedServer``, JetStream on a temporary
+One ``nats-server`` (``natscluster.server.EmbeddedServer``, JetStream on a temporary
 directory, free port) is started and bootstrapped (``kernel.bootstrap``, 4
 shards by default). Then, as separate processes, exactly as an operator runs
 them: one ``noetl-edge kernel`` (``system/project``, ``system/orchestrate``,
@@ -106,7 +106,7 @@ from kernel.connect import close, connect  # noqa: E402
 from kernel.host import system_manifests  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
 from kernel.producer import Ack, Producer  # noqa: E402
-from cluster.server import EmbeddedServer  # noqa: E402
+from natscluster.server import EmbeddedServer  # noqa: E402
 from locator import default_topology  # noqa: E402
 from locator.envelope import Envelope, new_event  # noqa: E402
 from locator.ids import Snowflake  # noqa: E402

@@ -5,7 +5,7 @@ topology asks for, nothing is created or changed and the differences are
 reported together (:class:`~kernel.errors.BootstrapMismatch`).
 
 With several cells (a supercluster) every asset is created in its cell
-(:mod:`cluster.placement`), so one bootstrap through any cell's connection lays
+(:mod:`natscluster.placement`), so one bootstrap through any cell's connection lays
 out the whole supercluster, and an asset found in another cell is a mismatch.
 """
 
@@ -29,7 +29,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from kernel.errors import BootstrapMismatch, ConfigError, TopologyMismatch
-from cluster.placement import placed, placement_cell
+from natscluster.placement import placed, placement_cell
 from locator import subjects as sub
 from locator.topology import Topology
 

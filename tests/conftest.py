@@ -16,7 +16,7 @@ from nats.js.errors import NotFoundError
 from kernel.bootstrap import bootstrap
 from kernel.connect import close, connect
 from kernel.logs import configure_logging
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.topology import Topology, default_topology
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.server import free_port
+from natscluster.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

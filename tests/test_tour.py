@@ -41,7 +41,7 @@ from pathlib import Path
 import pyarrow.feather as feather
 import pytest
 
-from cluster.server import free_port
+from natscluster.server import free_port
 from tests.test_readme import fresh_copy
 
 REPO = Path(__file__).resolve().parent.parent

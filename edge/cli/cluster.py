@@ -21,11 +21,11 @@ from nats.js.errors import APIError, ServiceUnavailableError
 
 from edge.cli.options import default_data_dir, resolve_topology
 from kernel.bootstrap import BootstrapReport, StreamSettings, bootstrap
-from cluster.local import TOPOLOGY_FILE, LocalCluster
-from cluster.status import ClusterStatus, node_statuses, stream_statuses
+from natscluster.local import TOPOLOGY_FILE, LocalCluster
+from natscluster.status import ClusterStatus, node_statuses, stream_statuses
 from kernel.connect import close, connect
 from kernel.errors import ConfigError, KernelError
-from cluster.replicas import set_replicas
+from natscluster.replicas import set_replicas
 from locator.topology import Topology
 
 _TRANSIENT = (ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError)

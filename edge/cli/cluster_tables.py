@@ -5,13 +5,13 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from cluster.status import ClusterStatus
+from natscluster.status import ClusterStatus
 
 
 def status_tables(status: ClusterStatus) -> list[Table]:
     """The three tables ``cluster status`` prints.
 
-    >>> from cluster.status import NodeStatus
+    >>> from natscluster.status import NodeStatus
     >>> node = NodeStatus(name="n1", pid=7, client_url="nats://h:1", monitor_url="http://h:2", healthy=True,
     ...                   meta_leader=True)
     >>> [t.title for t in status_tables(ClusterStatus(nodes=[node], streams=[], consumers=[]))]

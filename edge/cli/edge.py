@@ -12,7 +12,7 @@ from edge.auth import load_tokens
 from edge.cli.options import UsageError, resolve_topology
 from edge.serve import install_uvloop, serve, wait_listening
 from kernel.errors import ServerStartError
-from cluster.server import default_data_dir, port_in_use
+from natscluster.server import default_data_dir, port_in_use
 from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
 from system_playbooks.orchestrate.catalog import policy_from_env

@@ -15,7 +15,7 @@ from kernel.bootstrap import StreamSettings
 from kernel.connect import close, connect, install_uvloop
 from kernel.host import SYSTEM_PLUGINS, system_manifests
 from kernel.runtime import Kernel, default_holder
-from cluster.server import default_data_dir
+from natscluster.server import default_data_dir
 from locator.topology import Topology
 from projector.snapshots import SnapshotStore
 from system_playbooks.orchestrate.catalog import policy_from_env

@@ -31,7 +31,7 @@ def env_int(name: str, default: int) -> int:
 
 def default_data_dir() -> Path:
     """``NOETL_DATA_DIR``, else ``$XDG_DATA_HOME/noetl-edge`` (``~/.local/share/noetl-edge``)."""
-    # Same as cluster.server.default_data_dir, which would import structlog into `--help` (a test keeps them equal).
+    # Same as natscluster.server.default_data_dir, which would import structlog into `--help` (a test keeps them equal).
     explicit = os.environ.get("NOETL_DATA_DIR")
     if explicit:
         return Path(explicit)

@@ -29,7 +29,7 @@ from projector.snapshots import SnapshotStore
 from kernel.errors import ConfigError
 from kernel.errors import ServerStartError
 from worker.keychain import KeychainError, PlatformKey
-from cluster.server import EmbeddedServer, default_data_dir, free_port, port_in_use
+from natscluster.server import EmbeddedServer, default_data_dir, free_port, port_in_use
 from locator.topology import DEFAULT_SHARDS, default_topology
 
 log = structlog.get_logger("noetl.cli.up")

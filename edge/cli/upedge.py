@@ -38,7 +38,7 @@ def edge_argv(*, bind: str, data_dir: Path, nats_url: str, shards: int, log_leve
 
 def start_edge(argv: Sequence[str]) -> subprocess.Popen[bytes]:
     """Start the edge child: it dies with this thread (Linux), its stdout (``up``'s ready line) untouched."""
-    from cluster.server import _die_with_parent
+    from natscluster.server import _die_with_parent
 
     return subprocess.Popen(
         list(argv),

@@ -19,10 +19,10 @@ import pytest
 
 from kernel.bootstrap import StreamSettings, global_assets, shard_assets
 
-from cluster.local import STATE_FILE, LocalCluster
+from natscluster.local import STATE_FILE, LocalCluster
 from kernel.connect import close, connect
-from cluster.natsbin import find_nats_server
-from cluster.natsconf import committed_configs, supercluster_topology
+from natscluster.natsbin import find_nats_server
+from natscluster.natsconf import committed_configs, supercluster_topology
 from locator.topology import load_topology
 from tests.conftest import cli_env, cli_path, stream_messages
 
@@ -32,7 +32,7 @@ NATS_DIR = Path(__file__).resolve().parents[2] / "nats"
 def test_committed_configs_match_the_renderer() -> None:
     files = committed_configs()
     for rel, text in files.items():
-        assert (NATS_DIR / rel).read_text(encoding="utf-8") == text, f"nats/{rel} drifted: run python -m cluster.natsconf"
+        assert (NATS_DIR / rel).read_text(encoding="utf-8") == text, f"nats/{rel} drifted: run python -m natscluster.natsconf"
     on_disk = {str(p.relative_to(NATS_DIR)) for p in NATS_DIR.rglob("*") if p.suffix in (".conf", ".yaml")}
     assert on_disk == set(files), f"files under nats/ the renderer does not write: {on_disk - set(files)}"
 

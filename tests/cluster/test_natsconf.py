@@ -3,8 +3,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from cluster.natsbin import find_nats_server
-from cluster.natsconf import render_server_config
+from natscluster.natsbin import find_nats_server
+from natscluster.natsconf import render_server_config
 from locator import default_topology
 
 NATS_DIR = Path(__file__).resolve().parent.parent.parent / "nats"

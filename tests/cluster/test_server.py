@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from kernel.errors import ServerBinaryNotFound, ServerStartError
-from cluster.natsbin import find_nats_server
-from cluster.server import EmbeddedServer
+from natscluster.natsbin import find_nats_server
+from natscluster.server import EmbeddedServer
 from locator import default_topology
 
 
@@ -60,7 +60,7 @@ def test_server_dies_with_its_parent(tmp_path: Path) -> None:
     script = (
         "import sys, time\n"
         "from kernel.logs import configure_logging\n"
-        "from cluster.server import EmbeddedServer\n"
+        "from natscluster.server import EmbeddedServer\n"
         "configure_logging(level='error')\n"
         "from locator import default_topology\n"
         f"s = EmbeddedServer(data_dir={str(tmp_path)!r}, topology=default_topology(), port=0)\n"

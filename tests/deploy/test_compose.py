@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.natsconf import COMPOSE_NODES
+from natscluster.natsconf import COMPOSE_NODES
 from locator.topology import load_topology
 from tests.deploy.compose_file import ComposeError, compose_errors, interpolate, load_compose, parse_port, read_env_file
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from kernel.host import system_manifests
-from cluster.natsconf import committed_configs
+from natscluster.natsconf import committed_configs
 from locator.command import DEFAULT_POOL
 from locator.subjects import cmd_stream, ingest_mappings, pool_consumer, wal_stream
 from locator.topology import parse_topology

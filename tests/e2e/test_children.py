@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.envelope import Envelope, decode_wal_message
 from locator.shard import shard_for
 from locator.subjects import wal_stream

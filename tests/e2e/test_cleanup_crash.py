@@ -24,7 +24,7 @@ from nats.js.errors import NotFoundError
 
 from kernel.bootstrap import StreamSettings, bootstrap
 from kernel.producer import Producer
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.envelope import decode_wal_message
 from locator.subjects import wal_stream

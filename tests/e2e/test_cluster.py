@@ -28,11 +28,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from edge.auth import ensure_admin_token
-from cluster.local import LocalCluster
+from natscluster.local import LocalCluster
 from kernel.connect import close, connect
 from kernel.leases import lease_holder
 from kernel.producer import Ack, Producer
-from cluster.server import free_port
+from natscluster.server import free_port
 from locator.envelope import Envelope, new_event
 from locator.shard import shard_for
 from locator.subjects import LEASES_BUCKET, proj_bucket, wal_stream
@@ -40,7 +40,7 @@ from locator.topology import Topology, load_topology
 from projector.projection import decode_projection
 from tests.conftest import stream_messages
 from tests.e2e.conftest import Proc, check_invariant, e2e_env
-from tests.kernel.test_cluster import ClusterCli
+from tests.cluster.test_cluster import ClusterCli
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.bootstrap import StreamSettings, bootstrap
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.shard import shard_for
 from locator.topology import Topology, default_topology
 from projector.results import ResultStore

@@ -21,7 +21,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.envelope import Envelope
 from locator.shard import shard_for
 from locator.subjects import cmd_stream, pool_consumer

@@ -26,7 +26,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from kernel.leases import lease_holder
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.envelope import decode_envelope
 from locator.shard import shard_for
 from locator.subjects import LEASES_BUCKET, wal_stream

@@ -1,6 +1,6 @@
 """A live supercluster: two cells (one nats-server each) joined by gateways, the locator routing between them.
 
-The servers' configs come from :func:`cluster.natsconf.render_supercluster_configs`,
+The servers' configs come from :func:`natscluster.natsconf.render_supercluster_configs`,
 the renderer of the committed ``nats/supercluster/*.conf``. One bootstrap,
 through the ``west`` cell only, places every shard's streams and projection
 bucket in the cell that owns the shard (JetStream placement by cluster) and
@@ -36,14 +36,14 @@ from edge.app import create_app
 from edge.auth import TokenSpec
 from edge.cli.cluster import bootstrap_when_ready
 from kernel.bootstrap import StreamSettings, bootstrap, global_assets, shard_assets
-from cluster.local import monitor_json
+from natscluster.local import monitor_json
 from kernel.connect import close, connect
 from kernel.errors import BootstrapMismatch
 from kernel.leases import lease_holder
-from cluster.natsconf import NodeSpec, render_supercluster_configs
+from natscluster.natsconf import NodeSpec, render_supercluster_configs
 from kernel.producer import Ack, Producer
 from kernel.runtime import Kernel
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator.envelope import encode_envelope, new_event
 from locator.shard import shard_for
 from locator.subjects import (

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.envelope import Envelope
 from tests import wasm_plugins
 from tests.e2e.conftest import Proc, e2e_env, wait_for_wal
-from tests.kernel.test_worker import PROJECT, TENANT, issue, make_command
+from tests.worker.test_worker import PROJECT, TENANT, issue, make_command
 from tests.wasm_plugins import register_plugin
 
 score_wasm = wasm_plugins.score_wasm  # the session fixture, for this module

@@ -24,7 +24,7 @@ from tests.e2e.conftest import (
 )
 
 SCORE = REPO / "examples" / "wasm" / "score.c"
-PROBE = REPO / "tests" / "kernel" / "wasm" / "probe.c"
+PROBE = REPO / "tests" / "worker" / "wasm" / "probe.c"
 TENANT = "wasm"
 
 

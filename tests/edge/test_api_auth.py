@@ -18,7 +18,7 @@ from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.errors import ConfigError
 from kernel.producer import Producer
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.topology import Topology, default_topology
 from projector.snapshots import SnapshotStore

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from edge.auth import TokenSpec
 from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.subjects import dlq_subject
 from locator.topology import default_topology
 from tests.edge.test_api_routes import assert_problem, client_for, make_app

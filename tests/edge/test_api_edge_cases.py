@@ -16,7 +16,7 @@ from kernel.errors import ConfigError
 from kernel.host import context_for, load_plugin, system_manifests
 from kernel.producer import Producer
 from kernel.pump import Pump
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator import default_topology, new_event, shard_for
 from projector.cache import KvProjectionCache
 from projector.projection import canonical, decode_projection

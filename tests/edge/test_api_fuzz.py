@@ -30,7 +30,7 @@ from kernel.host import context_for, load_plugin, system_manifests
 from kernel.producer import Producer
 from kernel.pump import Pump
 from kernel.scrub import scrub
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator import default_topology, new_event, shard_for
 from locator.command import callback_token
 from locator.envelope import Envelope, encode_envelope

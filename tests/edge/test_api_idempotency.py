@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 
 from kernel.bootstrap import StreamSettings, bootstrap
 from edge.idempotency import IdempotencyStore
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.subjects import wal_stream
 from locator.topology import default_topology
 from tests.conftest import stream_messages

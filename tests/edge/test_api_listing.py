@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 
 from edge.app import create_app
 from edge.auth import TokenSpec
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.topology import default_topology
 from projector.listing import ListQuery, encode_token, Cursor
 from projector.snapshots import SnapshotStore

@@ -20,7 +20,7 @@ from edge.auth import TokenSpec
 from kernel.host import context_for, load_plugin, system_manifests
 from kernel.producer import Producer
 from kernel.pump import Pump
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.envelope import decode_envelope
 from locator.subjects import execution_filter, wal_stream

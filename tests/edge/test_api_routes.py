@@ -21,7 +21,7 @@ from edge.cli import main as cli_main
 from kernel.host import context_for, load_plugin, system_manifests
 from kernel.producer import Producer
 from kernel.pump import Pump
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator import new_event, shard_for
 from locator.envelope import decode_envelope
 from locator.subjects import cmd_subject, wal_stream

@@ -15,7 +15,7 @@ from nats.js.errors import KeyNotFoundError
 from starlette.applications import Starlette
 
 from edge.auth import TokenSpec
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.subjects import SCHEDULES_BUCKET
 from locator.topology import default_topology
 from projector.historystats import stream_subjects

@@ -19,7 +19,7 @@ from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.producer import Ack, Producer
 from kernel.scrub import scrub_text
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.envelope import Envelope
 from locator.subjects import wal_subject

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.producer import Ack, Producer
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.topology import default_topology
 from projector.snapshots import SnapshotStore

@@ -20,7 +20,7 @@ import nats
 import pytest
 
 from kernel.runtime import default_holder
-from cluster.server import EmbeddedServer, default_data_dir, free_port
+from natscluster.server import EmbeddedServer, default_data_dir, free_port
 from locator import shard_for
 
 from edge.cli import build_parser, main, options

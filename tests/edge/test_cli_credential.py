@@ -11,7 +11,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from worker.keychain import MAX_VALUE, Keychain, PlatformKey, Scope
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from tests.conftest import cli_env
 
 SECRET = "cli-secret-9d81f3a0b2"

@@ -20,7 +20,7 @@ import yaml
 
 from kernel.bootstrap import bootstrap
 from kernel.producer import Producer
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator.envelope import new_event
 from locator.shard import shard_for
 from locator.subjects import wal_subject

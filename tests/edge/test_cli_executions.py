@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 
 BASE = ["executions", "list", "--tenant", "acme", "--project", "web"]
 

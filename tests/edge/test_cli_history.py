@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.producer import Producer
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator import new_event, shard_for
 from locator.subjects import hist_bucket, wal_consumer, wal_stream, wal_subjects
 from locator.topology import Topology, default_topology

@@ -27,7 +27,7 @@ from edge.app import create_app
 from edge.auth import TokenSpec
 from edge.cli import main as cli_main
 from kernel.producer import Producer
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.envelope import Envelope
 from locator.subjects import execution_filter

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from system_playbooks.orchestrate.catalog import Catalog
 from system_playbooks.orchestrate.playbook import Policy
 from system_playbooks.schedules.store import ScheduleStore

@@ -7,7 +7,7 @@ import subprocess
 
 from nats.js import JetStreamContext
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.subjects import cmd_stream, cmd_subject, pool_consumer
 from tests.conftest import cli_env, cli_path
 

@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from starlette.applications import Starlette
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.subjects import cmd_stream, cmd_subject, pool_consumer
 from locator.topology import default_topology
 from tests.edge.test_api_routes import client_for, make_app

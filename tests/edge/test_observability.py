@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.producer import Producer
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.ids import Snowflake
 from locator import default_topology, new_event, shard_for
 from projector.cache import KvProjectionCache

@@ -27,7 +27,7 @@ import yaml
 from worker.keychain import PlatformKey
 from kernel.bootstrap import bootstrap
 from kernel.connect import close, connect
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator import shard_for
 from locator.topology import Cell, make_topology
 from projector.projection import canonical, decode_projection

@@ -32,7 +32,7 @@ from nats.js.kv import KeyValue
 from kernel.bootstrap import StreamSettings, bootstrap
 from kernel.leases import lease_holder
 from kernel.producer import Ack, Producer
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import Envelope, Snowflake, new_event, shard_for
 from locator.subjects import LEASES_BUCKET
 from locator.topology import Topology

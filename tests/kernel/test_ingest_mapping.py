@@ -13,7 +13,7 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import shard_for
 from locator.subjects import ingest_subject, wal_subject
 

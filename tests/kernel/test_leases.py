@@ -18,7 +18,7 @@ from kernel.bootstrap import StreamSettings, bootstrap
 from kernel.connect import close, connect
 from kernel.errors import ConfigError
 from kernel.leases import LeaseBucketError, ShardLeases, lease_holder, member_key, shard_key
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.subjects import LEASES_BUCKET
 from locator.topology import Topology
 

@@ -12,7 +12,7 @@ from kernel.bootstrap import StreamSettings, bootstrap
 from kernel.connect import close, connect
 from kernel.errors import KernelError, PublishError
 from kernel.producer import Ack, Producer, Rejected
-from cluster.server import EmbeddedServer, free_port
+from natscluster.server import EmbeddedServer, free_port
 from locator import Envelope, EnvelopeError, PayloadTooLarge, new_event, shard_for
 from locator.topology import Topology, default_topology
 

@@ -16,7 +16,7 @@ from kernel.bootstrap import bootstrap
 from kernel.host import ShardContext, context_for, system_manifests
 from kernel.producer import Producer
 from kernel.pump import DLQ_REASON, DLQ_SEQ, DLQ_STREAM, Pump
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.envelope import encode_envelope
 from locator.topology import Topology

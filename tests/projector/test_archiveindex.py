@@ -10,7 +10,7 @@ import nats
 import pyarrow.ipc
 from nats.js import JetStreamContext
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from projector.archiveindex import FANOUT, ArchiveIndex, ArchivePart, ArchiveRef, IndexRow, encode_ref, level_of
 from projector.objects import ObjectRoot
 from projector.projection import Projection, canonical

@@ -6,7 +6,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event
 from projector.cache import (
     VALUE_HEADROOM,

@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from kernel.host import PluginError, context_for, system_manifests
 from kernel.producer import Producer
 from kernel.pump import Pump
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator import new_event, shard_for
 from locator.subjects import execution_filter, wal_stream
 from locator.topology import Topology

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from examples.tools import big
 from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_STREAM
 from kernel.errors import ConfigError
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from worker.worker import Worker, WorkerSettings
 from locator.command import Command, command_encoder, command_id
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, decode_envelope

@@ -1,7 +1,7 @@
 """A local N-node nats-server cluster (``noetl-edge cluster up|status|down``), no docker.
 
-Each node is an :class:`~cluster.server.EmbeddedServer` with a ``cluster``
-block, rendered by :func:`cluster.natsconf.render_server_config` — the code
+Each node is an :class:`~natscluster.server.EmbeddedServer` with a ``cluster``
+block, rendered by :func:`natscluster.natsconf.render_server_config` — the code
 that renders the committed ``nats/cluster/*.conf`` — on ``127.0.0.1`` ports.
 A one-node cluster has no ``cluster`` block: nats-server's clustered
 JetStream needs routes to other servers and would wait for them forever, so
@@ -34,11 +34,11 @@ import structlog
 import yaml
 
 from kernel.errors import ConfigError, KernelError, ServerStartError
-from cluster.natsconf import NodeSpec, render_server_config
-from cluster.server import EmbeddedServer, free_port
+from natscluster.natsconf import NodeSpec, render_server_config
+from natscluster.server import EmbeddedServer, free_port
 from locator.topology import DEFAULT_CELL, Topology, default_topology, make_topology
 
-log = structlog.get_logger("noetl.cluster.local")
+log = structlog.get_logger("noetl.natscluster.local")
 
 CLUSTER_NAME = "noetl-local"
 STATE_FILE = "cluster.json"

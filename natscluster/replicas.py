@@ -19,7 +19,7 @@ from kernel.bootstrap import StreamSettings, global_assets, shard_assets
 from kernel.errors import ConfigError, KernelError
 from locator.topology import Topology
 
-log = structlog.get_logger("noetl.cluster.replicas")
+log = structlog.get_logger("noetl.natscluster.replicas")
 
 
 class ReplicaChange(msgspec.Struct, frozen=True, kw_only=True):

@@ -3,7 +3,7 @@
 The same renderer writes the embedded server's config, the local cluster's
 node configs (``noetl-edge cluster up``) and the files under ``nats/``, so the
 ingest subject mappings can never drift from the locator. ``python -m
-cluster.natsconf [DIR]`` rewrites the committed files (a test fails when they
+natscluster.natsconf [DIR]`` rewrites the committed files (a test fails when they
 drift).
 """
 

@@ -17,11 +17,11 @@ from types import TracebackType
 import structlog
 
 from kernel.errors import ServerStartError
-from cluster.natsbin import find_nats_server
-from cluster.natsconf import render_server_config
+from natscluster.natsbin import find_nats_server
+from natscluster.natsconf import render_server_config
 from locator.topology import Topology
 
-log = structlog.get_logger("noetl.cluster.server")
+log = structlog.get_logger("noetl.natscluster.server")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

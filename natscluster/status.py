@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from nats.js import JetStreamContext
 
-from cluster.local import LocalCluster, monitor_json
+from natscluster.local import LocalCluster, monitor_json
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
