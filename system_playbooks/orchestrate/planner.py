@@ -505,21 +505,28 @@ class _Planner:
         return self.out
 
 
-    def resume(self, window_ms: int) -> Plan:
+    def resume(self, window_ms: int, inline: Callable[[Step], bool] | None = None) -> Plan:
         """Re-send what a crash may have lost between recording a decision and acting on it.
 
         A command recorded as issued, unclaimed, and younger than the WAL's
         duplicate window is published again (a repeat is dropped by its
         ``Nats-Msg-Id``); the timers of waiting callbacks and pending retries
         are set again (a timer that fires twice is ignored the second time).
+
+        A step the orchestrator runs itself (``inline``, see :mod:`.inline`) has no copy of its command
+        in ``CMD_<shard>``: its command is returned whatever its age while it is unclaimed or claimed
+        ``inline`` (the caller runs it inline again, with the same event ids).
         """
         for step in self.pb.steps:
             run = self.st.steps.get(step.name)
             if run is None or run.status != ENTERED:
                 continue
+            ours = inline is not None and inline(step)
             for key, it in sorted(run.iterations.items()):
                 iteration = None if key == NOT_LOOP else key
-                if it.status == ISSUED and not it.claimed and self.now_ms - it.since_ms < window_ms:
+                if it.status == ISSUED and (
+                    it.inline or (not it.claimed and (ours or self.now_ms - it.since_ms < window_ms))
+                ):
                     try:
                         self.out.commands.append(self.command(step, run, key, it.issued))
                     except ExpressionError:
@@ -582,11 +589,13 @@ def execution_result(state: ExecState, playbook: Playbook) -> tuple[Any, str | N
     return None, None
 
 
-def resume(state: ExecState, playbook: Playbook, *, now_ms: int, window_ms: int) -> Plan:
+def resume(
+    state: ExecState, playbook: Playbook, *, now_ms: int, window_ms: int, inline: Callable[[Step], bool] | None = None,
+) -> Plan:
     """Commands and timers to send again after the state was rebuilt from the WAL (see :meth:`_Planner.resume`)."""
     if not state.requested or state.terminal or state.pinned is None:
         return Plan()
-    return _Planner(state, playbook, now_ms, lambda: "").resume(window_ms)
+    return _Planner(state, playbook, now_ms, lambda: "").resume(window_ms, inline)
 
 
 def fail_unstartable(state: ExecState, reason: str) -> Plan:

@@ -10,6 +10,11 @@ one connection and only then waited for (a worker can start a step while its
 batch acknowledged. A crash anywhere in between re-plans the same state:
 every event and command has a deterministic id, so nothing is issued twice.
 
+A step with nothing to run (a ``noop``) does not cross a worker: its
+``command.issued`` is followed by the claim and result a worker would have
+published, made here (:mod:`.inline`), and planning goes on from them in the
+same batch, so a chain of such steps completes in one pass.
+
 Events of other executions (a child's start or cancel, a parent's news of its
 child's end, see :mod:`.children`) go first, to whichever shard owns them,
 and are acknowledged before anything of the execution itself is sent: the
@@ -19,6 +24,7 @@ execution's own record never shows a decision whose cross-shard half is lost.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -26,17 +32,19 @@ from collections.abc import Sequence
 
 import msgspec
 
+from kernel.errors import ConfigError
 from kernel.host import PluginError, Reject, ShardContext
 from locator.command import TIMER_POOL, Timer, command_encoder
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, PayloadTooLarge, encode_envelope, new_event
 from locator.subjects import cmd_subject, wal_subject
 from projector.fold import WalEvent
 from projector.results import ResultKey
-from system_playbooks.orchestrate.catalog import Catalog, CatalogError
+from system_playbooks.orchestrate.catalog import Catalog, CatalogError, policy_from_env
 from system_playbooks.orchestrate.children import ChildLimits, LimitError, parent_notice
+from system_playbooks.orchestrate.inline import Inliner, inline_from_env
 from system_playbooks.orchestrate.planner import Plan, fail_unstartable, plan, resume
 from system_playbooks.orchestrate.playbook import Playbook
-from system_playbooks.orchestrate.state import ExecState, apply, new_state
+from system_playbooks.orchestrate.state import NOT_LOOP, ExecState, apply, new_state
 
 MAX_CACHED = 10_000
 PASSIVE = frozenset({"command.claimed"})  # event types that never change what the planner decides
@@ -60,6 +68,11 @@ class OrchestratePlugin:
         try:
             self._limits = ChildLimits.from_env()
         except LimitError as e:
+            raise PluginError(f"system/orchestrate: {e}") from None
+        try:
+            self._inliner = Inliner(enabled=inline_from_env(os.environ), policy=policy_from_env(os.environ),
+                                    payload_cap=DEFAULT_PAYLOAD_CAP)
+        except ConfigError as e:
             raise PluginError(f"system/orchestrate: {e}") from None
 
     def _states(self, ctx: ShardContext) -> OrderedDict[str, ExecState]:
@@ -93,14 +106,17 @@ class OrchestratePlugin:
         """Must an unknown execution be rebuilt from its history, or do ``events`` tell all that matters?
 
         Two cheap lookups spare most executions a history read: one that
-        starts in this batch with ``execution.requested`` and has nothing
-        after it in the WAL yet, and one that was never requested (a stream
-        of user events, nothing to orchestrate).
+        starts in this batch with ``execution.requested`` alone and has
+        nothing after it in the WAL yet, and one that was never requested (a
+        stream of user events, nothing to orchestrate). A batch that holds
+        the request and more of the execution (a redelivery after the
+        orchestrator published its decisions, inline steps' results among
+        them) reads the history: what lies between is not in the batch.
         """
         env = events[0].env
         who = (env.tenant, env.project, env.execution_id)
         if env.type == "execution.requested":
-            return await ctx.next_event_seq(*who, after_seq=events[-1].seq) is not None
+            return len(events) > 1 or await ctx.next_event_seq(*who, after_seq=events[-1].seq) is not None
         return await ctx.next_event_seq(*who, after_seq=0, type="execution.requested") is not None
 
     async def _playbook(self, ctx: ShardContext, state: ExecState) -> Playbook | str:
@@ -129,17 +145,44 @@ class OrchestratePlugin:
         apply(state, 0, env, own=True)
         return env
 
+    def _run_inline(self, state: ExecState, playbook: Playbook, decided: Plan) -> bool:
+        """Run the commands of ``decided`` that need no worker (see :mod:`.inline`); True if any was.
+
+        Their outcome events take their place (after the events that issue them), applied to the state
+        at once, so the next planning pass moves on from them within this batch.
+        """
+        commands = []
+        ran = False
+        for command in decided.commands:
+            run = state.steps.get(command.step)
+            key = NOT_LOOP if command.iteration is None else command.iteration
+            it = None if run is None else run.iterations.get(key)
+            outcome = None if it is None else self._inliner.outcome(
+                playbook.step(command.step), command, claimed=it.claimed and it.issued == command.attempt)
+            if outcome is None:
+                commands.append(command)
+                continue
+            for env in outcome:
+                apply(state, 0, env, own=True)
+            decided.events += outcome
+            ran = True
+        decided.commands = commands
+        return ran
+
     async def _plan(self, ctx: ShardContext, state: ExecState, playbook: Playbook, now_ms: int) -> Plan:
         decided = Plan()
         while True:
             more = plan(state, playbook, now_ms=now_ms, new_token=_token, payload_cap=DEFAULT_PAYLOAD_CAP,
                         limits=self._limits)
+            # A chain of inline steps completes in this one pass: each outcome is applied, then planned on.
+            ran = self._run_inline(state, playbook, more)
             decided.extend(more)
-            if more.oversized is None:
+            if more.oversized is not None:
+                # A loop's aggregate or a callback's payload: stored first, so what is planned next
+                # (templates reading steps.<name>.result_ref) sees the state a rebuild would see.
+                decided.events.append(await self._by_reference(ctx, state, more.oversized))
+            elif not ran:
                 return decided
-            # A loop's aggregate or a callback's payload: stored first, so what is planned next
-            # (templates reading steps.<name>.result_ref) sees the state a rebuild would see.
-            decided.events.append(await self._by_reference(ctx, state, more.oversized))
 
     def _fit(self, ctx: ShardContext, state: ExecState, decided: Plan) -> Plan:
         """Anything else too big for an event (a huge loop list, workload or error) fails the execution.
@@ -212,7 +255,11 @@ class OrchestratePlugin:
                 decided = fail_unstartable(state, playbook)
             else:
                 now_ms = int(time.time() * 1000)
-                decided = resume(state, playbook, now_ms=now_ms, window_ms=ctx.duplicate_window_ms) if rebuilt else Plan()
+                decided = Plan()
+                if rebuilt:
+                    decided = resume(state, playbook, now_ms=now_ms, window_ms=ctx.duplicate_window_ms,
+                                     inline=self._inliner.step)
+                    self._run_inline(state, playbook, decided)
                 decided.extend(await self._plan(ctx, state, playbook, now_ms))
             if decided:
                 await self._publish(ctx, state, self._fit(ctx, state, decided))

@@ -27,6 +27,8 @@ PENDING, ISSUED, WAITING, DONE, ERROR, RETRYING, FAILED = (
 # Step statuses (the orchestrator's view).
 ENTERED, COMPLETED = "ENTERED", "COMPLETED"
 NOT_LOOP = -1  # the iteration key of a step that is not a loop
+# The ``worker`` of a ``command.claimed`` that system/orchestrate published itself (see :mod:`.inline`).
+INLINE_WORKER = "inline"
 
 
 class IterationState(msgspec.Struct, kw_only=True):
@@ -42,6 +44,7 @@ class IterationState(msgspec.Struct, kw_only=True):
     retry_due: int = 0  # the attempt a step.retry announced (0: none pending)
     retry_ready: int = 0  # the attempt whose backoff timer fired
     claimed: bool = False  # a worker reported it started the issued attempt
+    inline: bool = False  # that claim was the orchestrator's own: it runs the step inline (no worker holds it)
     since_ms: int = 0  # when the current issue, wait or retry was recorded (epoch ms)
     child: str | None = None  # a playbook step's child execution being waited for
     child_status: str | None = None  # how it ended (COMPLETED, FAILED, CANCELLED), once its end arrived
@@ -199,9 +202,11 @@ def _apply(state: ExecState, env: Envelope) -> None:
         if it.status in (PENDING, RETRYING, ERROR):
             it.status = ISSUED
             it.claimed = False
+            it.inline = False
             it.since_ms = ts_ms(env.ts)
     elif kind == "command.claimed":
         it.claimed = True
+        it.inline = payload.get("worker") == INLINE_WORKER
     elif kind == "callback.waiting":
         it.issued = max(it.issued, attempt)
         if (child := state_child(payload)) is not None:

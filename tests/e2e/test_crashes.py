@@ -15,11 +15,14 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -28,12 +31,21 @@ from nats.js import JetStreamContext
 from edge.app import create_app
 from edge.auth import TokenSpec
 from kernel.bootstrap import StreamSettings, bootstrap
-from natscluster.server import EmbeddedServer
+from kernel.producer import Producer
+from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, encode_envelope
+from locator.subjects import CATALOG_BUCKET, cmd_stream, wal_subject
+from cluster.server import EmbeddedServer
 from locator.shard import shard_for
 from locator.topology import Topology, default_topology
 from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
-from system_playbooks.orchestrate.playbook import Policy
+from system_playbooks.orchestrate.catalog import Catalog
+from system_playbooks.orchestrate.check import check
+from system_playbooks.orchestrate.inline import Inliner
+from system_playbooks.orchestrate.planner import plan
+from system_playbooks.orchestrate.playbook import Playbook, Policy
+from system_playbooks.orchestrate.start import requested_event
+from system_playbooks.orchestrate.state import apply, new_state
 from tests.conftest import cli_path
 from tests.e2e.conftest import (
     EXAMPLES,
@@ -76,8 +88,8 @@ def procs(tmp_path: Path, nats_server: EmbeddedServer, data_dir: Path) -> Iterat
             proc.stop(timeout=15)
 
 
-def start_kernel(procs: list[Proc], url: str, data_dir: Path, logs: Path, holder: str) -> Proc:
-    env = e2e_env(NOETL_LEASE_TTL=str(LEASE_TTL), NOETL_DATA_DIR=str(data_dir))
+def start_kernel(procs: list[Proc], url: str, data_dir: Path, logs: Path, holder: str, **extra: str) -> Proc:
+    env = e2e_env(NOETL_LEASE_TTL=str(LEASE_TTL), NOETL_DATA_DIR=str(data_dir), **extra)
     proc = Proc(["kernel", "--nats-url", url, "--holder", holder, "--data-dir", str(data_dir)], env=env, logs=logs,
                 name=f"kernel-{holder}")  # fmt: skip
     procs.append(proc)
@@ -177,7 +189,9 @@ async def test_a_kernel_killed_mid_execution_is_replaced_without_duplicate_comma
 ) -> None:  # fmt: skip
     project = "kernel-kill"
     url = nats_server.url
-    first = start_kernel(procs, url, data_dir, tmp_path, "k1")
+    # Every step crosses a worker here (noop steps would otherwise run inline, the 50 in one batch: see
+    # test_an_orchestrator_cut_short_between_inline_events_finishes_once for that window).
+    first = start_kernel(procs, url, data_dir, tmp_path, "k1", NOETL_INLINE_STEPS="0")
     start_worker(procs, url, data_dir, tmp_path, "worker")
     why = lambda: logs_of(procs)  # noqa: E731
 
@@ -206,7 +220,7 @@ async def test_a_kernel_killed_mid_execution_is_replaced_without_duplicate_comma
     exited_at_kill = sum(e.env.type == "step.exit" for e in at_kill)
     assert 10 <= exited_at_kill < 50
 
-    start_kernel(procs, url, data_dir, tmp_path, "k2")
+    start_kernel(procs, url, data_dir, tmp_path, "k2", NOETL_INLINE_STEPS="0")
     events = await wait_for_wal(crash_js, TENANT, project, execution_id, ended, why=why)
 
     names = [f"s{n:02d}" for n in range(50)]
@@ -218,3 +232,88 @@ async def test_a_kernel_killed_mid_execution_is_replaced_without_duplicate_comma
     assert {name: (s.status, s.attempts, s.result) for name, s in served.steps.items()} == {
         name: ("COMPLETED", 1, n) for n, name in enumerate(names)
     }
+
+
+INLINE_CHAIN = """\
+path: e2e/inline-chain
+version: 1
+steps:
+  - {name: a, tool: {kind: noop, result: 1}, next: [{step: b}]}
+  - {name: b, tool: {kind: noop, result: "{{ steps.a.result + 1 }}"}, next: [{step: each}]}
+  - name: each
+    loop: {over: "[steps.b.result, 3]", as: n}
+    tool: {kind: noop, result: "{{ n * 10 }}"}
+    next: [{step: c}]
+  - {name: c, tool: {kind: noop, result: "{{ steps.each.result }}"}}
+"""
+
+
+def inline_batch(playbook: Playbook, requested: Envelope) -> list[Envelope]:
+    """Everything an orchestrator running noop steps inline publishes for ``requested``, in order: one batch."""
+    state = new_state(requested)
+    apply(state, 1, requested)
+    inliner = Inliner(enabled=True, policy=Policy(), payload_cap=DEFAULT_PAYLOAD_CAP)
+    out: list[Envelope] = []
+    while True:
+        decided = plan(state, playbook, now_ms=int(time.time() * 1000), new_token=lambda: "t",
+                       payload_cap=DEFAULT_PAYLOAD_CAP)
+        out += decided.events
+        for command in decided.commands:
+            outcome = inliner.outcome(playbook.step(command.step), command, claimed=False)
+            assert outcome is not None, command
+            for env in outcome:
+                apply(state, 0, env, own=True)
+            out += outcome
+        if not decided.commands:
+            return out
+
+
+async def test_an_orchestrator_cut_short_between_inline_events_finishes_once(
+    nats_server: EmbeddedServer, crash_js: JetStreamContext, local_edge: httpx.AsyncClient,
+    procs: list[Proc], data_dir: Path, tmp_path: Path, topology: Topology,
+) -> None:  # fmt: skip
+    """An orchestrator that died while publishing a batch of inline steps' events left any prefix of it in the
+    WAL: the next one (a fresh kernel, no worker anywhere) finishes each execution with every event stored
+    once. Every cut is tried, each on its own execution, once with the record just made and once with it
+    three hours old (past the duplicate window: a command issued to a worker would no longer be re-sent, and a
+    decision published again would be stored again)."""
+    project = "inline-cut"
+    catalog = Catalog(await crash_js.key_value(CATALOG_BUCKET))
+    playbook = await catalog.register(TENANT, project, INLINE_CHAIN, policy=Policy())
+    ref = {"path": playbook.path, "version": playbook.version}
+    producer = Producer(crash_js, topology)
+    old = (datetime.now(timezone.utc) - timedelta(hours=3)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    full: dict[str, list[str]] = {}
+    next_id = 7_000_000_000
+    cuts = len(inline_batch(playbook, requested_event(
+        tenant=TENANT, project=project, affinity="", execution_id="1", playbook=ref, workload={})))
+    for aged in (False, True):
+        for cut in range(cuts):  # 0: only the request stored
+            next_id += 1
+            requested = requested_event(tenant=TENANT, project=project, affinity="", execution_id=str(next_id),
+                                        playbook=ref, workload={})
+            batch = inline_batch(playbook, requested)
+            full[str(next_id)] = [requested.event_id, *(env.event_id for env in batch)]
+            for env in [requested, *batch[:cut]]:
+                if not aged:
+                    await producer.publish(env)
+                    continue
+                # Published long ago: its time is old, and the server's duplicate window has forgotten its
+                # Nats-Msg-Id (published without one here), so only the record can keep the events single.
+                subject = wal_subject(shard_for(TENANT, project, "", SHARDS), TENANT, project, env.execution_id,
+                                      env.type)
+                await crash_js.publish(subject, encode_envelope(msgspec.structs.replace(env, ts=old)))
+    assert cuts > 20
+
+    start_kernel(procs, nats_server.url, data_dir, tmp_path, "k1")  # no worker: only inline steps can finish
+    why = lambda: logs_of(procs)  # noqa: E731
+    for execution_id, ids in full.items():
+        events = await wait_for_wal(crash_js, TENANT, project, execution_id, ended, why=why)
+        stored = Counter(e.env.event_id for e in events)
+        assert stored == Counter(ids), f"{execution_id}: {stored - Counter(ids)} extra, {Counter(ids) - stored} missing"
+        served = await check_invariant(crash_js, local_edge, TENANT, project, execution_id)
+        assert served.status == "COMPLETED" and served.result == [20, 30], served
+        report = check(events, playbook)
+        assert report.divergence is None and report.pending == [], report
+    for shard in range(SHARDS):
+        assert (await crash_js.stream_info(cmd_stream(shard))).state.messages == 0, "a command went to a worker"
