@@ -34,7 +34,7 @@ from kernel.bootstrap import StreamSettings, bootstrap
 from kernel.producer import Producer
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, encode_envelope
 from locator.subjects import CATALOG_BUCKET, cmd_stream, wal_subject
-from cluster.server import EmbeddedServer
+from natscluster.server import EmbeddedServer
 from locator.shard import shard_for
 from locator.topology import Topology, default_topology
 from projector.results import ResultStore
