@@ -13,7 +13,8 @@ compiled ``wasm/rows.c`` (:class:`wasm_rows.WasmRows`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import pyarrow as pa
 import structlog
@@ -29,7 +30,30 @@ from system_playbooks.materialize.rows import build_rows, input_table
 
 CATCH_UP_WAIT = 5.0
 CATCH_UP_TRIES = 5  # batches retried this often (about 35 s) go on without the projections still behind
+# KV reads and pointer writes in flight at once: one round trip per batch, not one per execution.
+CONCURRENCY = 128
 log = structlog.get_logger("noetl.materialize")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def _gather(call: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R | EntryUnreadable]:
+    """``call`` on every item, at most :data:`CONCURRENCY` at a time, results in order.
+
+    An :class:`EntryUnreadable` is returned in its item's place (it concerns that one execution);
+    any other error is raised, and the batch is redone.
+    """
+    limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(item: T) -> R | EntryUnreadable:
+        async with limit:
+            try:
+                return await call(item)
+            except EntryUnreadable as e:
+                return e
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
 
 
 class MaterializePlugin:
@@ -64,14 +88,11 @@ class MaterializePlugin:
         entries: dict[str, CacheEntry] = {}
         pending = dict(want)
         while True:
-            for execution_id, seq in list(pending.items()):
-                try:
-                    entry = await cache.get(execution_id)
-                except EntryUnreadable:
+            for execution_id, got in zip(list(pending), await _gather(cache.get, list(pending)), strict=True):
+                if isinstance(got, EntryUnreadable):
                     del pending[execution_id]  # system/project rejects its events: there is nothing to wait for
-                    continue
-                if entry is not None and entry.last_seq >= seq:
-                    entries[execution_id] = entry
+                elif got is not None and got.last_seq >= pending[execution_id]:
+                    entries[execution_id] = got
                     del pending[execution_id]
             if not pending:
                 return entries
@@ -107,14 +128,16 @@ class MaterializePlugin:
                 for r in built]  # fmt: skip
         store = ctx.snapshots(write=True)
         segment = await asyncio.to_thread(store.write_segment, ctx.shard, rows)
-        for index, r in enumerate(built):
-            if not r["pointer"]:
-                continue
+
+        async def point(index: int) -> None:
+            r = built[index]
             pointer = Pointer(pointer=SegmentPointer(segment=segment, row=index), last_seq=r["last_seq"], status=r["status"])
             try:
                 await cache.put_pointer(r["key"], pointer, revision=r["revision"])
             except ProjectorError:
                 pass  # folded further meanwhile: the newer projection stays inline, a later batch takes it
+
+        await _gather(point, [index for index, r in enumerate(built) if r["pointer"]])
         ctx.log.info("segment.written", segment=segment, rows=len(rows))
         # Listing the shard's segments and reading its manifest on every batch would be I/O on the hot path
         # (a LIST and a GET per batch on S3): look only once this plug-in has written enough segments to matter.
