@@ -202,6 +202,8 @@ class Comparison:
             producer_key: _stats(self.producer),
             "ratio_median": round(p_med / b_med, 3),
             "ratio_best": round(p_best / b_best, 3),
+            # Each round's producer / the baseline just before it: the pairs share the machine's moment.
+            "round_ratios": [round(p / b, 3) for b, p in zip(self.baseline, self.producer)],
         }
 
 
