@@ -50,6 +50,13 @@ the NATS messages the kernel and the workers sent and received per step
 than the CPU it needs, and a busy host slows a pipeline of several processes
 far more than one round trip: read the figures with ``loadavg_1m``.
 
+By default the orchestrator runs the ``noop`` steps itself (inline steps,
+``system_playbooks/orchestrate/inline.py``): a step's ``command.claimed`` and
+``step.exit`` are published with its ``command.issued`` and no worker
+takes part. ``--no-inline`` starts the kernel with
+``NOETL_INLINE_STEPS=0``: every step crosses a worker, as before; the
+settings say which (``inline_steps``).
+
 With ``--profile`` the kernel and the workers run the same ``noetl-edge``
 entry point through this file with timing hooks (``bench/steps_profile.py``),
 and a ``profile`` section tells where a step goes inside them: the orchestrate
@@ -240,16 +247,19 @@ def processes(server: EmbeddedServer, work: Path, args: argparse.Namespace) -> I
         # The same `noetl-edge` entry point, run by this file with timing hooks (bench/steps_profile.py).
         return [sys.executable, this, "--serve", role, str(work / f"{name}.profile.json"), "--", *argv]
 
+    # The orchestrator runs noop steps itself unless told not to (NOETL_INLINE_STEPS, read by the kernel).
+    kernel_env = {"NOETL_INLINE_STEPS": "0" if args.no_inline else "1"}
     try:
         responder = Proc("responder", [sys.executable, this, "--serve-responder", url], work)
         started.append(responder)
         split = ["--plugins", "orchestrate"] if args.split_kernels else []
-        kernel = Proc("kernel", command("kernel", "kernel", ["kernel", "--data-dir", data, *split, *common]), work)
+        kernel = Proc("kernel", command("kernel", "kernel", ["kernel", "--data-dir", data, *split, *common]), work,
+                      env=kernel_env)
         started.append(kernel)
         fold_kernel = None
         if args.split_kernels:
             argv = ["kernel", "--data-dir", data, "--plugins", "project,materialize", *common]
-            fold_kernel = Proc("kernel-fold", command("kernel-fold", "kernel", argv), work)
+            fold_kernel = Proc("kernel-fold", command("kernel-fold", "kernel", argv), work, env=kernel_env)
             started.append(fold_kernel)
         workers = []
         for i in range(args.workers):
@@ -509,8 +519,9 @@ SEGMENTS = {
     "orchestrate": "previous step.exit stored -> step.enter stored (pump delivery, ack of the batch before, "
     "state, plan, publish)",
     "enter_to_issued": "step.enter -> command.issued (same publish_many)",
-    "dispatch": "command.issued -> command.claimed (command publish to CMD, worker fetch, claimed publish)",
-    "run": "command.claimed -> step.exit (noop run, result publish)",
+    "dispatch": "command.issued -> command.claimed (command publish to CMD, worker fetch, claimed publish; a step "
+    "run inline: the same publish_many)",
+    "run": "command.claimed -> step.exit (noop run, result publish; inline: the same publish_many)",
 }
 
 
@@ -737,6 +748,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "quick": args.quick,
         "profile": args.profile,
+        "inline_steps": not args.no_inline,
     }
 
 
@@ -771,6 +783,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--profile", action="store_true",
         help="run the kernel and workers with timing hooks (bench/steps_profile.py) and add a per-segment "
         "profile of the latency phase to the JSON (the hooks cost a little time themselves)",
+    )
+    p.add_argument(
+        "--no-inline", action="store_true",
+        help="every noop step crosses a worker (the kernel runs with NOETL_INLINE_STEPS=0), as before inline "
+        "steps: the figures to set beside a default run's",
     )
     p.add_argument("--serve-responder", metavar="NATS_URL", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

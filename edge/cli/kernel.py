@@ -19,6 +19,7 @@ from natscluster.server import default_data_dir
 from locator.topology import Topology
 from projector.snapshots import SnapshotStore
 from system_playbooks.orchestrate.catalog import policy_from_env
+from system_playbooks.orchestrate.inline import inline_from_env
 
 log = structlog.get_logger("noetl.cli.kernel")
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     # The orchestrator decodes and renders every allowed tool kind: refuse to start when NOETL_TOOL_KINDS names
     # one not installed here, as the edge and the workers do (one clear line, exit 2).
     policy_from_env(os.environ)
+    inline_from_env(os.environ)  # NOETL_INLINE_STEPS, read by system/orchestrate
     topology = resolve_topology(args)
     snapshots = SnapshotStore.from_env(data_dir=args.data_dir or default_data_dir())
 

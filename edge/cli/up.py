@@ -23,6 +23,7 @@ from kernel.connect import close, connect
 from worker.worker import WorkerSettings, run_workers
 from projector.results import ResultStore
 from system_playbooks.orchestrate.catalog import policy_from_env
+from system_playbooks.orchestrate.inline import inline_from_env
 from worker.tools.runner import ToolRunner
 from worker.tools.wasm_tool import WasmLimits
 from projector.snapshots import SnapshotStore
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     WorkerSettings.from_env()
     WasmLimits.from_env(os.environ)
     policy_from_env(os.environ)  # NOETL_TOOL_KINDS names installed kinds, NOETL_NATS_SUBJECTS valid patterns
+    inline_from_env(os.environ)  # NOETL_INLINE_STEPS, read by system/orchestrate
     if env_int("NOETL_WORKER_CONCURRENCY", 4) < 1:
         raise UsageError(f"NOETL_WORKER_CONCURRENCY must be at least 1, got {env_int('NOETL_WORKER_CONCURRENCY', 4)}")
     topology = default_topology(shard_count=shards)

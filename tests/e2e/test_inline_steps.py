@@ -18,6 +18,7 @@ and one started with ``NOETL_INLINE_STEPS=0`` (every step crosses a worker, as b
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from kernel.connect import close, connect
 from locator.urn import Urn
 from projector.fold import WalEvent
 from system_playbooks.orchestrate.playbook import Policy, load_playbook, tool_kind
+from tests.conftest import cli_path
 from tests.e2e.conftest import EXAMPLES, Proc, Stack, check_invariant, e2e_env, wal_events
 
 TENANT = "inline"
@@ -159,3 +161,16 @@ async def test_inline_steps_record_what_worker_run_steps_record(
     for step, workers in on_claims.items():
         assert workers == {"inline"} if step in noops else "inline" not in workers, (step, workers)
     assert all("inline" not in workers for workers in off_claims.values()), off_claims
+
+
+@pytest.mark.parametrize("command", ["up", "kernel"])
+def test_a_bad_inline_setting_stops_up_and_the_kernel_before_anything_starts(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = e2e_env(NOETL_DATA_DIR=str(data_dir), NOETL_NATS_PORT="0", NOETL_HTTP_PORT="0", NOETL_INLINE_STEPS="maybe")
+    args = [cli_path(), command] + (["--nats-url", "nats://127.0.0.1:1"] if command == "kernel" else [])
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "noetl-edge: error: NOETL_INLINE_STEPS must be one of 1, on, true, yes, 0, off, false, no; got 'maybe'"
+    ]
+    assert not data_dir.exists()
