@@ -78,6 +78,17 @@ class _Probe(msgspec.Struct):
 
 
 _probe = msgspec.json.Decoder(_Probe)
+
+
+class _Owner(msgspec.Struct):
+    """Whose an entry is, read without decoding the rest of the projection (a pointer says nobody)."""
+
+    tenant: str | None = None
+    project: str | None = None
+    pointer: SegmentPointer | None = None
+
+
+_owner = msgspec.json.Decoder(_Owner)
 _pointer = msgspec.json.Decoder(Pointer)
 _encoder = msgspec.json.Encoder(order="sorted")
 
@@ -149,6 +160,23 @@ class KvProjectionCache(ProjectionCache):
             return decode_entry(entry.value, entry.revision)
         except msgspec.DecodeError as e:  # ValidationError is one too
             raise EntryUnreadable(f"the cache entry of {execution_id} is neither a projection nor a pointer: {e}") from e
+
+    async def owner(self, execution_id: str) -> tuple[str, str] | None:
+        """The tenant and project of the inline projection under ``execution_id``; None for no entry or a pointer.
+
+        One KV read, and only those two fields decoded: the edge's ``POST …/events`` asks this before every publish.
+        """
+        try:
+            entry = await self.kv.get(execution_id)
+        except NotFoundError:
+            return None
+        try:
+            got = _owner.decode(entry.value or b"")
+        except msgspec.DecodeError as e:
+            raise EntryUnreadable(f"the cache entry of {execution_id} is neither a projection nor a pointer: {e}") from e
+        if got.pointer is not None or got.tenant is None or got.project is None:
+            return None
+        return got.tenant, got.project
 
     async def _write(self, execution_id: str, data: bytes, revision: int | None) -> int:
         limit = self.max_value

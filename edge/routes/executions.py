@@ -282,12 +282,10 @@ def _event_docs(body: Any) -> list[dict[str, Any]]:
 async def _exists(state: EdgeState, shard: int, tenant: str, project: str, execution_id: str) -> bool:
     js = await state.cells.js_for_shard(shard)
     with contextlib.suppress(EdgeError):
-        entry = await (await state.cells.cache_for_shard(shard)).get(execution_id)
         # The KV key is the execution id alone: an entry proves existence only if it is this tenant's and
         # project's (a pointer does not say whose it is, so the WAL below decides).
-        if entry is not None and entry.projection is not None:
-            if (entry.projection.tenant, entry.projection.project) == (tenant, project):
-                return True
+        if await (await state.cells.cache_for_shard(shard)).owner(execution_id) == (tenant, project):
+            return True
     try:
         await js.get_msg(wal_stream(shard), seq=1, next=True, subject=execution_filter(shard, tenant, project, execution_id))
     except NotFoundError:  # no event of this execution in the WAL (a timeout is not "unknown": it is a 503)

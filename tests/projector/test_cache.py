@@ -75,3 +75,17 @@ async def test_a_value_that_is_neither_projection_nor_pointer_is_unreadable(js: 
     await cache.kv.put("13", value)
     with pytest.raises(EntryUnreadable, match="the cache entry of 13 is neither a projection nor a pointer"):
         await cache.get("13")
+
+
+async def test_owner_reads_whose_projection_it_is_and_nothing_for_a_pointer_or_no_entry(js: JetStreamContext) -> None:
+    cache = await KvProjectionCache.open(js, SHARD)
+    p = projection_of(1000, "14")
+    await cache.put("14", p, revision=None)
+    assert await cache.owner("14") == ("acme", "web")
+    await cache.put_pointer("15", pointer_to("file:///x/segments/shard=0/a.feather", 0, p), revision=None)
+    assert await cache.owner("15") is None  # a pointer does not say whose it is
+    assert await cache.owner("16") is None
+    for value in (b"not json", b'{"pointer": 5}', b"[]"):
+        await cache.kv.put("17", value)
+        with pytest.raises(EntryUnreadable, match="the cache entry of 17 is neither a projection nor a pointer"):
+            await cache.owner("17")
