@@ -13,9 +13,11 @@ from nats.js.errors import APIError
 
 from kernel import atomic
 from kernel.bootstrap import SHARD_COUNT_KEY, bootstrap
+from kernel.connect import close, connect
 from kernel.producer import MSG_ID, Ack, Producer, PublishResult, Rejected
 from locator import Envelope, new_event, shard_for
 from locator.topology import Topology
+from natscluster.server import EmbeddedServer
 
 WEB = shard_for("acme", "web", "", 4)  # 3: every event of project web goes to WAL_3
 
@@ -176,3 +178,36 @@ async def test_atomic_publish_turned_off_later_is_learnt(js: JetStreamContext, t
     assert [msg_id for _, msg_id, _ in web][300:] == [e.event_id for e in second]
     assert not any(atomic.BATCH_ID in h for _, _, h in web[300:])
 
+
+
+class _SmallBatches(EmbeddedServer):
+    """A server whose operator lowered the atomic batch limit to 100 messages."""
+
+    def render_config(self) -> str:
+        return super().render_config().replace("jetstream {", "jetstream {\n  limits { batch { max_msgs: 100 } }", 1)
+
+
+async def test_a_lower_server_batch_limit_is_learnt(tmp_path: Any, topology: Topology) -> None:
+    server = _SmallBatches(data_dir=tmp_path, topology=topology, port=0)
+    server.start()
+    nc = await connect([server.url], name="pytest")
+    try:
+        js = nc.jetstream()
+        await bootstrap(js, topology)
+        producer = Producer(js, topology)
+        # A batch of 500 is refused as too large (10199, naming 100): it goes one by one, and the limit is kept.
+        first = [event(i) for i in range(500)]
+        assert not any(a.duplicate for a in acks(await producer.publish_many(first)))
+        assert atomic.max_batch(js) == 100
+        second = [event(i) for i in range(500, 1000)]
+        assert not any(a.duplicate for a in acks(await producer.publish_many(second)))
+        web = await stored(js, f"WAL_{WEB}")
+        assert [msg_id for _, msg_id, _ in web] == [e.event_id for e in first + second]
+        assert not any(atomic.BATCH_ID in h for _, _, h in web[:500])
+        sizes: dict[str, int] = {}
+        for _, _, h in web[500:]:
+            sizes[h[atomic.BATCH_ID]] = sizes.get(h[atomic.BATCH_ID], 0) + 1
+        assert sorted(sizes.values()) == [100] * 5
+    finally:
+        await close(nc)
+        server.stop()
