@@ -782,7 +782,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true",
         help="run the kernel and workers with timing hooks (bench/steps_profile.py) and add a per-segment "
-        "profile of the latency phase to the JSON (the hooks cost a little time themselves)",
+        "profile of the latency phase to the JSON (the hooks cost a little time themselves); the workers' "
+        "segments need --no-inline (noop steps otherwise run inline, on no worker)",
     )
     p.add_argument(
         "--no-inline", action="store_true",

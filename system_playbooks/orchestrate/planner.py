@@ -137,10 +137,32 @@ def _context(state: ExecState) -> dict[str, Any]:
     return {"workload": state.workload, "steps": steps}
 
 
+# Runs a command itself instead of sending it to a worker: the events a worker would publish for it
+# (already built, not yet applied), or None to send it (see system_playbooks.orchestrate.inline).
+Inline = Callable[[Step, Command], "list[Envelope] | None"]
+
+_PREDS: dict[int, tuple[Playbook, dict[str, list[Step]]]] = {}
+
+
+def _predecessors(playbook: Playbook) -> dict[str, list[Step]]:
+    """Per step, the steps with an arc (``next`` or ``on_error``) to it; cached per playbook object."""
+    held = _PREDS.get(id(playbook))
+    if held is not None and held[0] is playbook:
+        return held[1]
+    preds: dict[str, list[Step]] = {s.name: [] for s in playbook.steps}
+    for s in playbook.steps:
+        for target in {a.step for a in s.next} | ({s.on_error} if s.on_error else set()):
+            preds[target].append(s)
+    if len(_PREDS) >= 1024:
+        _PREDS.clear()
+    _PREDS[id(playbook)] = (playbook, preds)
+    return preds
+
+
 class _Planner:
     def __init__(
         self, state: ExecState, playbook: Playbook, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0,
-        limits: ChildLimits | None = None,
+        limits: ChildLimits | None = None, inline: Inline | None = None,
     ) -> None:
         self.payload_cap = payload_cap
         self.limits = limits or ChildLimits()
@@ -148,11 +170,9 @@ class _Planner:
         self.pb = playbook
         self.now_ms = now_ms
         self.new_token = new_token
+        self.inline = inline
         self.out = Plan()
-        self.preds: dict[str, list[Step]] = {s.name: [] for s in playbook.steps}
-        for s in playbook.steps:
-            for target in {a.step for a in s.next} | ({s.on_error} if s.on_error else set()):
-                self.preds[target].append(s)
+        self.preds = _predecessors(playbook)
 
     # -- emitting ----------------------------------------------------------
 
@@ -359,7 +379,14 @@ class _Planner:
             return
         self.emit("command.issued", f"{cid}:issued", step=step.name, attempt=attempt,
                   payload={"command_id": cid, "iteration": iteration, "kind": command.tool["kind"], "pool": command.pool})
-        self.out.commands.append(command)
+        outcome = None if self.inline is None else self.inline(step, command)
+        if outcome is None:
+            self.out.commands.append(command)
+            return
+        # Run here: a worker's report, made now (an input, not a decision), applied so planning moves on.
+        for env in outcome:
+            apply(self.st, 0, env, own=True)
+            self.out.events.append(env)
 
     def advance(self, step: Step, run: StepRun, key: int) -> None:
         """Move one iteration on: issue, retry, resolve a callback, or fail."""
@@ -544,16 +571,18 @@ class _RouteError(Exception):
 
 def plan(
     state: ExecState, playbook: Playbook, *, now_ms: int, new_token: Callable[[], str], payload_cap: int = 0,
-    limits: ChildLimits | None = None,
+    limits: ChildLimits | None = None, inline: Inline | None = None,
 ) -> Plan:
     """What ``state`` needs next under ``playbook``; the returned events are already applied to ``state``.
 
     With ``payload_cap``, planning pauses at a step result too big for an event (``Plan.oversized``).
-    ``limits`` bound child executions (default :class:`ChildLimits`'s defaults).
+    ``limits`` bound child executions (default :class:`ChildLimits`'s defaults). ``inline`` runs the
+    commands it takes at once: its events follow their ``command.issued`` in ``events`` (in place of a
+    command) and planning goes on from them, so a chain of such steps is planned in one call.
     """
     if not state.requested or state.terminal:
         return Plan()
-    return _Planner(state, playbook, now_ms, new_token, payload_cap, limits).plan()
+    return _Planner(state, playbook, now_ms, new_token, payload_cap, limits, inline).plan()
 
 
 def _topological(playbook: Playbook) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ every event and command has a deterministic id, so nothing is issued twice.
 A step with nothing to run (a ``noop``) does not cross a worker: its
 ``command.issued`` is followed by the claim and result a worker would have
 published, made here (:mod:`.inline`), and planning goes on from them in the
-same batch, so a chain of such steps completes in one pass.
+same planning call, so a chain of such steps completes in one pass.
 
 Events of other executions (a child's start or cancel, a parent's news of its
 child's end, see :mod:`.children`) go first, to whichever shard owns them,
@@ -34,7 +34,7 @@ import msgspec
 
 from kernel.errors import ConfigError
 from kernel.host import PluginError, Reject, ShardContext
-from locator.command import TIMER_POOL, Timer, command_encoder
+from locator.command import TIMER_POOL, Command, Timer, command_encoder
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, PayloadTooLarge, encode_envelope, new_event
 from locator.subjects import cmd_subject, wal_subject
 from projector.fold import WalEvent
@@ -43,7 +43,7 @@ from system_playbooks.orchestrate.catalog import Catalog, CatalogError, policy_f
 from system_playbooks.orchestrate.children import ChildLimits, LimitError, parent_notice
 from system_playbooks.orchestrate.inline import Inliner, inline_from_env
 from system_playbooks.orchestrate.planner import Plan, fail_unstartable, plan, resume
-from system_playbooks.orchestrate.playbook import Playbook
+from system_playbooks.orchestrate.playbook import Playbook, Step
 from system_playbooks.orchestrate.state import NOT_LOOP, ExecState, apply, new_state
 
 MAX_CACHED = 10_000
@@ -145,14 +145,17 @@ class OrchestratePlugin:
         apply(state, 0, env, own=True)
         return env
 
-    def _run_inline(self, state: ExecState, playbook: Playbook, decided: Plan) -> bool:
-        """Run the commands of ``decided`` that need no worker (see :mod:`.inline`); True if any was.
+    def _inline(self, step: Step, command: Command) -> list[Envelope] | None:
+        """The planner's hook: a just-issued command run here (see :mod:`.inline`), or None for a worker."""
+        return self._inliner.outcome(step, command, claimed=False)
 
-        Their outcome events take their place (after the events that issue them), applied to the state
-        at once, so the next planning pass moves on from them within this batch.
+    def _run_inline(self, state: ExecState, playbook: Playbook, decided: Plan) -> None:
+        """Run the resumed commands of ``decided`` that need no worker (see :mod:`.inline`).
+
+        Their outcome events take their place, applied to the state at once, so the planning that
+        follows moves on from them within this batch.
         """
         commands = []
-        ran = False
         for command in decided.commands:
             run = state.steps.get(command.step)
             key = NOT_LOOP if command.iteration is None else command.iteration
@@ -165,24 +168,20 @@ class OrchestratePlugin:
             for env in outcome:
                 apply(state, 0, env, own=True)
             decided.events += outcome
-            ran = True
         decided.commands = commands
-        return ran
 
     async def _plan(self, ctx: ShardContext, state: ExecState, playbook: Playbook, now_ms: int) -> Plan:
         decided = Plan()
         while True:
+            # A chain of inline steps is planned in this one call: each outcome is applied, then planned on.
             more = plan(state, playbook, now_ms=now_ms, new_token=_token, payload_cap=DEFAULT_PAYLOAD_CAP,
-                        limits=self._limits)
-            # A chain of inline steps completes in this one pass: each outcome is applied, then planned on.
-            ran = self._run_inline(state, playbook, more)
+                        limits=self._limits, inline=self._inline)
             decided.extend(more)
-            if more.oversized is not None:
-                # A loop's aggregate or a callback's payload: stored first, so what is planned next
-                # (templates reading steps.<name>.result_ref) sees the state a rebuild would see.
-                decided.events.append(await self._by_reference(ctx, state, more.oversized))
-            elif not ran:
+            if more.oversized is None:
                 return decided
+            # A loop's aggregate or a callback's payload: stored first, so what is planned next
+            # (templates reading steps.<name>.result_ref) sees the state a rebuild would see.
+            decided.events.append(await self._by_reference(ctx, state, more.oversized))
 
     def _fit(self, ctx: ShardContext, state: ExecState, decided: Plan) -> Plan:
         """Anything else too big for an event (a huge loop list, workload or error) fails the execution.

@@ -63,8 +63,9 @@ def test_quick_run_prints_the_documented_json() -> None:
 @pytest.mark.slow
 def test_quick_profile_fills_every_segment() -> None:
     # The hooks must still fire where the code now sends, runs, confirms and acks: every segment has samples.
+    # --no-inline: the worker's segments need steps that cross a worker (noop steps otherwise run inline).
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--profile"],
+        [sys.executable, str(SCRIPT), "--quick", "--profile", "--no-inline"],
         check=False, capture_output=True, text=True, timeout=240, env=_env(), cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -253,19 +253,10 @@ def inline_batch(playbook: Playbook, requested: Envelope) -> list[Envelope]:
     state = new_state(requested)
     apply(state, 1, requested)
     inliner = Inliner(enabled=True, policy=Policy(), payload_cap=DEFAULT_PAYLOAD_CAP)
-    out: list[Envelope] = []
-    while True:
-        decided = plan(state, playbook, now_ms=int(time.time() * 1000), new_token=lambda: "t",
-                       payload_cap=DEFAULT_PAYLOAD_CAP)
-        out += decided.events
-        for command in decided.commands:
-            outcome = inliner.outcome(playbook.step(command.step), command, claimed=False)
-            assert outcome is not None, command
-            for env in outcome:
-                apply(state, 0, env, own=True)
-            out += outcome
-        if not decided.commands:
-            return out
+    decided = plan(state, playbook, now_ms=int(time.time() * 1000), new_token=lambda: "t",
+                   payload_cap=DEFAULT_PAYLOAD_CAP, inline=lambda step, c: inliner.outcome(step, c, claimed=False))
+    assert not decided.commands and decided.events[-1].type == "execution.completed", decided
+    return decided.events
 
 
 async def test_an_orchestrator_cut_short_between_inline_events_finishes_once(
