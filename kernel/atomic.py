@@ -15,10 +15,11 @@ The stream must allow it (``allow_atomic``); whether one does is asked once
 per connection and stream (:func:`atomic_allowed`) and remembered, like the
 server's batch size limit when a batch is refused as too large.
 
-Commits are answered on one wildcard inbox per connection (:func:`send_commit`),
+Commits are answered on one wildcard inbox per connection (:func:`replies`),
 not through nats-py's ``publish_async``: its future stays pending forever when
 the server answers with an error (nats-io/nats.py#985), and a refused batch is
-the common case of a re-publish.
+the common case of a re-publish. The producer's one-by-one publishes use the
+same inbox, for the same reason.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ def _api_error(err: dict[str, Any]) -> APIError:
     return APIError(**err)  # pragma: no cover - from_error always raises
 
 
-class _Replies:
-    """Commit answers on one ``<inbox>.*`` subscription, each routed to its future by the last token."""
+class Replies:
+    """Answers to publishes on one ``<inbox>.*`` subscription, each routed to its future by the last token.
+
+    >>> # reply, fut = await replies(js).reply_to(nc); await nc.publish(subject, data, reply=reply)
+    >>> # ack = await fut  # a PubAck, or the server's refusal raised as nats-py's APIError subclass
+    """
 
     def __init__(self) -> None:
         self.prefix = ""
@@ -104,14 +109,14 @@ class _Replies:
             else:
                 fut.set_result(PubAck.from_response(resp))
         except (ValueError, TypeError, KeyError) as e:
-            fut.set_exception(nats.errors.Error(f"unreadable answer to a batch commit: {e!r}"))
+            fut.set_exception(nats.errors.Error(f"unreadable answer to a publish: {e!r}"))
 
 
 @dataclass
 class _Learnt:
     allowed: dict[str, bool] = field(default_factory=dict)
     max_batch: int = SERVER_MAX_BATCH
-    replies: _Replies = field(default_factory=_Replies)
+    replies: Replies = field(default_factory=Replies)
 
 
 # Per connection (a Producer is often built per request; the connection lives on).
@@ -128,6 +133,11 @@ def _for(js: JetStreamContext) -> _Learnt:
     if found is None:
         found = _learnt[key] = _Learnt()
     return found
+
+
+def replies(js: JetStreamContext) -> Replies:
+    """The answers inbox of ``js``'s connection."""
+    return _for(js).replies
 
 
 async def send_batch(

@@ -129,7 +129,7 @@ class Producer:
         self.ack_timeout = ack_timeout
         self.retries = retries
         self.retry_backoff = retry_backoff
-        # Below nats-py's own limit of in-flight async publishes (4000), so no permit wait is needed.
+        # publish_many's one-by-one path waits for answers once this many are awaited on the connection.
         self.window = window
         # Atomic batches in publish_many (atomic_batches): only for at least atomic_min events to one stream (a batch has a
         # fixed cost on the server, a staging store: below a few hundred events it is slower than one by one),
@@ -307,15 +307,16 @@ class Producer:
             single.sort(key=_index)
         return batched, single
 
-    def _stall(self) -> float | None:
-        # A stall timeout costs a task and a loop turn per message on 3.11: only
-        # pay for it when the in-flight window is full and a wait may really happen.
-        return self.ack_timeout if self.js.publish_async_pending() >= self.window else None
-
     async def _send_each(
         self, items: Sequence[_Item], on_progress: Callable[[int], None] | None
     ) -> tuple[list[_Pending], list[_Item]]:
-        """Pipeline ``publish_async`` one event at a time; returns the ack futures and what was not even queued."""
+        """Pipeline one publish per event; returns the ack futures and what was not even queued.
+
+        Answers come on the connection's own inbox (:func:`kernel.atomic.replies`),
+        not nats-py's ``publish_async``, whose future never resolves a refusal
+        (nats-io/nats.py#985): a refused event is answered at once, not after the ack wait.
+        At most ``window`` answers are awaited at once on the connection.
+        """
         pending: list[_Pending] = []
         retry: list[_Item] = []
 
@@ -324,11 +325,24 @@ class Producer:
             if on_progress and not f.cancelled():
                 on_progress(1)
 
-        js = self.js
+        nc = self.js._nc
+        replies = atomic.replies(self.js)
+        oldest = 0
         for i, p in items:
+            if len(replies.futures) >= self.window:
+                while oldest < len(pending) and pending[oldest][2].done():
+                    oldest += 1
+                if oldest < len(pending):
+                    await asyncio.wait([pending[oldest][2]], timeout=self.ack_timeout)
             try:
-                fut = await js.publish_async(p.subject, p.data, wait_stall=self._stall(), headers=self._headers(p))
+                reply, fut = await replies.reply_to(nc)
             except _RETRYABLE:
+                retry.append((i, p))
+                continue
+            try:
+                await nc.publish(p.subject, p.data, reply=reply, headers=self._headers(p))
+            except _RETRYABLE:
+                fut.cancel()
                 retry.append((i, p))
                 continue
             if on_progress:

@@ -12,11 +12,11 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError
 
 from kernel import atomic
-from kernel.bootstrap import SHARD_COUNT_KEY, bootstrap
+from kernel.bootstrap import SHARD_COUNT_KEY, StreamSettings, bootstrap
 from kernel.connect import close, connect
 from kernel.producer import MSG_ID, Ack, Producer, PublishResult, Rejected
 from locator import Envelope, new_event, shard_for
-from locator.topology import Topology
+from locator.topology import Topology, default_topology
 from natscluster.server import EmbeddedServer
 
 WEB = shard_for("acme", "web", "", 4)  # 3: every event of project web goes to WAL_3
@@ -211,3 +211,26 @@ async def test_a_lower_server_batch_limit_is_learnt(tmp_path: Any, topology: Top
     finally:
         await close(nc)
         server.stop()
+
+
+@pytest.mark.parametrize("atomic_min", [2, 256])
+async def test_an_event_the_server_refuses_is_answered_in_its_place(nc: NATS, topology: Topology, atomic_min: int) -> None:
+    # WAL messages limited to 1 KiB: the 2 KiB event passes the producer's checks and is refused by the server.
+    # In a batch (atomic_min=2) the server refuses the whole batch and the events go one by one; either way the
+    # refusal is the server's first answer ("server refused: ..."), not a retry's after the 5 s ack wait.
+    js = nc.jetstream()
+    await bootstrap(js, topology, settings=StreamSettings(max_msg_size=1024))
+    events = [event(0), event(1, payload={"blob": "x" * 2000}), event(2)]
+    results = await Producer(js, topology, atomic_min=atomic_min).publish_many(events)
+    first, big, last = results
+    assert isinstance(first, Ack) and isinstance(last, Ack) and last.seq == first.seq + 1
+    assert isinstance(big, Rejected) and big.index == 1 and big.error.startswith("server refused: "), big
+    assert [msg_id for _, msg_id, _ in await stored(js, f"WAL_{WEB}")] == [events[0].event_id, events[2].event_id]
+
+
+async def test_no_stream_for_the_events_is_reported_per_event(js: JetStreamContext) -> None:
+    # A client topology with more shards than the server has: acme/web is shard 7 of 8, and no stream answers.
+    wide = default_topology(shard_count=8)
+    producer = Producer(js, wide, ack_timeout=1.0, retries=1, retry_backoff=0.05, atomic_min=2)
+    results = await producer.publish_many([event(i) for i in range(3)])
+    assert all(isinstance(r, Rejected) and "no stream answered" in r.error for r in results), results
