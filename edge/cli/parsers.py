@@ -66,6 +66,11 @@ def _up(sub: Subparsers) -> None:
         "--http-port", type=int, default=None, help="the edge's HTTP port (env NOETL_HTTP_PORT; default 8080, 0 = any free port)"
     )
     p.add_argument("--shards", type=int, default=None, help="shard count (env NOETL_SHARDS; default 4)")
+    p.add_argument(
+        "--kernels", type=int, default=None, metavar="N",
+        help="kernel processes sharing the shards through their leases, 1 to the shard count: this one and N-1 "
+        "children, so that folding uses more than one core (env NOETL_UP_KERNELS; default 1)",
+    )
     p.set_defaults(run="edge.cli.up")
 
 

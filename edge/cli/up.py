@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from kernel.bootstrap import StreamSettings, bootstrap
 from edge.auth import ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
 from edge.cli.upedge import edge_argv, start_edge, stop_edge
+from edge.cli.upkernel import kernel_argv
+from kernel.runtime import default_holder
 from edge.serve import install_uvloop, wait_listening
 from kernel.connect import close, connect
 from worker.worker import WorkerSettings, run_workers
@@ -55,7 +58,8 @@ def _record_shard_count(data_dir: Path, shards: int) -> None:
 
 
 async def _serve(
-    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, logging: tuple[str, str]
+    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, logging: tuple[str, str],
+    kernels: int = 1, nice: int = 0,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,6 +73,10 @@ async def _serve(
         log_level=logging[0], log_format=logging[1],
     ))  # fmt: skip
     edge_died: list[int] = []
+    if nice:
+        # The edge child (started above) keeps its priority; the kernels and the workers (this process and the
+        # kernel children started after this) yield the CPU to it, so that a request does not wait behind folding.
+        os.nice(nice)
 
     async def watch_edge() -> None:
         code = await asyncio.to_thread(edge.wait)
@@ -80,7 +88,7 @@ async def _serve(
 
     edge_watch = asyncio.create_task(watch_edge())
     try:
-        await _run(server, settings, snapshots, http, stop)
+        await _run(server, settings, snapshots, http, stop, kernels=kernels, logging=logging)
     finally:
         stop.set()
         await stop_edge(edge)
@@ -89,8 +97,11 @@ async def _serve(
     return 1 if edge_died else 0
 
 
-async def _run(server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, stop: asyncio.Event) -> None:
-    """Bootstrap, then the kernel and the worker pool until ``stop``; the ready line once the edge listens too."""
+async def _run(
+    server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, stop: asyncio.Event,
+    *, kernels: int = 1, logging: tuple[str, str] = ("info", "auto"),
+) -> None:
+    """Bootstrap, then the kernels and the worker pool until ``stop``; the ready line once the edge listens too."""
     nc = await connect([server.url], name="noetl-up")
     try:
         report = await bootstrap(nc.jetstream(), server.topology, settings=settings)
@@ -98,6 +109,24 @@ async def _run(server: EmbeddedServer, settings: StreamSettings, snapshots: Snap
         _record_shard_count(server.data_dir, server.topology.shard_count)
     finally:
         await close(nc)
+    # More kernels, each in a process of its own: the leases give each a fair share of the shards.
+    holder = default_holder()
+    children = [
+        start_edge(kernel_argv(
+            index=i, holder=holder, nats_url=server.url, shards=server.topology.shard_count, data_dir=server.data_dir,
+            log_level=logging[0], log_format=logging[1],
+        ))  # fmt: skip
+        for i in range(2, kernels + 1)
+    ]
+
+    async def watch_kernel(proc: subprocess.Popen[bytes]) -> None:
+        code = await asyncio.to_thread(proc.wait)
+        if not stop.is_set():  # its shards move to the kernels left once its leases expire
+            log.error("kernel.exited", pid=proc.pid, code=code)
+            print(f"noetl-edge: error: a kernel process exited (code {code}); the other kernels take over its shards",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    watchers = [asyncio.create_task(watch_kernel(proc)) for proc in children]
     policy = policy_from_env(os.environ)
     results = ResultStore.from_env(data_dir=server.data_dir)
     # The worker pool: the same loop as `noetl-edge worker`, in this process.
@@ -119,11 +148,13 @@ async def _run(server: EmbeddedServer, settings: StreamSettings, snapshots: Snap
     announcer = asyncio.create_task(announce())
     try:
         await run_kernel(
-            [server.url], server.topology, snapshots, cell=None, holder=None, stop=stop, on_ready=kernel_ready.set
+            [server.url], server.topology, snapshots, cell=None, holder=holder, stop=stop, on_ready=kernel_ready.set
         )
     finally:
         stop.set()
         announcer.cancel()
+        await asyncio.gather(*(stop_edge(proc) for proc in children))
+        await asyncio.gather(*watchers)
         await workers
 
 
@@ -138,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
     WasmLimits.from_env(os.environ)
     policy_from_env(os.environ)  # NOETL_TOOL_KINDS names installed kinds, NOETL_NATS_SUBJECTS valid patterns
     inline_from_env(os.environ)  # NOETL_INLINE_STEPS, read by system/orchestrate
+    kernels = args.kernels if args.kernels is not None else env_int("NOETL_UP_KERNELS", 1)
+    if not 1 <= kernels <= shards:
+        raise UsageError(f"--kernels must be between 1 and the shard count ({shards}), got {kernels}")
+    nice = env_int("NOETL_UP_NICE", 0)
+    if not 0 <= nice <= 19:
+        raise UsageError(f"NOETL_UP_NICE must be between 0 and 19, got {nice}")
     if env_int("NOETL_WORKER_CONCURRENCY", 4) < 1:
         raise UsageError(f"NOETL_WORKER_CONCURRENCY must be at least 1, got {env_int('NOETL_WORKER_CONCURRENCY', 4)}")
     topology = default_topology(shard_count=shards)
@@ -174,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         server.topology = topology.with_urls("local", (server.url,))
         install_uvloop()
         logging = (log_level(args, stderr_is_a_terminal=sys.stderr.isatty()), str(args.log_format))
-        exit_code = asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, logging))
+        exit_code = asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, logging, kernels, nice))
     except KeyboardInterrupt:
         exit_code = 0
         log.info("shutdown", reason="interrupted")

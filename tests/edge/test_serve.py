@@ -120,9 +120,9 @@ class UpInfo(NamedTuple):
     token: str
 
 
-def start_up(procs: list[Proc], tmp_path: Path) -> UpInfo:
+def start_up(procs: list[Proc], tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> UpInfo:
     data = tmp_path / "data"
-    up = Proc(["up", "--data-dir", str(data), "--nats-port", "0", "--http-port", "0"], log=tmp_path / "up.stderr")
+    up = Proc(["up", "--data-dir", str(data), "--nats-port", "0", "--http-port", "0", *args], log=tmp_path / "up.stderr", env=env)
     procs.append(up)
     # up says ready once the kernel and its edge child both are: two interpreters starting on a loaded CI host.
     words = up.line(timeout=60).split()
