@@ -61,14 +61,19 @@ async def stop_edge(proc: subprocess.Popen[bytes], *, timeout: float = 15.0) -> 
     return proc.returncode
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge.cli.upedge", description="noetl-edge up's HTTP edge (started by up)")
-    p.add_argument("--bind", required=True, help="HOST:PORT to serve on")
+def add_child_arguments(p: argparse.ArgumentParser) -> None:
+    """What every child of ``up`` is told: up's data directory, server, shard count and logging."""
     p.add_argument("--data-dir", type=Path, required=True, help="up's data directory")
     p.add_argument("--nats-url", required=True, help="up's embedded nats-server")
     p.add_argument("--shards", type=int, required=True, help="up's shard count")
     p.add_argument("--log-level", default="info", help="log level (as up's)")
     p.add_argument("--log-format", default="auto", help="log format (as up's)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edge.cli.upedge", description="noetl-edge up's HTTP edge (started by up)")
+    p.add_argument("--bind", required=True, help="HOST:PORT to serve on")
+    add_child_arguments(p)
     args = p.parse_args(argv)
 
     from edge.app import create_app, keychain_key_from_env

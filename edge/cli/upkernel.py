@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge.cli.upedge import add_child_arguments
+
 
 def kernel_argv(
     *, index: int, holder: str, nats_url: str, shards: int, data_dir: Path, log_level: str, log_format: str
@@ -36,11 +38,7 @@ def kernel_argv(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge.cli.upkernel", description="one of noetl-edge up's kernels (started by up)")
     p.add_argument("--holder", required=True, help="lease holder id")
-    p.add_argument("--nats-url", required=True, help="up's embedded nats-server")
-    p.add_argument("--shards", type=int, required=True, help="up's shard count")
-    p.add_argument("--data-dir", type=Path, required=True, help="up's data directory")
-    p.add_argument("--log-level", default="info", help="log level (as up's)")
-    p.add_argument("--log-format", default="auto", help="log format (as up's)")
+    add_child_arguments(p)
     args = p.parse_args(argv)
 
     from edge.cli.kernel import run_kernel
