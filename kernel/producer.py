@@ -215,11 +215,25 @@ class Producer:
         """
         p = self.prepare(env)
         try:
-            fut = await self.js.publish_async(p.subject, p.data, headers=self._headers(p))
+            fut = await self._send_one(p)
         except _RETRYABLE:
             return Sent(p, None)  # not even queued: confirm() publishes it the slow way
         fut.add_done_callback(_retrieved)  # confirm() may never come (its caller failed first)
         return Sent(p, fut)
+
+    async def _send_one(self, p: _Prepared) -> asyncio.Future[PubAck]:
+        """Publish ``p`` with a reply subject on the connection's own inbox; the future is the server's answer.
+
+        Not nats-py's ``publish_async``: its future never resolves a refusal (nats-io/nats.py#985),
+        so a refused event would wait out the ack timeout and a retry.
+        """
+        reply, fut = await atomic.replies(self.js).reply_to(self.js._nc)
+        try:
+            await self.js._nc.publish(p.subject, p.data, reply=reply, headers=self._headers(p))
+        except BaseException:
+            fut.cancel()
+            raise
+        return fut
 
     async def confirm(self, sent: Sent) -> Ack:
         """The ack of a :meth:`send`: waited for, and re-published (same ``Nats-Msg-Id``) if it does not come."""
@@ -243,7 +257,7 @@ class Producer:
         ``atomic_min`` events go to one WAL stream and the stream allows it,
         they go in atomic batches (:mod:`kernel.atomic`): one ack per batch,
         every event of it stored at consecutive sequences or none. The other
-        events are pipelined one by one with ``publish_async``. A batch the
+        events are pipelined one by one (:meth:`_send_one`). A batch the
         server refuses (a single duplicate ``Nats-Msg-Id`` refuses it whole) or
         does not answer in time is published again one by one, so each event
         still gets its own answer. An event whose ack did not arrive in time is
@@ -310,11 +324,8 @@ class Producer:
     async def _send_each(
         self, items: Sequence[_Item], on_progress: Callable[[int], None] | None
     ) -> tuple[list[_Pending], list[_Item]]:
-        """Pipeline one publish per event; returns the ack futures and what was not even queued.
+        """Pipeline one publish per event (:meth:`_send_one`); returns the answers' futures and what was not queued.
 
-        Answers come on the connection's own inbox (:func:`kernel.atomic.replies`),
-        not nats-py's ``publish_async``, whose future never resolves a refusal
-        (nats-io/nats.py#985): a refused event is answered at once, not after the ack wait.
         At most ``window`` answers are awaited at once on the connection.
         """
         pending: list[_Pending] = []
@@ -325,24 +336,17 @@ class Producer:
             if on_progress and not f.cancelled():
                 on_progress(1)
 
-        nc = self.js._nc
-        replies = atomic.replies(self.js)
+        awaited = atomic.replies(self.js).futures
         oldest = 0
         for i, p in items:
-            if len(replies.futures) >= self.window:
+            if len(awaited) >= self.window:
                 while oldest < len(pending) and pending[oldest][2].done():
                     oldest += 1
                 if oldest < len(pending):
                     await asyncio.wait([pending[oldest][2]], timeout=self.ack_timeout)
             try:
-                reply, fut = await replies.reply_to(nc)
+                fut = await self._send_one(p)
             except _RETRYABLE:
-                retry.append((i, p))
-                continue
-            try:
-                await nc.publish(p.subject, p.data, reply=reply, headers=self._headers(p))
-            except _RETRYABLE:
-                fut.cancel()
                 retry.append((i, p))
                 continue
             if on_progress:
