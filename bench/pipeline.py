@@ -243,7 +243,7 @@ class Up:
 
 @contextlib.contextmanager
 def started(
-    work: Path, log_level: str, *, inline: bool = True, kernels: int = 1, nice: int = 0
+    work: Path, log_level: str, *, inline: bool = True, kernels: int = 1
 ) -> Iterator[tuple[Up, Proc, str]]:
     procs: list[Proc] = []
     try:
@@ -251,8 +251,7 @@ def started(
         argv = [*_cli(), "up", "--data-dir", str(data), "--nats-port", "0", "--http-port", "0", "--log-level", log_level,
                 "--kernels", str(kernels)]  # fmt: skip
         # The orchestrator runs noop steps itself unless told not to (docs/orchestrate.md, Inline steps).
-        up_proc = Proc("up", argv, work, env={**CHILD_ENV, "NOETL_INLINE_STEPS": "1" if inline else "0",
-                                                 "NOETL_UP_NICE": str(nice)})  # fmt: skip
+        up_proc = Proc("up", argv, work, env={**CHILD_ENV, "NOETL_INLINE_STEPS": "1" if inline else "0"})
         procs.append(up_proc)
         ready = up_proc.line(timeout=90).split()
         if len(ready) != 3 or ready[0] != "ready":
@@ -793,8 +792,7 @@ async def measure(up: Up, baseline_url: str, args: argparse.Namespace) -> dict[s
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("events", "executions", "window", "burst", "steps", "start_connections", "http_connections", "http_seconds",
             "http_rounds", "idle_gets", "get_interval", "ingest_events", "ingest_rounds", "drain_timeout")  # fmt: skip
-    return {**{k: getattr(args, k) for k in keys}, "inline_steps": not args.no_inline, "kernels": args.kernels,
-            "up_nice": args.nice}  # fmt: skip
+    return {**{k: getattr(args, k) for k in keys}, "inline_steps": not args.no_inline, "kernels": args.kernels}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -823,7 +821,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", type=Path, help="also write the JSON document to this file")
     p.add_argument("--log-level", default="warning", help="log level of up on stderr (default warning)")
     p.add_argument("--kernels", type=int, default=1, help="up --kernels: kernel processes sharing the shards (default 1)")
-    p.add_argument("--nice", type=int, default=0, help="NOETL_UP_NICE for up: its kernels' and workers' nice (default 0)")
     p.add_argument("--no-inline", action="store_true",
                    help="run up with NOETL_INLINE_STEPS=0: every noop step crosses a worker, as before inline steps")
     p.add_argument("--serve-baseline", metavar="HOST:PORT", help=argparse.SUPPRESS)
@@ -859,7 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        with started(work, args.log_level, inline=not args.no_inline, kernels=args.kernels, nice=args.nice) as (up, _baseline, baseline_url):
+        with started(work, args.log_level, inline=not args.no_inline, kernels=args.kernels) as (up, _baseline, baseline_url):
             figures = asyncio.run(measure(up, baseline_url, args))
         figures["ingest"] = ingest(args, work)
     doc: dict[str, Any] = {

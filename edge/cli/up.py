@@ -59,7 +59,7 @@ def _record_shard_count(data_dir: Path, shards: int) -> None:
 
 async def _serve(
     server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, logging: tuple[str, str],
-    kernels: int = 1, nice: int = 0,
+    kernels: int = 1,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,10 +73,6 @@ async def _serve(
         log_level=logging[0], log_format=logging[1],
     ))  # fmt: skip
     edge_died: list[int] = []
-    if nice:
-        # The edge child (started above) keeps its priority; the kernels and the workers (this process and the
-        # kernel children started after this) yield the CPU to it, so that a request does not wait behind folding.
-        os.nice(nice)
 
     async def watch_edge() -> None:
         code = await asyncio.to_thread(edge.wait)
@@ -172,9 +168,6 @@ def run(args: argparse.Namespace) -> int:
     kernels = args.kernels if args.kernels is not None else env_int("NOETL_UP_KERNELS", 1)
     if not 1 <= kernels <= shards:
         raise UsageError(f"--kernels must be between 1 and the shard count ({shards}), got {kernels}")
-    nice = env_int("NOETL_UP_NICE", 0)
-    if not 0 <= nice <= 19:
-        raise UsageError(f"NOETL_UP_NICE must be between 0 and 19, got {nice}")
     if env_int("NOETL_WORKER_CONCURRENCY", 4) < 1:
         raise UsageError(f"NOETL_WORKER_CONCURRENCY must be at least 1, got {env_int('NOETL_WORKER_CONCURRENCY', 4)}")
     topology = default_topology(shard_count=shards)
@@ -211,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         server.topology = topology.with_urls("local", (server.url,))
         install_uvloop()
         logging = (log_level(args, stderr_is_a_terminal=sys.stderr.isatty()), str(args.log_format))
-        exit_code = asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, logging, kernels, nice))
+        exit_code = asyncio.run(_serve(server, settings, SnapshotStore.from_env(data_dir=data_dir), http, logging, kernels))
     except KeyboardInterrupt:
         exit_code = 0
         log.info("shutdown", reason="interrupted")

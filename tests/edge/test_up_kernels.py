@@ -1,4 +1,4 @@
-"""``noetl-edge up --kernels N``: N kernel processes share the shards; ``NOETL_UP_NICE``: they yield the CPU to the edge."""
+"""``noetl-edge up --kernels N``: N kernel processes share the shards through their leases."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kernel.leases import lease_holder
 from locator.subjects import LEASES_BUCKET
 from tests.conftest import cli_env
 from tests.edge.test_serve import Proc, client_for, procs, start_up  # noqa: F401 (procs: a fixture)
-from tests.edge.test_up_edge_process import _children, _edge_child, _gone
+from tests.edge.test_up_edge_process import _children, _gone
 
 SHARDS = 4
 
@@ -77,24 +77,15 @@ def test_a_killed_up_takes_its_kernels_along(tmp_path: Path, procs: list[Proc]) 
     assert all(_gone(pid) for pid in children), "a kernel child outlived a SIGKILLed up"
 
 
-@pytest.mark.slow
-def test_the_kernels_and_workers_yield_to_the_edge_with_up_nice(tmp_path: Path, procs: list[Proc]) -> None:
-    up = start_up(procs, tmp_path, "--kernels", "2", env={**cli_env(), "NOETL_UP_NICE": "7"})
-    edge = _edge_child(up.proc, up.http)
-    assert os.getpriority(os.PRIO_PROCESS, up.proc.proc.pid) == 7
-    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in _kernel_children(up.proc)] == [7]
-    assert os.getpriority(os.PRIO_PROCESS, edge) == 0
-
-
 @pytest.mark.parametrize(
     ("args", "env", "line"),
     [
         (["--kernels", "0"], {}, "noetl-edge: error: --kernels must be between 1 and the shard count (4), got 0"),
         (["--kernels", "5"], {}, "noetl-edge: error: --kernels must be between 1 and the shard count (4), got 5"),
-        ([], {"NOETL_UP_NICE": "20"}, "noetl-edge: error: NOETL_UP_NICE must be between 0 and 19, got 20"),
+        ([], {"NOETL_UP_KERNELS": "9"}, "noetl-edge: error: --kernels must be between 1 and the shard count (4), got 9"),
     ],
 )
-def test_bad_kernels_or_nice_stop_up_before_anything_starts(
+def test_a_bad_kernel_count_stops_up_before_anything_starts(
     tmp_path: Path, procs: list[Proc], args: list[str], env: dict[str, str], line: str
 ) -> None:
     data = tmp_path / "data"
