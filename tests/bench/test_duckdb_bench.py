@@ -4,19 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = str(REPO / "bench" / "duckdb_step.py")
+from tests.bench.runner import run_bench
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
-    return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=REPO, check=False)  # fmt: skip
+    return run_bench("duckdb_step.py", *args)
 
 
 def test_quick_run_prints_both_phases_and_their_ratio() -> None:

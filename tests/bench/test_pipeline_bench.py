@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "pipeline.py"
+from tests.bench.runner import run_bench
 
 
 def _run(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOETL_")}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO, check=False)  # fmt: skip
+    return run_bench("pipeline.py", *args, timeout=timeout)
 
 
 def _latency(stats: dict[str, float], samples: int | None = None) -> None:
