@@ -5,6 +5,7 @@ Imported as ``bench.common`` (each script puts the repository root on ``sys.path
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from natscluster.natsbin import find_nats_server
 
@@ -101,3 +103,22 @@ def dist_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "unknown"
+
+
+def serve_until_signal(app: Any, bind: str) -> int:
+    """Serve a baseline ``app`` on ``edge.serve.serve`` (the edge's Hypercorn config) until SIGINT/SIGTERM.
+
+    Prints ``ready http://<bind>`` first; imported lazily, so a benchmark's own process never loads the server.
+    """
+    from edge.cli.options import stop_on_signals
+    from edge.serve import install_uvloop, serve
+
+    install_uvloop()  # as `noetl-edge edge` does
+
+    async def main() -> None:
+        stop = stop_on_signals()
+        print(f"ready http://{bind}", flush=True)
+        await serve(app, [bind], stop)
+
+    asyncio.run(main())
+    return 0

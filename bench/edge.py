@@ -57,7 +57,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -79,7 +78,7 @@ if importlib.util.find_spec("sniffio") is None:
 
 import httpx  # noqa: E402
 
-from bench.common import Proc, cpu_seconds, dist_version  # noqa: E402
+from bench.common import Proc, cpu_seconds, dist_version, serve_until_signal  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
 from natscluster.server import free_port  # noqa: E402
 from locator.shard import shard_for  # noqa: E402
@@ -108,24 +107,10 @@ def serve_baseline(bind: str) -> int:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from edge.serve import install_uvloop, serve
-
     async def ok(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    app = Starlette(routes=[Route("/ok", ok, methods=["GET"]), Route("/healthz", ok, methods=["GET"])])
-    install_uvloop()  # as `noetl-edge edge` does
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"ready http://{bind}", flush=True)
-        await serve(app, [bind], stop)
-
-    asyncio.run(main())
-    return 0
+    return serve_until_signal(Starlette(routes=[Route("/ok", ok, methods=["GET"]), Route("/healthz", ok, methods=["GET"])]), bind)
 
 
 # --------------------------------------------------------------------------- processes

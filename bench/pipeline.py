@@ -95,7 +95,7 @@ from nats.js import JetStreamContext  # noqa: E402
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
 
-from bench.common import Proc, cpu_seconds, dist_version, nats_server_version  # noqa: E402
+from bench.common import Proc, cpu_seconds, dist_version, nats_server_version, serve_until_signal  # noqa: E402
 from bench.edge import percentile  # noqa: E402
 from bench.soak import event_shape, projects  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
@@ -166,8 +166,6 @@ def serve_baseline(bind: str) -> int:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from edge.serve import install_uvloop, serve
-
     async def events(request: Request) -> Response:
         await request.json()
         return JSONResponse({"ok": True})
@@ -175,19 +173,9 @@ def serve_baseline(bind: str) -> int:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    app = Starlette(routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])])
-    install_uvloop()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"ready http://{bind}", flush=True)
-        await serve(app, [bind], stop)
-
-    asyncio.run(main())
-    return 0
+    return serve_until_signal(
+        Starlette(routes=[Route("/events", events, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])]), bind
+    )
 
 
 def probe(url: str, token: str, etag: str, interval: float, count: int, out: Path) -> int:

@@ -85,7 +85,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -108,6 +107,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError  # noqa: E402
 
 from bench.common import Proc, cpu_seconds, dist_version, nats_server_version  # noqa: E402
+from edge.cli.options import stop_on_signals  # noqa: E402
 from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
 from kernel.host import system_manifests  # noqa: E402
@@ -281,10 +281,7 @@ def serve_responder(url: str) -> int:
     """The floor's other side: answer every request on ``FLOOR_SUBJECT`` with its own body."""
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         nc = await nats.connect(url, name="bench-responder")
 
         async def echo(msg: Msg) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 
 from edge.app import check_cells, create_app
 from edge.auth import load_tokens
-from edge.cli.options import UsageError, resolve_topology
+from edge.cli.options import UsageError, resolve_topology, stop_on_signals
 from edge.serve import install_uvloop, serve, wait_listening
 from kernel.errors import ServerStartError
 from natscluster.server import default_data_dir, port_in_use
@@ -40,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
     install_uvloop()
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await check_cells(app.state.edge.cells)  # fail with a clear error before serving
         server = asyncio.create_task(serve(app, bind, stop))
         listening = asyncio.create_task(wait_listening(bind[0]))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 from collections.abc import Callable, Sequence
 
 import structlog
 
-from edge.cli.options import UsageError, connect_urls, resolve_topology
+from edge.cli.options import UsageError, connect_urls, resolve_topology, stop_on_signals
 from kernel.bootstrap import StreamSettings
 from kernel.connect import close, connect, install_uvloop
 from kernel.host import SYSTEM_PLUGINS, system_manifests
@@ -66,10 +65,7 @@ def run(args: argparse.Namespace) -> int:
     snapshots = SnapshotStore.from_env(data_dir=args.data_dir or default_data_dir())
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         urls = connect_urls(args, topology)
         await run_kernel(
             urls, topology, snapshots, cell=args.cell, holder=args.holder, stop=stop,

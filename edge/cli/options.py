@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,6 +78,15 @@ def log_level(args: argparse.Namespace, *, stderr_is_a_terminal: bool, env: Mapp
     if env.get("NOETL_LOG_LEVEL"):
         return env["NOETL_LOG_LEVEL"]
     return "warning" if stderr_is_a_terminal and getattr(args, "command", None) == "up" else "info"
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets: how every long-running command is told to stop (call it in the loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def add_topology_options(p: argparse.ArgumentParser, *, with_url: bool = True) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 from datetime import datetime
 from typing import Any
@@ -24,7 +23,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError
 
 from edge.cli import replay_output as out
-from edge.cli.options import UsageError, objects_root, resolve_topology
+from edge.cli.options import UsageError, objects_root, resolve_topology, stop_on_signals
 from kernel.connect import close, connect
 from kernel.errors import KernelError
 from kernel.scrub import scrub_envelope
@@ -137,10 +136,7 @@ async def _playbook(js: JetStreamContext, urn: Urn, events: list[WalEvent], vers
 async def follow(js: JetStreamContext, urn: Urn, shard: int, shard_count: int, after: int, previous_ts: str | None,
                  args: argparse.Namespace) -> None:
     """Print the execution's new events until SIGINT/SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
     sub = await js.subscribe(execution_filter(shard, urn.tenant, urn.project, urn.execution_id),
                              stream=wal_stream(shard), ordered_consumer=True, config=config, inactive_threshold=60.0)

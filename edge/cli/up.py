@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from edge.cli.options import UsageError, env_int, log_level
+from edge.cli.options import UsageError, env_int, log_level, stop_on_signals
 from kernel.bootstrap import StreamSettings, bootstrap
 from edge.auth import ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
@@ -61,10 +61,7 @@ async def _serve(
     server: EmbeddedServer, settings: StreamSettings, snapshots: SnapshotStore, http: str, logging: tuple[str, str],
     kernels: int = 1,
 ) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     # The edge in a process of its own: on one event loop with the kernel and the workers, a request waited
     # behind every fold and step of a busy kernel (docs/performance.md). Started first, so
     # that its imports overlap the bootstrap (its lifespan only connects; the ready line waits for both).

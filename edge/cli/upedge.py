@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from edge.app import create_app, keychain_key_from_env
+    from edge.cli.options import stop_on_signals
     from edge.auth import load_tokens
     from edge.serve import install_uvloop, serve
     from kernel.logs import configure_logging
@@ -98,10 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_uvloop()
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await serve(app, [args.bind], stop)
 
     asyncio.run(run())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from edge.cli.kernel import run_kernel
+    from edge.cli.options import stop_on_signals
     from kernel.connect import install_uvloop
     from kernel.logs import configure_logging
     from locator.topology import default_topology
@@ -53,10 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_uvloop()
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await run_kernel([args.nats_url], topology, snapshots, cell=None, holder=args.holder, stop=stop)
 
     asyncio.run(run())

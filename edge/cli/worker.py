@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 
-from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology
+from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology, stop_on_signals
 from kernel.connect import install_uvloop
 from worker.worker import WorkerSettings, prepare_pool, run_workers
 from locator.command import TIMER_POOL
@@ -40,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await run_workers(
             connect_urls(args, topology), topology, runner=runner, results=results, stop=stop, pool=pool,
             concurrency=concurrency,
