@@ -14,6 +14,7 @@ byte for byte after canonical encoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -171,25 +172,38 @@ class Stack:
         return httpx.AsyncClient(base_url=self.http_url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
 
 
-def start_up(data_dir: Path, logs: Path) -> Stack:
-    env = e2e_env(NOETL_DATA_DIR=str(data_dir), NOETL_NATS_PORT="0", NOETL_HTTP_PORT="0")
-    proc = Proc(["up"], env=env, logs=logs, name="up")
-    line = proc.ready_line("ready ", timeout=60)
+def start_up(
+    data_dir: Path, logs: Path, *, env: dict[str, str] | None = None, name: str = "up", timeout: float = 60
+) -> Stack:
+    """``noetl-edge up`` on ``data_dir`` with any free ports, once it said ready (``env``: the whole environment)."""
+    if env is None:
+        env = e2e_env(NOETL_DATA_DIR=str(data_dir), NOETL_NATS_PORT="0", NOETL_HTTP_PORT="0")
+    proc = Proc(["up"], env=env, logs=logs, name=name)
+    line = proc.ready_line("ready ", timeout=timeout)
     _, nats_url, http_url = line.split()
     token = (data_dir / "token").read_text(encoding="utf-8").strip()
     return Stack(proc=proc, nats_url=nats_url, http_url=http_url, token=token, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def up_stack(
+    data_dir: Path, logs: Path, *, env: dict[str, str] | None = None, name: str = "up", timeout: float = 60
+) -> Iterator[Stack]:
+    """:func:`start_up` for the ``with`` block; afterwards ``up`` must stop cleanly (exit 0)."""
+    running = start_up(data_dir, logs, env=env, name=name, timeout=timeout)
+    try:
+        yield running
+    finally:
+        code = running.proc.stop()
+        assert code == 0, f"noetl-edge up exited {code}:\n{running.proc.logs()}"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """``noetl-edge up`` shared by the tests of a module (each uses its own tenant/project)."""
     base = tmp_path_factory.mktemp("up")
-    running = start_up(base / "data", base)
-    try:
+    with up_stack(base / "data", base) as running:
         yield running
-    finally:
-        code = running.proc.stop()
-        assert code == 0, f"noetl-edge up exited {code}:\n{running.proc.logs()}"
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from locator.urn import Urn
 from projector.fold import WalEvent
 from system_playbooks.orchestrate.playbook import Policy, load_playbook, tool_kind
 from tests.conftest import cli_path
-from tests.e2e.conftest import EXAMPLES, Proc, Stack, check_invariant, e2e_env, wal_events
+from tests.e2e.conftest import EXAMPLES, Stack, check_invariant, e2e_env, up_stack, wal_events
 
 TENANT = "inline"
 NOOP_LOOP = """\
@@ -56,15 +56,8 @@ def stack_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("up-off")
     data_dir = base / "data"
     env = e2e_env(NOETL_DATA_DIR=str(data_dir), NOETL_NATS_PORT="0", NOETL_HTTP_PORT="0", NOETL_INLINE_STEPS="0")
-    proc = Proc(["up"], env=env, logs=base, name="up-off")
-    _, nats_url, http_url = proc.ready_line("ready ", timeout=60).split()
-    token = (data_dir / "token").read_text(encoding="utf-8").strip()
-    running = Stack(proc=proc, nats_url=nats_url, http_url=http_url, token=token, data_dir=data_dir)
-    try:
+    with up_stack(data_dir, base, env=env, name="up-off") as running:
         yield running
-    finally:
-        code = running.proc.stop()
-        assert code == 0, f"noetl-edge up exited {code}:\n{running.proc.logs()}"
 
 
 @pytest.fixture

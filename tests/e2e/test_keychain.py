@@ -32,13 +32,13 @@ from locator.shard import shard_for
 from locator.subjects import cmd_subject, wal_stream
 from tests.conftest import cli_path
 from tests.e2e.conftest import (
-    Proc,
     Stack,
     check_invariant,
     e2e_env,
     ended,
     executions_url,
     has,
+    up_stack,
     wait_for_wal,
 )
 from tests.http_servers import serving
@@ -77,15 +77,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env.pop("NOETL_KEYCHAIN_KEY", None)
     data_dir.mkdir()
     PlatformKey.from_env(data_dir=data_dir, env={}, create=True)  # what `up` does on its first start
-    proc = Proc(["up"], env=env, logs=base, name="up")
-    _, nats_url, http_url = proc.ready_line("ready ", timeout=60).split()
-    token = (data_dir / "token").read_text(encoding="utf-8").strip()
-    running = Stack(proc=proc, nats_url=nats_url, http_url=http_url, token=token, data_dir=data_dir)
-    try:
+    with up_stack(data_dir, base, env=env) as running:
         yield running
-    finally:
-        code = proc.stop()
-        assert code == 0, f"noetl-edge up exited {code}:\n{proc.logs()}"
 
 
 def forms(secret: str) -> list[bytes]:

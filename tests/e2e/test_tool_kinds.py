@@ -30,7 +30,7 @@ from examples.tools.big import rows
 from kernel.connect import close, connect
 from worker.tools.registry import BUILTIN_KINDS
 from tests.conftest import cli_env, cli_path
-from tests.e2e.conftest import REPO, Proc, Stack, check_invariant
+from tests.e2e.conftest import REPO, Stack, check_invariant, up_stack
 
 pytestmark = pytest.mark.slow
 
@@ -67,16 +67,8 @@ def kinds_stack(echo_site: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     """``noetl-edge up`` whose operator allows echo and some NATS subjects; and its CLI environment."""
     base = tmp_path_factory.mktemp("kinds")
     env = stack_env(echo_site, base / "data", NOETL_TOOL_KINDS=KINDS, NOETL_NATS_SUBJECTS=SUBJECTS)
-    proc = Proc(["up"], env={**env, "NOETL_NATS_PORT": "0", "NOETL_HTTP_PORT": "0"}, logs=base, name="up")
-    line = proc.ready_line("ready ", timeout=90)
-    _, nats_url, http_url = line.split()
-    token = (base / "data" / "token").read_text(encoding="utf-8").strip()
-    stack = Stack(proc=proc, nats_url=nats_url, http_url=http_url, token=token, data_dir=base / "data")
-    try:
+    with up_stack(base / "data", base, env={**env, "NOETL_NATS_PORT": "0", "NOETL_HTTP_PORT": "0"}, timeout=90) as stack:
         yield stack, env
-    finally:
-        code = proc.stop()
-        assert code == 0, f"noetl-edge up exited {code}:\n{proc.logs()}"
 
 
 def cli(stack: Stack, env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
