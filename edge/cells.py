@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -19,6 +21,9 @@ log = structlog.get_logger("noetl.edge.cells")
 RETRY_AFTER = "5"
 
 
+T = TypeVar("T")
+
+
 class CellClients:
     """Lazily (re)connected clients per cell, plus the per-shard projection caches on them."""
 
@@ -28,7 +33,7 @@ class CellClients:
         self.retry_every = retry_every
         self._nc: dict[str, NATS] = {}
         self._failed_at: dict[str, float] = {}
-        self._caches: dict[int, tuple[NATS, KvProjectionCache]] = {}
+        self._held: dict[tuple[int, str], tuple[NATS, Any]] = {}
         # One lock per cell: a hung connect to one cell must not stall requests for the others.
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -65,13 +70,25 @@ class CellClients:
     async def js_for_shard(self, shard: int) -> JetStreamContext:
         return (await self.nats_for_shard(shard)).jetstream()
 
-    async def cache_for_shard(self, shard: int) -> KvProjectionCache:
+    async def held(
+        self, shard: int, name: str, open_: Callable[[JetStreamContext], Awaitable[T]], *, keep: Callable[[T], bool] = lambda _: True
+    ) -> T:
+        """``open_(js)`` on the shard's connection, kept while that connection lives (unless ``keep`` says not).
+
+        Opening a KV bucket costs a request and a stream-info answer to parse; a route that opened its buckets
+        on every request paid that each time.
+        """
         nc = await self.nats_for_shard(shard)
-        held = self._caches.get(shard)
-        if held is None or held[0] is not nc:
-            held = (nc, await KvProjectionCache.open(nc.jetstream(), shard))
-            self._caches[shard] = held
-        return held[1]
+        got = self._held.get((shard, name))
+        if got is not None and got[0] is nc:
+            return cast(T, got[1])
+        value = await open_(nc.jetstream())
+        if keep(value):
+            self._held[(shard, name)] = (nc, value)
+        return value
+
+    async def cache_for_shard(self, shard: int) -> KvProjectionCache:
+        return await self.held(shard, "proj", lambda js: KvProjectionCache.open(js, shard))
 
     def connected(self) -> dict[str, bool]:
         return {c.name: bool(self._nc.get(c.name) and self._nc[c.name].is_connected) for c in self.topology.cells}
@@ -88,4 +105,4 @@ class CellClients:
         for nc in self._nc.values():
             await close(nc)
         self._nc.clear()
-        self._caches.clear()
+        self._held.clear()

@@ -206,7 +206,7 @@ async def _start_once(
     producer = Producer(await state.cells.js_for_shard(shard), state.topology, payload_cap=state.payload_cap)
     try:
         # The key store is global: on the first cell, like the catalog.
-        store = await IdempotencyStore.open(await state.cells.js_for_shard(state.topology.cells[0].shards[0]))
+        store = await state.cells.held(state.topology.cells[0].shards[0], "idempotency", IdempotencyStore.open)
         return await store.start(producer, tenant, project, key, digest=digest, fresh=fresh, again=again)
     except PayloadOverCap as e:
         raise PayloadTooLarge(str(e)) from e

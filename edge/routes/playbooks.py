@@ -68,9 +68,11 @@ def policy_of(request: Request) -> Policy:
 async def catalog_of(state: EdgeState) -> Catalog:
     """The catalog, in the KV bucket of the first cell (503 when the bucket does not exist)."""
     # The catalog is global: it lives on the first cell, next to the first shard's streams.
-    js = await state.cells.js_for_shard(state.topology.cells[0].shards[0])
     try:
-        return await Catalog.open(js)
+        # Kept only with its keychain bucket: one created later must still be found for alias checks.
+        return await state.cells.held(
+            state.topology.cells[0].shards[0], "catalog", Catalog.open, keep=lambda c: c.keychain is not None
+        )
     except BucketNotFoundError as e:
         raise Unavailable(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap the topology first") from e
 
