@@ -100,6 +100,14 @@ def check_pinned(events: list[Envelope], cpu: list[Proc], gpu: list[Proc]) -> li
     return [(worker_of(c, gpu), c.payload["delivery"]) for c in claims if c.step == "train"]
 
 
+def start_pools(procs: list[Proc], url: str, data_dir: Path, tmp_path: Path) -> tuple[list[Proc], list[Proc]]:
+    """A kernel and a worker each of the pools cpu, shared and gpu; (the cpu workers, the gpu workers)."""
+    start_kernel(procs, url, data_dir, tmp_path, "k1")
+    cpu = [start_worker(procs, url, data_dir, tmp_path, "cpu", "cpu-1")]
+    start_worker(procs, url, data_dir, tmp_path, "shared", "shared-1")
+    return cpu, [start_worker(procs, url, data_dir, tmp_path, "gpu", "gpu-1")]
+
+
 def check_once(events: list[Envelope], effect: Path) -> None:
     assert effect.read_text() == "trained on 6\n"  # the side effect ran to its end exactly once
     train = [e.type for e in events if e.step == "train"]
@@ -117,10 +125,7 @@ async def test_a_gpu_worker_killed_mid_step_leaves_the_step_waiting_until_a_new_
     effect, gate = tmp_path / "trained.txt", tmp_path / "gate"
     url = nats_server.url
     why = lambda: logs_of(procs)  # noqa: E731
-    start_kernel(procs, url, data_dir, tmp_path, "k1")
-    cpu = [start_worker(procs, url, data_dir, tmp_path, "cpu", "cpu-1")]
-    start_worker(procs, url, data_dir, tmp_path, "shared", "shared-1")
-    gpu = [start_worker(procs, url, data_dir, tmp_path, "gpu", "gpu-1")]
+    cpu, gpu = start_pools(procs, url, data_dir, tmp_path)
     execution_id = await start_run(url, data_dir, PLAYBOOK, project, {"file": str(effect), "gate": str(gate)})
     await wait_for_wal(crash_js, TENANT, project, execution_id, has_step("command.claimed", "train"), why=why)
     gpu[0].kill()
@@ -159,10 +164,7 @@ async def test_a_step_for_a_pool_nobody_serves_is_queued_until_a_worker_of_it_co
     effect = tmp_path / "trained.txt"
     url = nats_server.url
     why = lambda: logs_of(procs)  # noqa: E731
-    start_kernel(procs, url, data_dir, tmp_path, "k1")
-    cpu = [start_worker(procs, url, data_dir, tmp_path, "cpu", "cpu-1")]
-    start_worker(procs, url, data_dir, tmp_path, "shared", "shared-1")
-    gpu = [start_worker(procs, url, data_dir, tmp_path, "gpu", "gpu-1")]
+    cpu, gpu = start_pools(procs, url, data_dir, tmp_path)
     await pool_ready(crash_js, "gpu", why())
     gpu[0].kill()  # idle: it holds nothing
     execution_id = await start_run(url, data_dir, PLAYBOOK, project, {"file": str(effect)})
