@@ -247,7 +247,6 @@ class Producer:
                 pass
         return await self._publish_prepared(sent.prepared)
 
-
     async def publish_many(
         self, envs: Sequence[Envelope], *, on_progress: Callable[[int], None] | None = None
     ) -> list[PublishResult]:

@@ -18,7 +18,7 @@ from edge.cli.options import UsageError, env_int, log_level, stop_on_signals
 from kernel.bootstrap import StreamSettings, bootstrap
 from edge.auth import ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
-from edge.cli.upedge import edge_argv, start_edge, stop_edge
+from edge.cli.upedge import edge_argv, start_child, stop_child
 from edge.cli.upkernel import kernel_argv
 from kernel.runtime import default_holder
 from edge.serve import install_uvloop, wait_listening
@@ -65,7 +65,7 @@ async def _serve(
     # The edge in a process of its own: on one event loop with the kernel and the workers, a request waited
     # behind every fold and step of a busy kernel (docs/performance.md). Started first, so
     # that its imports overlap the bootstrap (its lifespan only connects; the ready line waits for both).
-    edge = start_edge(edge_argv(
+    edge = start_child(edge_argv(
         bind=http, data_dir=server.data_dir, nats_url=server.url, shards=server.topology.shard_count,
         log_level=logging[0], log_format=logging[1],
     ))  # fmt: skip
@@ -84,7 +84,7 @@ async def _serve(
         await _run(server, settings, snapshots, http, stop, kernels=kernels, logging=logging)
     finally:
         stop.set()
-        await stop_edge(edge)
+        await stop_child(edge)
         await edge_watch
     log.info("shutdown", reason="edge exited" if edge_died else "signal")
     return 1 if edge_died else 0
@@ -105,7 +105,7 @@ async def _run(
     # More kernels, each in a process of its own: the leases give each a fair share of the shards.
     holder = default_holder()
     children = [
-        start_edge(kernel_argv(
+        start_child(kernel_argv(
             index=i, holder=holder, nats_url=server.url, shards=server.topology.shard_count, data_dir=server.data_dir,
             log_level=logging[0], log_format=logging[1],
         ))  # fmt: skip
@@ -146,7 +146,7 @@ async def _run(
     finally:
         stop.set()
         announcer.cancel()
-        await asyncio.gather(*(stop_edge(proc) for proc in children))
+        await asyncio.gather(*(stop_child(proc) for proc in children))
         await asyncio.gather(*watchers)
         await workers
 

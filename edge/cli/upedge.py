@@ -36,8 +36,8 @@ def edge_argv(*, bind: str, data_dir: Path, nats_url: str, shards: int, log_leve
     ]  # fmt: skip
 
 
-def start_edge(argv: Sequence[str]) -> subprocess.Popen[bytes]:
-    """Start the edge child: it dies with this thread (Linux), its stdout (``up``'s ready line) untouched."""
+def start_child(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start a child of ``up`` (its edge, its other kernels): it dies with this thread (Linux), stdout untouched."""
     from natscluster.server import _die_with_parent
 
     return subprocess.Popen(
@@ -48,14 +48,14 @@ def start_edge(argv: Sequence[str]) -> subprocess.Popen[bytes]:
     )
 
 
-async def stop_edge(proc: subprocess.Popen[bytes], *, timeout: float = 15.0) -> int:
+async def stop_child(proc: subprocess.Popen[bytes], *, timeout: float = 15.0) -> int:
     """SIGTERM, wait for its graceful stop (Hypercorn's own grace is 5 s), SIGKILL after ``timeout``."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.to_thread(proc.wait, timeout)
         except subprocess.TimeoutExpired:
-            log.warning("edge.kill", pid=proc.pid, after_s=timeout)
+            log.warning("child.kill", pid=proc.pid, after_s=timeout)
             proc.kill()
             await asyncio.to_thread(proc.wait, 10)
     return proc.returncode
