@@ -32,6 +32,7 @@ from locator.errors import LocatorError
 from locator.ids import Snowflake
 from locator.topology import Topology
 from projector.archive import ArchiveError
+from projector.mirror import MirrorSettings
 from projector.objects import ObjectRoot
 from projector.results import ResultStore
 from projector.snapshots import SnapshotStore
@@ -90,6 +91,7 @@ def create_app(
     policy: Policy | None = None,
     results: ResultStore | None = None,
     keychain_key: PlatformKey | None = None,
+    mirror: MirrorSettings = MirrorSettings(),
 ) -> Starlette:
     """Build the edge for a topology; NATS connections open in the lifespan.
 
@@ -102,8 +104,9 @@ def create_app(
     ``policy`` is what tenants' playbooks may reach (python module prefixes, http hosts);
     the default allows neither. ``results`` holds large step results (default: beside the snapshots).
     ``keychain_key`` is the platform key the credential routes write with (without it a PUT is a 503).
+    ``mirror`` bounds the warm entries held in memory (:mod:`projector.mirror`; ``max_age=0`` turns it off).
     """
-    cells = CellClients(topology)
+    cells = CellClients(topology, mirror=mirror)
     metrics = EdgeMetrics(objects=ObjectRoot(snapshots.base_url, storage_options=snapshots.storage_options))
     state = EdgeState(
         topology=topology,
@@ -167,6 +170,7 @@ def app_from_env(data_dir: Path) -> Starlette:
         policy=policy_from_env(os.environ),
         results=ResultStore.from_env(data_dir=data_dir),
         keychain_key=keychain_key_from_env(data_dir),
+        mirror=MirrorSettings.from_env(),
     )
 
 

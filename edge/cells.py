@@ -16,6 +16,7 @@ from kernel.connect import close, connect
 from kernel.errors import KernelError
 from locator.topology import Cell, Topology
 from projector.cache import KvProjectionCache
+from projector.mirror import MirrorSettings, ProjectionMirror
 
 log = structlog.get_logger("noetl.edge.cells")
 RETRY_AFTER = "5"
@@ -27,8 +28,12 @@ T = TypeVar("T")
 class CellClients:
     """Lazily (re)connected clients per cell, plus the per-shard projection caches on them."""
 
-    def __init__(self, topology: Topology, *, connect_timeout: float = 2.0, retry_every: float = 1.0) -> None:
+    def __init__(
+        self, topology: Topology, *, connect_timeout: float = 2.0, retry_every: float = 1.0,
+        mirror: MirrorSettings = MirrorSettings(),
+    ) -> None:
         self.topology = topology
+        self.mirror = mirror
         self.connect_timeout = connect_timeout
         self.retry_every = retry_every
         self._nc: dict[str, NATS] = {}
@@ -90,6 +95,17 @@ class CellClients:
     async def cache_for_shard(self, shard: int) -> KvProjectionCache:
         return await self.held(shard, "proj", lambda js: KvProjectionCache.open(js, shard))
 
+    async def mirror_for_shard(self, shard: int) -> ProjectionMirror | None:
+        """The shard's warm entries in memory (:mod:`projector.mirror`); None when the mirror is off."""
+        if not self.mirror.enabled:
+            return None
+        cache = await self.cache_for_shard(shard)
+        share = self.mirror.max_bytes // self.topology.shard_count
+        return await self.held(
+            shard, "mirror",
+            lambda js: ProjectionMirror.open(js, shard, cache, max_bytes=share, max_age=self.mirror.max_age),
+        )  # fmt: skip
+
     def connected(self) -> dict[str, bool]:
         return {c.name: bool(self._nc.get(c.name) and self._nc[c.name].is_connected) for c in self.topology.cells}
 
@@ -102,6 +118,9 @@ class CellClients:
                 pass
 
     async def close(self) -> None:
+        for _, value in self._held.values():
+            if isinstance(value, ProjectionMirror):
+                await value.close()
         for nc in self._nc.values():
             await close(nc)
         self._nc.clear()

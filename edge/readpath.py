@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Literal
 
 import msgspec
 import nats.errors
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from edge.cells import CellClients
-from edge.errors import GatewayTimeout, NotFound, Unavailable, Unprocessable, unknown_execution
+from edge.errors import EdgeError, GatewayTimeout, NotFound, Unavailable, Unprocessable, unknown_execution
 from locator.shard import shard_for
-from locator.subjects import wal_stream
+from locator.subjects import execution_filter, wal_stream
 from projector.archive import ArchiveError, ArchiveIndex, HistoryArchive
 from projector.errors import ReplayLimitExceeded
 from projector.projection import Projection, decode_projection
@@ -77,10 +79,48 @@ class ReadPath:
             raise Unavailable(f"the archive of shard {shard} could not be read: {e}", headers={"Retry-After": "2"}) from e
         return None if row is None or not row.status else decode_projection(row.projection)
 
+    async def exists(self, shard: int, tenant: str, project: str, execution_id: str) -> bool:
+        """Whether ``execution_id`` is ``tenant``/``project``'s on ``shard``: an event of it was ever stored.
+
+        Remembered once true (an execution is never unmade: its history moves to the archive at most), so
+        ``POST …/events`` asks NATS only the first time it meets an execution.
+        """
+        mirror = await self.cells.mirror_for_shard(shard)
+        if mirror is not None and mirror.knows(execution_id, tenant, project):
+            return True
+        found = await self._exists(shard, tenant, project, execution_id)
+        if found and mirror is not None:
+            mirror.remember(execution_id, tenant, project)
+        return found
+
+    async def remember(self, shard: int, tenant: str, project: str, execution_id: str) -> None:
+        """Note an execution this edge has just started (its ``execution.requested`` is acked)."""
+        mirror = await self.cells.mirror_for_shard(shard)
+        if mirror is not None:
+            mirror.remember(execution_id, tenant, project)
+
+    async def _exists(self, shard: int, tenant: str, project: str, execution_id: str) -> bool:
+        js = await self.cells.js_for_shard(shard)
+        with contextlib.suppress(EdgeError):
+            # The KV key is the execution id alone: an entry proves existence only if it is this tenant's and
+            # project's (a pointer does not say whose it is, so the WAL below decides).
+            if await (await self.cells.cache_for_shard(shard)).owner(execution_id) == (tenant, project):
+                return True
+        try:
+            await js.get_msg(wal_stream(shard), seq=1, next=True, subject=execution_filter(shard, tenant, project, execution_id))
+        except NotFoundError:  # no event of this execution in the WAL (a timeout is not "unknown": it is a 503)
+            # or its history was moved to the archive
+            row = await ArchiveIndex(js, shard, self.archive.root).get_row(execution_id, tenant=tenant, project=project)
+            return row is not None
+        return True
+
     async def _stored(self, shard: int, tenant: str, project: str, execution_id: str) -> ReadResult | None:
-        cache = await self.cells.cache_for_shard(shard)
         with tracer.start_as_current_span("edge.read.cache", attributes={"noetl.execution_id": execution_id}):
-            entry = await cache.get(execution_id)
+            mirror = await self.cells.mirror_for_shard(shard)
+            if mirror is not None:
+                entry = await mirror.get(execution_id)
+            else:
+                entry = await (await self.cells.cache_for_shard(shard)).get(execution_id)
         if entry is not None and entry.projection is not None:
             if (entry.projection.tenant, entry.projection.project) == (tenant, project):
                 return ReadResult(entry.projection, "cache")

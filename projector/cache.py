@@ -151,13 +151,18 @@ class KvProjectionCache(ProjectionCache):
         return self.kv._js._nc.max_payload - VALUE_HEADROOM
 
     async def get(self, execution_id: str) -> CacheEntry | None:
+        got = await self.get_sized(execution_id)
+        return None if got is None else got[0]
+
+    async def get_sized(self, execution_id: str) -> tuple[CacheEntry, int] | None:
+        """:meth:`get`, with the size of the stored value in bytes (what holding it in memory costs)."""
         try:
             entry = await self.kv.get(execution_id)
         except NotFoundError:  # never written, or purged (a tombstone)
             return None
         assert entry.value is not None and entry.revision is not None
         try:
-            return decode_entry(entry.value, entry.revision)
+            return decode_entry(entry.value, entry.revision), len(entry.value)
         except msgspec.DecodeError as e:  # ValidationError is one too
             raise EntryUnreadable(f"the cache entry of {execution_id} is neither a projection nor a pointer: {e}") from e
 

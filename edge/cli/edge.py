@@ -8,7 +8,7 @@ import os
 
 from edge.app import check_cells, create_app
 from edge.auth import load_tokens
-from edge.cli.options import UsageError, resolve_topology, stop_on_signals
+from edge.cli.options import UsageError, mirror_settings, resolve_topology, stop_on_signals
 from edge.serve import install_uvloop, serve, wait_listening
 from kernel.errors import ServerStartError
 from natscluster.server import default_data_dir, port_in_use
@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         snapshots=SnapshotStore.from_env(data_dir=data_dir),
         policy=policy_from_env(os.environ),
         results=ResultStore.from_env(data_dir=data_dir),
+        mirror=mirror_settings(),
     )
     bind = args.bind or ["127.0.0.1:8080"]
     for address in bind:

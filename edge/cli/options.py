@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from locator.topology import DEFAULT_NATS_URL, Topology, topology_from_env
 
 if TYPE_CHECKING:
+    from projector.mirror import MirrorSettings
     from projector.objects import ObjectRoot
 
 
@@ -29,6 +30,17 @@ def env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise UsageError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def mirror_settings() -> MirrorSettings:
+    """The edge's warm mirror from ``NOETL_EDGE_MIRROR_BYTES`` and ``NOETL_EDGE_MIRROR_MAX_AGE`` (a bad one: exit 2)."""
+    from projector.errors import ProjectorError
+    from projector.mirror import MirrorSettings
+
+    try:
+        return MirrorSettings.from_env(os.environ)
+    except ProjectorError as e:
+        raise UsageError(str(e)) from None
 
 
 def default_data_dir() -> Path:

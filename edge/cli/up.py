@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from edge.cli.options import UsageError, env_int, log_level, stop_on_signals
+from edge.cli.options import UsageError, env_int, log_level, mirror_settings, stop_on_signals
 from kernel.bootstrap import StreamSettings, bootstrap
 from edge.auth import ensure_admin_token, load_tokens
 from edge.cli.kernel import run_kernel
@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     WasmLimits.from_env(os.environ)
     policy_from_env(os.environ)  # NOETL_TOOL_KINDS names installed kinds, NOETL_NATS_SUBJECTS valid patterns
     inline_from_env(os.environ)  # NOETL_INLINE_STEPS, read by system/orchestrate
+    mirror_settings()  # NOETL_EDGE_MIRROR_*, read by the edge child
     kernels = args.kernels if args.kernels is not None else env_int("NOETL_UP_KERNELS", 1)
     if not 1 <= kernels <= shards:
         raise UsageError(f"--kernels must be between 1 and the shard count ({shards}), got {kernels}")

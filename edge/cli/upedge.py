@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from edge.app import create_app, keychain_key_from_env
-    from edge.cli.options import stop_on_signals
+    from edge.cli.options import mirror_settings, stop_on_signals
     from edge.auth import load_tokens
     from edge.serve import install_uvloop, serve
     from kernel.logs import configure_logging
@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy=policy_from_env(os.environ),
         results=ResultStore.from_env(data_dir=args.data_dir),
         keychain_key=keychain_key_from_env(args.data_dir),
+        mirror=mirror_settings(),
     )
     install_uvloop()
 

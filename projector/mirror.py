@@ -1,0 +1,241 @@
+"""The edge's in-memory mirror of warm KV entries, kept current by the bucket's own stream.
+
+A warm GET used to be a KV read: a round trip to ``nats-server``, which under
+load (delivering every WAL message to three consumers per shard) answered in
+tens of milliseconds. :class:`ProjectionMirror` holds the entries it has read
+(bounded in bytes, least recently used first out) and follows the bucket's
+stream with an ordered, headers-only consumer that starts at the stream's end:
+every later write of a key, whoever makes it, arrives in stream order with its
+revision and drops a held entry older than it. So a held entry is never older
+than the last write the mirror has been told of, and a GET no longer asks NATS.
+
+Three things bound what a missed notice could cost:
+
+* a read registers its key before it asks the KV, and its answer is kept only
+  if no newer revision of that key was announced meanwhile;
+* an entry is served for at most ``max_age`` seconds, then read again: a
+  key removed without a marker (the archiver's purge of a dropped entry) or a
+  notice lost in a consumer reset is seen within that time;
+* when the connection reconnects, everything held is dropped and the
+  consumer is created again from the stream's end.
+
+The mirror is a cache: dropping it any time changes nothing but speed. It
+also remembers which tenant and project an execution belongs to (an id never
+changes owner), so ``POST …/events`` need not ask the KV before each publish.
+
+>>> # mirror = await ProjectionMirror.open(js, shard, cache, max_bytes=16 << 20, max_age=1.0)
+>>> # entry = await mirror.get("7311598424571904")   # a KV read the first time, memory after
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from locator.subjects import proj_bucket
+from projector.cache import CacheEntry, KvProjectionCache
+from projector.errors import ProjectorError
+
+log = structlog.get_logger("noetl.projector.mirror")
+
+# Executions whose owner is remembered, per shard (an id and two short names each).
+OWNERS_HELD = 100_000
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    """How much an edge holds in memory (``max_bytes`` over all shards) and how long an entry serves unread.
+
+    ``max_age`` 0 turns the mirror off: every warm GET reads the KV, as before it.
+
+    >>> MirrorSettings.from_env({"NOETL_EDGE_MIRROR_MAX_AGE": "0.5"})
+    MirrorSettings(max_bytes=67108864, max_age=0.5)
+    >>> MirrorSettings.from_env({"NOETL_EDGE_MIRROR_BYTES": "lots"})
+    Traceback (most recent call last):
+    ...
+    projector.errors.ProjectorError: NOETL_EDGE_MIRROR_BYTES must be a whole number of bytes >= 0, got 'lots'
+    """
+
+    max_bytes: int = 64 << 20
+    max_age: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_age > 0 and self.max_bytes > 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> MirrorSettings:
+        raw_bytes = env.get("NOETL_EDGE_MIRROR_BYTES", str(cls.max_bytes))
+        raw_age = env.get("NOETL_EDGE_MIRROR_MAX_AGE", str(cls.max_age))
+        try:
+            max_bytes = int(raw_bytes)
+            if max_bytes < 0:
+                raise ValueError
+        except ValueError:
+            raise ProjectorError(f"NOETL_EDGE_MIRROR_BYTES must be a whole number of bytes >= 0, got {raw_bytes!r}") from None
+        try:
+            max_age = float(raw_age)
+            if not 0 <= max_age <= 3600:
+                raise ValueError
+        except ValueError:
+            raise ProjectorError(f"NOETL_EDGE_MIRROR_MAX_AGE must be seconds from 0 to 3600, got {raw_age!r}") from None
+        return cls(max_bytes=max_bytes, max_age=max_age)
+
+
+@dataclass
+class _Held:
+    entry: CacheEntry
+    size: int
+    at: float
+
+
+class ProjectionMirror:
+    """Warm entries of one shard's ``proj_<shard>`` bucket, in memory, invalidated by the bucket's stream."""
+
+    def __init__(
+        self, js: JetStreamContext, shard: int, cache: KvProjectionCache, *, max_bytes: int, max_age: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.js = js
+        self.shard = shard
+        self.cache = cache
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.clock = clock
+        self._nc: Client = js._nc
+        self._prefix = f"$KV.{proj_bucket(shard)}."
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._bytes = 0
+        # Keys being read from the KV -> (readers, the newest revision announced since the first registered).
+        self._reading: dict[str, list[int]] = {}
+        self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._sub: Subscription | None = None
+        self._reconnects = -1
+        self._lock = asyncio.Lock()
+        self.stats = {"hits": 0, "misses": 0, "dropped": 0, "resets": 0}
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, shard: int, cache: KvProjectionCache, *, max_bytes: int, max_age: float
+    ) -> ProjectionMirror:
+        mirror = cls(js, shard, cache, max_bytes=max_bytes, max_age=max_age)
+        await mirror._follow()
+        return mirror
+
+    async def _follow(self) -> None:
+        """(Re)start following the bucket from its end, holding nothing yet."""
+        async with self._lock:
+            if self._sub is not None and self._reconnects == self._nc.stats["reconnects"]:
+                return
+            self._clear()
+            old, self._sub = self._sub, None
+            if old is not None:
+                self.stats["resets"] += 1
+                try:
+                    await old.unsubscribe()
+                except Exception as e:  # the old consumer may be gone with the old connection
+                    log.debug("mirror.unsubscribe_failed", shard=self.shard, error=repr(e))
+            reconnects = self._nc.stats["reconnects"]
+            self._sub = await self.js.subscribe(
+                self._prefix + ">", stream=f"KV_{proj_bucket(self.shard)}", cb=self._on_write, ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW, headers_only=True, inactive_threshold=300.0,
+            )  # fmt: skip
+            self._reconnects = reconnects
+
+    def _live(self) -> bool:
+        return self._sub is not None and self._nc.is_connected and self._reconnects == self._nc.stats["reconnects"]
+
+    async def _on_write(self, msg: Msg) -> None:
+        key = msg.subject[len(self._prefix) :]
+        held = self._held.get(key)
+        reading = self._reading.get(key)
+        if held is None and reading is None:
+            return  # the common case under load: a key nobody reads here
+        revision = msg.metadata.sequence.stream
+        if reading is not None and revision > reading[1]:
+            reading[1] = revision
+        if held is not None and revision > held.entry.revision:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            self._bytes -= held.size
+            self.stats["dropped"] += 1
+
+    def _clear(self) -> None:
+        self._held.clear()
+        self._bytes = 0
+
+    def _keep(self, key: str, entry: CacheEntry, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        self._drop(key)
+        self._held[key] = _Held(entry, size, self.clock())
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, oldest = self._held.popitem(last=False)
+            self._bytes -= oldest.size
+
+    async def get(self, execution_id: str) -> CacheEntry | None:
+        """The KV entry of ``execution_id``: from memory while it is current, else read (and held)."""
+        if not self._live():
+            await self._follow()
+        held = self._held.get(execution_id)
+        if held is not None:
+            if self.clock() - held.at < self.max_age:
+                self._held.move_to_end(execution_id)
+                self.stats["hits"] += 1
+                return held.entry
+            self._drop(execution_id)
+        self.stats["misses"] += 1
+        reading = self._reading.setdefault(execution_id, [0, 0])
+        reading[0] += 1
+        reconnects = self._reconnects
+        try:
+            got = await self.cache.get_sized(execution_id)
+        finally:
+            reading[0] -= 1
+            if not reading[0]:
+                del self._reading[execution_id]
+        if got is None:
+            return None
+        entry, size = got
+        # Kept only if no newer write was announced while it was read, and the notices still flow.
+        if entry.revision >= reading[1] and self._live() and reconnects == self._reconnects:
+            self._keep(execution_id, entry, size)
+        return entry
+
+    def remember(self, execution_id: str, tenant: str, project: str) -> None:
+        """Note that ``execution_id`` is ``tenant``/``project``'s (the edge knows: it started it, or found it)."""
+        self._owners[execution_id] = (tenant, project)
+        self._owners.move_to_end(execution_id)
+        while len(self._owners) > OWNERS_HELD:
+            self._owners.popitem(last=False)
+
+    def knows(self, execution_id: str, tenant: str, project: str) -> bool:
+        return self._owners.get(execution_id) == (tenant, project)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        self._clear()
+        if sub is not None and not self._nc.is_closed:
+            await sub.unsubscribe()
