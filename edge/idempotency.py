@@ -13,13 +13,14 @@ seconds when the bucket is bootstrapped, default 86400): past it NATS forgets
 the key and the same key starts a new execution.
 
 Order, so that a crash leaves neither a key pointing at nothing nor two
-executions: the atomic KV ``create`` decides the one winner and fixes, in the
-record, the execution id and the ``event_id`` of its ``execution.requested``;
-the winner then publishes that event (``Nats-Msg-Id`` = the event id) and
-records the WAL seq in the record. A later claimant whose record has no seq
-yet (the winner is still publishing, or crashed) looks for the event on the
-WAL and publishes the same event again when it is missing; a second copy
-inside the duplicate window is dropped by the server.
+executions: the atomic KV ``create`` (tried first: a free key costs no read)
+decides the one winner and fixes, in the record, the execution id and the
+``event_id`` of its ``execution.requested``; the winner then publishes that
+event (``Nats-Msg-Id`` = the event id) and records the WAL seq in the record.
+A later claimant whose record has no seq yet (the winner is still publishing,
+or crashed) looks for the event on the WAL and publishes the same event again
+when it is missing; a second copy inside the duplicate window is dropped by
+the server.
 
 API (small on purpose):
 
@@ -184,20 +185,30 @@ class IdempotencyStore:
         """Start once under ``key``: the first request's execution, whichever edge or process asks.
 
         ``fresh`` builds the ``execution.requested`` of a new execution (it may resolve and raise: nothing
-        is written then); it is called only when the key is free. ``again`` rebuilds that event from the
-        record of an earlier claim (this request's body is the same: the digests matched). Raises
-        :class:`IdempotencyConflict` when the key was claimed with another digest.
+        is written then). It is called before the claim, so that a free key (the common case) costs the
+        claim alone and no read first; it publishes nothing, and when the key turns out to be taken its
+        event is dropped unpublished (and, if it raised, the earlier claim answers as if it had not been
+        called). ``again`` rebuilds the event from the record of an earlier claim (this request's body is
+        the same: the digests matched). Raises :class:`IdempotencyConflict` when the key was claimed with
+        another digest.
         """
         kv_key = scoped_key(tenant, project, check_key(key))
-        found = await self._read(kv_key)
+        found: tuple[StartRecord, int] | None = None
         while found is None:
-            env = await fresh()
-            producer.prepare(env)  # an invalid or oversized event raises here, before the claim
+            try:
+                env = await fresh()
+                producer.prepare(env)  # an invalid or oversized event raises here, before the claim
+            except Exception:
+                # A repeat answers what the first request got, whatever building a new start would raise now.
+                found = await self._read(kv_key)
+                if found is None:
+                    raise
+                break
             record = StartRecord(execution_id=env.execution_id, event_id=env.event_id, digest=digest,
                                  playbook=env.payload.get("playbook"), created_at=now_ts())
             try:
                 revision = await self.kv.create(kv_key, msgspec.json.encode(record))
-            except KeyWrongLastSequenceError:  # another request claimed it first
+            except KeyWrongLastSequenceError:  # claimed by an earlier or a concurrent request
                 found = await self._read(kv_key)
                 continue
             ack = await producer.publish(env)

@@ -25,7 +25,7 @@ from edge.errors import (
 )
 from edge.openapi import AFFINITY, AFTER_SEQ, AS_OF_SEQ, LIMIT, MIN_SEQ, Media, Param, operation
 from edge.responses import convert, json_response, read_json
-from edge.routes.playbooks import Conflict, catalog_of
+from edge.routes.playbooks import Conflict, latest_of
 from edge.state import EdgeState, state_of
 from edge.idempotency import (
     MAX_KEY,
@@ -167,10 +167,11 @@ async def _resolve(state: EdgeState, tenant: str, project: str, ref: PlaybookRef
     """The registered version ``ref`` names, as ``{"path", "version"}``; 404 naming the field when there is none.
 
     The version goes into ``execution.requested``, so what runs is what was checked here, whatever is registered
-    after (versions are immutable).
+    after (versions are immutable). Usually no round trip: the edge remembers the catalog's ``latest`` pointers
+    and follows their moves (:mod:`system_playbooks.orchestrate.latest`).
     """
     try:
-        return await resolve_playbook(await catalog_of(state), tenant, project, ref.path, ref.version)
+        return await resolve_playbook(await latest_of(state), tenant, project, ref.path, ref.version)
     except UnknownPlaybook as e:
         raise NotFound(str(e), field=e.field) from e
 

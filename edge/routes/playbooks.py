@@ -19,6 +19,7 @@ from edge.state import EdgeState, state_of
 from locator.names import check_name
 from locator.subjects import CATALOG_BUCKET
 from system_playbooks.orchestrate.catalog import Catalog, PlaybookNotFound, VersionConflict
+from system_playbooks.orchestrate.latest import LatestVersions
 from system_playbooks.orchestrate.playbook import Playbook, PlaybookError, Policy, load_playbook, parse_playbook
 
 BASE = "/api/v1/tenants/{tenant}/projects/{project}/playbooks"
@@ -73,6 +74,14 @@ async def catalog_of(state: EdgeState) -> Catalog:
         return await state.cells.held(
             state.topology.cells[0].shards[0], "catalog", Catalog.open, keep=lambda c: c.keychain is not None
         )
+    except BucketNotFoundError as e:
+        raise Unavailable(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap the topology first") from e
+
+
+async def latest_of(state: EdgeState) -> LatestVersions:
+    """The catalog's ``latest`` pointers as this edge remembers them (503 when the bucket does not exist)."""
+    try:
+        return await state.cells.held(state.topology.cells[0].shards[0], "latest", LatestVersions.open)
     except BucketNotFoundError as e:
         raise Unavailable(f"KV bucket {CATALOG_BUCKET!r} does not exist: bootstrap the topology first") from e
 
@@ -153,6 +162,7 @@ async def put_playbook(request: Request) -> Response:
     except PlaybookError as e:  # an unregistered wasm plug-in, an unset keychain alias (or a policy change since _validate)
         raise Unprocessable(f"invalid playbook: {e}", field=e.path) from e
     pb = registered.playbook
+    (await latest_of(state)).note(tenant, project, pb.path, pb.version)
     return json_response(
         Registered(path=pb.path, version=pb.version, created=registered.created, playbook=msgspec.to_builtins(pb)),
         status=201 if registered.created else 200,

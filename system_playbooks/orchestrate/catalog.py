@@ -30,7 +30,11 @@ which the catalog never has) and refuses the playbook with
 A version is immutable: it is written with ``create`` (compare-and-set
 against "no such key"), so a second registration of the same version is
 accepted only with the same content. ``latest`` is moved with compare-and-set
-on its revision, and only ever up.
+on its revision, and only ever up, always after the version is written: a
+``latest`` that names a version proves that version exists (a start resolves
+the latest without reading the playbook). Nothing deletes a version, so one
+seen once exists for good (:mod:`system_playbooks.orchestrate.latest` relies
+on both).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from system_playbooks.orchestrate.playbook import (
 from worker.tools.registry import BUILTIN_KINDS, registry
 
 __all__ = [
+    "LATEST",
     "Catalog",
     "CatalogError",
     "PlaybookNotFound",
@@ -275,6 +280,14 @@ class Catalog:
         except KeyNotFoundError:
             raise PlaybookNotFound(f"no playbook {path} in {tenant}/{project}") from None
         return int(entry.value or b"0")
+
+    async def has_version(self, tenant: str, project: str, path: str, version: int) -> bool:
+        """Whether ``version`` of ``path`` is registered, without decoding the playbook."""
+        try:
+            await self.kv.get(version_key(tenant, project, path, version))
+        except KeyNotFoundError:
+            return False
+        return True
 
     async def get(self, tenant: str, project: str, path: str, version: int | None = None) -> Playbook:
         """Version ``version`` of ``path`` (the latest when None); :class:`PlaybookNotFound` if there is none."""

@@ -10,10 +10,10 @@ plus whatever ``extra`` names (a schedule's tick, say).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from locator.envelope import Envelope, envelope_from_dict
-from system_playbooks.orchestrate.catalog import Catalog, PlaybookNotFound
+from system_playbooks.orchestrate.catalog import PlaybookNotFound
 
 
 class UnknownPlaybook(PlaybookNotFound):
@@ -24,21 +24,33 @@ class UnknownPlaybook(PlaybookNotFound):
         self.field = field
 
 
-async def resolve_playbook(catalog: Catalog, tenant: str, project: str, path: str, version: int | None) -> dict[str, Any]:
+class Versions(Protocol):
+    """What resolving needs of a catalog: a :class:`Catalog`, or the edge's :class:`~.latest.LatestVersions`."""
+
+    async def latest_version(self, tenant: str, project: str, path: str) -> int: ...
+
+    async def has_version(self, tenant: str, project: str, path: str, version: int) -> bool: ...
+
+
+async def resolve_playbook(catalog: Versions, tenant: str, project: str, path: str, version: int | None) -> dict[str, Any]:
     """The registered version that ``(path, version)`` names (the latest when None), as ``{"path", "version"}``.
 
-    Raises :class:`UnknownPlaybook` with ``field`` ``playbook.path`` (no such playbook) or
-    ``playbook.version`` (no such version).
+    The playbook itself is not read: ``latest`` is moved only after its version is written, so it names one
+    that exists, and an explicit version is only looked up. Raises :class:`UnknownPlaybook` with ``field``
+    ``playbook.path`` (no such playbook) or ``playbook.version`` (no such version).
     """
     try:
+        if version is not None and await catalog.has_version(tenant, project, path, version):
+            return {"path": path, "version": version}
         latest = await catalog.latest_version(tenant, project, path)
     except PlaybookNotFound as e:
         raise UnknownPlaybook(f"{e}: register it first (PUT .../playbooks/{path})", field="playbook.path") from e
-    try:
-        playbook = await catalog.get(tenant, project, path, latest if version is None else version)
-    except PlaybookNotFound as e:
-        raise UnknownPlaybook(f"{e} (the latest is version {latest})", field="playbook.version") from e
-    return {"path": playbook.path, "version": playbook.version}
+    if version is None:
+        return {"path": path, "version": latest}
+    raise UnknownPlaybook(
+        f"no version {version} of playbook {path} in {tenant}/{project} (the latest is version {latest})",
+        field="playbook.version",
+    )
 
 
 def requested_event(

@@ -102,6 +102,28 @@ async def test_another_digest_is_a_conflict_and_a_free_key_starts_once(js: JetSt
     assert await executions(js) == [(seq, "900", "900:requested")]
 
 
+async def test_a_repeat_answers_the_first_start_even_when_building_a_new_one_fails(
+    js: JetStreamContext, topology: Topology
+) -> None:
+    execution_id, seq, _ = await start(js, topology)
+    built: list[str] = []
+
+    async def fresh() -> Envelope:  # built before the claim now (a free key costs no read): must not matter
+        built.append("fresh")
+        raise LookupError("the playbook is gone")
+
+    def again(record: StartRecord) -> Envelope:
+        return requested(record.execution_id, record.event_id)
+
+    store = await IdempotencyStore.open(js)
+    once = await store.start(Producer(js, topology), "acme", "web", KEY, digest=DIGEST, fresh=fresh, again=again)
+    assert (once.record.execution_id, once.seq, once.replayed, built) == (execution_id, seq, True, ["fresh"])
+    with pytest.raises(LookupError):  # a free key: the failure is the answer, and nothing was claimed
+        await store.start(Producer(js, topology), "acme", "web", "another", digest=DIGEST, fresh=fresh, again=again)
+    assert await store.get("acme", "web", "another") is None
+    assert await executions(js) == [(seq, execution_id, f"{execution_id}:requested")]
+
+
 def test_key_rules_and_digest() -> None:
     assert check_key("k" * 255) == "k" * 255
     for bad in ("", "k" * 256, "tab\there", "é"):
