@@ -194,7 +194,9 @@ class IdempotencyStore:
         """
         kv_key = scoped_key(tenant, project, check_key(key))
         found: tuple[StartRecord, int] | None = None
+        tries = 0
         while found is None:
+            tries += 1
             try:
                 env = await fresh()
                 producer.prepare(env)  # an invalid or oversized event raises here, before the claim
@@ -207,7 +209,7 @@ class IdempotencyStore:
             record = StartRecord(execution_id=env.execution_id, event_id=env.event_id, digest=digest,
                                  playbook=env.payload.get("playbook"), created_at=now_ts())
             try:
-                revision = await self.kv.create(kv_key, msgspec.json.encode(record))
+                revision = await self._claim(kv_key, msgspec.json.encode(record), first=tries == 1)
             except KeyWrongLastSequenceError:  # claimed by an earlier or a concurrent request
                 found = await self._read(kv_key)
                 continue
@@ -227,6 +229,18 @@ class IdempotencyStore:
         seq, stream = await self._publish_again(producer, again(record))
         await self._settle(kv_key, revision, record, seq, stream)
         return Start(record=record, seq=seq, stream=stream, replayed=True)
+
+    async def _claim(self, kv_key: str, value: bytes, *, first: bool) -> int:
+        """The revision of a new claim of ``kv_key``; ``KeyWrongLastSequenceError`` when it is taken.
+
+        The first try expects the key to have no message at all: one request (``KeyValue.create`` reads the
+        key after every refusal, and a taken key is read here anyway). A later try, after a refusal whose key
+        then read as missing (a delete marker: never written by the store, but an operator may), is
+        ``create``'s full compare, which claims over the marker.
+        """
+        if first:
+            return await self.kv.update(kv_key, value, last=0)
+        return await self.kv.create(kv_key, value)
 
     async def _publish_again(self, producer: Producer, env: Envelope) -> tuple[int, str]:
         """The WAL position of a claimed execution's ``execution.requested``, published now if it is missing."""

@@ -124,6 +124,18 @@ async def test_a_repeat_answers_the_first_start_even_when_building_a_new_one_fai
     assert await executions(js) == [(seq, execution_id, f"{execution_id}:requested")]
 
 
+async def test_a_key_an_operator_deleted_is_free_again(js: JetStreamContext, topology: Topology) -> None:
+    first, seq, _ = await start(js, topology)
+    await (await js.key_value(IDEMPOTENCY_BUCKET)).delete(scoped_key("acme", "web", KEY))  # leaves a delete marker
+    execution_id, again_seq, replayed = await start(js, topology)
+    # The first try's claim is refused by the marker and its event dropped; the second claims over the marker.
+    assert (first, execution_id, replayed) == ("900", "901", False) and again_seq != seq
+    record = await (await IdempotencyStore.open(js)).get("acme", "web", KEY)
+    assert record is not None and record.seq == again_seq
+    assert await start(js, topology) == ("901", again_seq, True)
+    assert [x for _, x, _ in await executions(js)] == ["900", "901"]
+
+
 def test_key_rules_and_digest() -> None:
     assert check_key("k" * 255) == "k" * 255
     for bad in ("", "k" * 256, "tab\there", "é"):
