@@ -22,7 +22,7 @@ from starlette.routing import Route
 from edge.errors import EdgeError, NotFound, unknown_execution
 from edge.openapi import AFFINITY, Media, operation
 from edge.responses import json_response, read_json
-from edge.routes.executions import BASE, _exists, _names, _publish_one
+from edge.routes.executions import BASE, _names, _publish_one
 from edge.state import state_of
 from locator.command import parse_callback_token
 from locator.envelope import EnvelopeError, decode_wal_message, envelope_from_dict
@@ -58,7 +58,7 @@ async def cancel(request: Request) -> Response:
     execution_id = check_execution_id(request.path_params["execution_id"])
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="write")
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
-    if not await _exists(state, shard, tenant, project, execution_id):
+    if not await state.read.exists(shard, tenant, project, execution_id):
         raise unknown_execution(execution_id, tenant, project, affinity)
     env = envelope_from_dict(
         {

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
-from nats.js.errors import NotFoundError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -16,7 +15,6 @@ from starlette.routing import Route
 from edge.errors import (
     BadGateway,
     BadRequest,
-    EdgeError,
     NotFound,
     PayloadTooLarge,
     Unavailable,
@@ -52,9 +50,7 @@ from locator.envelope import (
 from locator.envelope import PayloadTooLarge as PayloadOverCap
 from locator.names import STEP_PATTERN, check_execution_id, check_name
 from locator.shard import shard_for
-from locator.subjects import execution_filter, wal_stream
 from locator.urn import Urn
-from projector.archive import ArchiveIndex
 from projector.projection import Projection
 from projector.replay import history
 from system_playbooks.orchestrate.playbook import PATH_PATTERN
@@ -254,6 +250,8 @@ async def start(request: Request) -> Response:
         execution_id, event_id, playbook, seq, stream = (once.record.execution_id, once.record.event_id,
                                                          once.record.playbook, once.seq, once.stream)
         replayed = once.replayed
+    # A POST …/events to it follows soon, usually before the kernel has folded it: known, it is not looked up.
+    await state.read.remember(shard_for(tenant, project, affinity, state.topology.shard_count), tenant, project, execution_id)
     urn = str(Urn(tenant, project, execution_id, affinity))
     out = Started(execution_id=execution_id, urn=urn, seq=seq, stream=stream, event_id=event_id,
                   playbook=None if playbook is None else PlaybookVersion(playbook["path"], playbook["version"]))
@@ -278,24 +276,6 @@ def _event_docs(body: Any) -> list[dict[str, Any]]:
     if not isinstance(body, list) or not body or not all(isinstance(d, dict) for d in body):
         raise Unprocessable("the body must be an event object, a list of them, or {\"events\": [...]}")
     return body
-
-
-async def _exists(state: EdgeState, shard: int, tenant: str, project: str, execution_id: str) -> bool:
-    js = await state.cells.js_for_shard(shard)
-    with contextlib.suppress(EdgeError):
-        # The KV key is the execution id alone: an entry proves existence only if it is this tenant's and
-        # project's (a pointer does not say whose it is, so the WAL below decides).
-        if await (await state.cells.cache_for_shard(shard)).owner(execution_id) == (tenant, project):
-            return True
-    try:
-        await js.get_msg(wal_stream(shard), seq=1, next=True, subject=execution_filter(shard, tenant, project, execution_id))
-    except NotFoundError:  # no event of this execution in the WAL (a timeout is not "unknown": it is a 503)
-        # or its history was moved to the archive
-        row = await ArchiveIndex(js, shard, state.read.archive.root).get_row(
-            execution_id, tenant=tenant, project=project
-        )
-        return row is not None
-    return True
 
 
 @operation(summary="publish events to an execution", role="write", params=[AFFINITY], body=EVENTS_BODY,
@@ -325,7 +305,7 @@ async def publish_events(request: Request) -> Response:
     if errors:
         raise Unprocessable(f"{len(errors)} invalid event(s); nothing was published", errors=errors)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
-    if not await _exists(state, shard, tenant, project, execution_id):
+    if not await state.read.exists(shard, tenant, project, execution_id):
         raise unknown_execution(execution_id, tenant, project, affinity, then="start it first")
     producer = Producer(await state.cells.js_for_shard(shard), state.topology, payload_cap=state.payload_cap)
     results = await producer.publish_many(envelopes)

@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from edge.errors import Unprocessable, unknown_execution
 from edge.openapi import AFFINITY, AFTER_SEQ, Media, Param, operation
-from edge.routes.executions import BASE, _exists, _names
+from edge.routes.executions import BASE, _names
 from edge.state import state_of
 from kernel.scrub import scrub
 from locator.envelope import EnvelopeError, decode_wal_message
@@ -55,7 +55,7 @@ async def stream(request: Request) -> Response:
     state.auth.check(request.headers.get("authorization"), tenant=tenant, need="read")
     after = _resume_after(request)
     shard = shard_for(tenant, project, affinity, state.topology.shard_count)
-    if not await _exists(state, shard, tenant, project, execution_id):
+    if not await state.read.exists(shard, tenant, project, execution_id):
         raise unknown_execution(execution_id, tenant, project, affinity)
     js = await state.cells.js_for_shard(shard)
     # Archived history first (what system/cleanup moved out of the WAL), then the WAL after it.

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from edge.errors import Unavailable, unknown_execution
 from edge.openapi import AFFINITY, AFTER_SEQ, LIMIT, Param, operation
 from edge.responses import json_response
-from edge.routes.executions import BASE, _exists, _int_param, _names, _paging
+from edge.routes.executions import BASE, _int_param, _names, _paging
 from edge.state import state_of
 from kernel.scrub import scrub_envelope
 from locator.envelope import Envelope, EnvelopeError, decode_wal_message
@@ -143,7 +143,7 @@ async def get_timeline(request: Request) -> Response:
         except ProjectorError as e:  # the WAL stopped delivering mid-read
             raise Unavailable(str(e), headers={"Retry-After": "2"}) from e
         span.set_attribute("noetl.rows", len(rows))
-    if read == 0 and not await _exists(state, shard, tenant, project, execution_id):
+    if read == 0 and not await state.read.exists(shard, tenant, project, execution_id):
         raise unknown_execution(execution_id, tenant, project, affinity)
     # A full page, or a page that stopped at the scan bound (a rare step, a long history): go on after it.
     next_after = rows[-1].seq if len(rows) == limit else cursor

@@ -81,3 +81,24 @@ async def test_the_404_says_how_to_ask_with_an_affinity(client: httpx.AsyncClien
     if method == "POST":
         done = await client.request(method, path, params={"affinity": AFFINITY}, json=body, headers=H)
         assert done.status_code in (200, 202), done.text
+
+
+async def test_an_execution_the_edge_has_met_takes_events_without_a_lookup_and_stays_tenant_scoped(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    started = await client.post(BASE, json={}, headers=H)
+    assert started.status_code == 202, started.text
+    fresh = started.json()["execution_id"]
+    shard = shard_for("acme", "web", "", 4)
+    # Its history gone from where a lookup would find it: only what the edge remembers says it exists.
+    await js.purge_stream(f"WAL_{shard}")
+    sent = await client.post(f"{BASE}/{fresh}/events", json={"type": "user.note"}, headers=H)
+    assert sent.status_code == 200, sent.text
+    # Found once through the WAL, then remembered: X takes events with its affinity after its WAL is purged too.
+    assert (await client.post(f"{BASE}/{X}/events", params={"affinity": AFFINITY}, json={"type": "user.note"}, headers=H)).status_code == 200
+    await js.purge_stream(f"WAL_{shard_for('acme', 'web', AFFINITY, 4)}")
+    again = await client.post(f"{BASE}/{X}/events", params={"affinity": AFFINITY}, json={"type": "user.note"}, headers=H)
+    assert again.status_code == 200, again.text
+    # Remembered as acme/web's: the same id under another project is looked up, and unknown there.
+    other = await client.post(f"/api/v1/tenants/acme/projects/app/executions/{fresh}/events", json={"type": "user.note"}, headers=H)
+    assert other.status_code == 404, other.text
