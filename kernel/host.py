@@ -231,6 +231,12 @@ class ShardContext:
             return None
         return msg.seq
 
+    async def wal_last_seq(self) -> int:
+        """The sequence of the newest event in this shard's WAL now (0 when it is empty)."""
+        self._need("history.read")
+        assert self._js is not None
+        return int((await self._js.stream_info(wal_stream(self.shard))).state.last_seq)
+
     async def catalog_bucket(self) -> KeyValue:
         self._need("catalog.read")
         assert self._js is not None

@@ -64,6 +64,9 @@ class OrchestratePlugin:
     def __init__(self) -> None:
         # Per shard: the context it was built under, and the states of its executions (LRU).
         self._shards: dict[int, tuple[ShardContext, OrderedDict[str, ExecState]]] = {}
+        # Per shard: the context, and the WAL sequence past which a lone execution.requested is new to the shard's
+        # orchestrators (published after this lease began and not in a batch that failed since).
+        self._unseen_after: dict[int, tuple[ShardContext, int]] = {}
         self._playbooks: dict[tuple[str, str, str, int], Playbook] = {}
         try:
             self._limits = ChildLimits.from_env()
@@ -101,8 +104,7 @@ class OrchestratePlugin:
             states.popitem(last=False)
         return state, rebuilt
 
-    @staticmethod
-    async def _needs_history(ctx: ShardContext, events: list[WalEvent]) -> bool:
+    async def _needs_history(self, ctx: ShardContext, events: list[WalEvent]) -> bool:
         """Must an unknown execution be rebuilt from its history, or do ``events`` tell all that matters?
 
         Two cheap lookups spare most executions a history read: one that
@@ -112,11 +114,23 @@ class OrchestratePlugin:
         the request and more of the execution (a redelivery after the
         orchestrator published its decisions, inline steps' results among
         them) reads the history: what lies between is not in the batch.
+
+        The first needs no lookup at all when the request was stored after
+        this lease began (no earlier holder of the shard can have decided
+        anything for it) and after any batch of this lease that failed
+        (whose decisions may be stored while the execution's state was
+        dropped): nothing of it can follow in the WAL but what this
+        orchestrator publishes.
         """
         env = events[0].env
         who = (env.tenant, env.project, env.execution_id)
         if env.type == "execution.requested":
-            return len(events) > 1 or await ctx.next_event_seq(*who, after_seq=events[-1].seq) is not None
+            if len(events) > 1:
+                return True
+            held = self._unseen_after.get(ctx.shard)
+            if held is not None and held[0] is ctx and events[0].seq > held[1]:
+                return False
+            return await ctx.next_event_seq(*who, after_seq=events[-1].seq) is not None
         return await ctx.next_event_seq(*who, after_seq=0, type="execution.requested") is not None
 
     async def _playbook(self, ctx: ShardContext, state: ExecState) -> Playbook | str:
@@ -269,6 +283,10 @@ class OrchestratePlugin:
             raise
 
     async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Reject]:
+        held = self._unseen_after.get(ctx.shard)
+        if held is None or held[0] is not ctx:
+            # A new lease: what is in the WAL now may have been seen by the shard's previous orchestrator.
+            self._unseen_after[ctx.shard] = (ctx, await ctx.wal_last_seq())
         by_execution: dict[str, list[WalEvent]] = {}
         for event in events:
             by_execution.setdefault(event.env.execution_id, []).append(event)
@@ -278,7 +296,13 @@ class OrchestratePlugin:
             async with gate:
                 await self._one(ctx, evs)
 
-        await asyncio.gather(*(guarded(evs) for evs in by_execution.values()))
+        try:
+            await asyncio.gather(*(guarded(evs) for evs in by_execution.values()))
+        except BaseException:
+            # Redelivered next: an execution of it may have decisions stored and no state held any more.
+            floor = self._unseen_after[ctx.shard][1]
+            self._unseen_after[ctx.shard] = (ctx, max(floor, events[-1].seq))
+            raise
         return []
 
 
