@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import re
 import secrets
 import weakref
@@ -34,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
 import nats.errors
 import structlog
 from nats.aio.client import Client
@@ -66,6 +66,23 @@ def _api_error(err: dict[str, Any]) -> APIError:
     except APIError as e:
         return e
     return APIError(**err)  # pragma: no cover - from_error always raises
+
+
+class _Answer(msgspec.Struct):
+    """The server's answer to a publish: an ack (``batch``/``count`` for an atomic commit) or an error."""
+
+    stream: str | None = None
+    seq: int | None = None
+    domain: str | None = None
+    duplicate: bool | None = None
+    batch: str | None = None
+    count: int | None = None
+    error: dict[str, Any] | None = None
+
+
+# Every answer (a one-by-one publish's, a batch's commit) is decoded here: once per event, so msgspec, not json.loads
+# and a dataclass built by introspection.
+_answer_decoder = msgspec.json.Decoder(_Answer)
 
 
 class Replies:
@@ -103,12 +120,15 @@ class Replies:
             fut.set_exception(NoStreamResponseError())
             return
         try:
-            resp = json.loads(msg.data)
-            if "error" in resp:
-                fut.set_exception(_api_error(resp["error"]))
+            got = _answer_decoder.decode(msg.data)
+            if got.error is not None:
+                fut.set_exception(_api_error(got.error))
+            elif got.stream is None or got.seq is None:
+                raise ValueError(f"neither an ack nor an error: {msg.data[:200]!r}")
             else:
-                fut.set_result(PubAck.from_response(resp))
-        except (ValueError, TypeError, KeyError) as e:
+                fut.set_result(PubAck(stream=got.stream, seq=got.seq, domain=got.domain, duplicate=got.duplicate,
+                                      batch_id=got.batch, batch_size=got.count))  # fmt: skip
+        except (ValueError, TypeError, KeyError, msgspec.DecodeError) as e:
             fut.set_exception(nats.errors.Error(f"unreadable answer to a publish: {e!r}"))
 
 

@@ -25,7 +25,7 @@ from opentelemetry import trace
 
 from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT, dead_letter, header_text
 from kernel.host import Plugin, Reject, Retry, ShardContext
-from locator.envelope import EnvelopeError, decode_wal_message, poison_reason
+from locator.envelope import Envelope, EnvelopeError, decode_wal_message, poison_reason
 from locator.subjects import wal_consumer, wal_stream, wal_subjects
 from projector.fold import WalEvent
 
@@ -76,6 +76,42 @@ def stream_seq(msg: Msg) -> int:
     """
     tokens = (msg.reply or "").split(".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+class Decoded:
+    """Envelopes decoded from a WAL, shared by the pumps of one process: a shard's three consumers read the same
+    messages, so an event is decoded once, not three times.
+
+    Keyed by stream and sequence, and used only if the subject and the bytes are the very ones decoded (a stream
+    deleted and created again reuses its sequences). Poison is never kept: each pump decides about it. The oldest
+    entries go first.
+
+    >>> d = Decoded(capacity=2)
+    >>> d.put("WAL_0", 1, "s", b"x", "env-1"); d.put("WAL_0", 2, "s", b"y", "env-2")
+    >>> d.get("WAL_0", 1, "s", b"x"), d.get("WAL_0", 1, "s", b"z")
+    ('env-1', None)
+    >>> d.put("WAL_0", 3, "s", b"z", "env-3"); d.get("WAL_0", 1, "s", b"x")
+    """
+
+    def __init__(self, *, capacity: int = 16_384) -> None:
+        self.capacity = capacity
+        self._held: dict[tuple[str, int], tuple[str, bytes, Envelope]] = {}
+
+    def get(self, stream: str, seq: int, subject: str, data: bytes) -> Envelope | None:
+        held = self._held.get((stream, seq))
+        if held is None or held[0] != subject or held[1] != data:
+            return None
+        return held[2]
+
+    def put(self, stream: str, seq: int, subject: str, data: bytes, env: Envelope) -> None:
+        held = self._held
+        held[(stream, seq)] = (subject, data, env)
+        if len(held) > self.capacity:
+            del held[next(iter(held))]
+
+
+# The kernel's pumps all run in one process (on one loop): they share what they decode.
+DECODED = Decoded()
 
 
 class Pump:
@@ -190,12 +226,16 @@ class Pump:
     async def _split(self, msgs: list[Msg]) -> list[WalEvent]:
         events: list[WalEvent] = []
         for msg in msgs:
-            try:
-                env = decode_wal_message(msg.subject, msg.data or b"", shard_count=self.shard_count)
-            except EnvelopeError as e:
-                await self._dead_letter(msg, poison_reason(e), str(e), per_consumer=False)
-                continue
-            events.append(WalEvent(stream_seq(msg), env))
+            seq, data = stream_seq(msg), msg.data or b""
+            env = DECODED.get(self.stream, seq, msg.subject, data)
+            if env is None:
+                try:
+                    env = decode_wal_message(msg.subject, data, shard_count=self.shard_count)
+                except EnvelopeError as e:
+                    await self._dead_letter(msg, poison_reason(e), str(e), per_consumer=False)
+                    continue
+                DECODED.put(self.stream, seq, msg.subject, data, env)
+            events.append(WalEvent(seq, env))
         return events
 
     async def _dispatch(self, events: list[WalEvent]) -> Sequence[Reject]:

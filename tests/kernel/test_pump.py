@@ -268,3 +268,46 @@ async def test_a_pump_whose_consumer_cannot_be_created_yet_keeps_trying_and_then
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+class _Seen:
+    """A plug-in that only records the envelopes it is handed."""
+
+    def __init__(self) -> None:
+        self.events: list[WalEvent] = []
+
+    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Any]:
+        self.events += events
+        return []
+
+
+async def test_the_pumps_of_a_process_decode_each_event_once(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kernel.pump as pump_module
+
+    decoded: list[int] = []
+    real = pump_module.decode_wal_message
+
+    def counting(subject: str, data: bytes, *, shard_count: int) -> Any:
+        decoded.append(1)
+        return real(subject, data, shard_count=shard_count)
+
+    monkeypatch.setattr(pump_module, "decode_wal_message", counting)
+    monkeypatch.setattr(pump_module, "DECODED", pump_module.Decoded())
+    producer = Producer(js, topology)
+    sent = [ev("31", "execution.started"), ev("31", "user.note", payload={"n": 1}), ev("31", "user.note", payload={"n": 2})]
+    for e in sent:
+        await producer.publish(e)
+    cache = await KvProjectionCache.open(js, SHARD)
+    seen = [_Seen(), _Seen()]
+    ctx = context_for(system_manifests(["project"])[0], SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/o"))
+    for plugin, consumer in zip(seen, ("project", "materialize")):
+        pump = Pump(js, shard=SHARD, shard_count=4, plugin=plugin, ctx=ctx, consumer=consumer, fetch_wait=0.2)
+
+        async def all_seen(plugin: _Seen = plugin) -> bool:
+            return len(plugin.events) == len(sent)
+
+        await pump_until(pump, all_seen)
+    assert [e.env for e in seen[0].events] == [e.env for e in seen[1].events] == sent
+    assert len(decoded) == len(sent)  # the second consumer's copies came from the first's decoding
