@@ -17,6 +17,7 @@ from kernel.errors import KernelError
 from locator.topology import Cell, Topology
 from projector.cache import KvProjectionCache
 from projector.mirror import MirrorSettings, ProjectionMirror
+from system_playbooks.orchestrate.latest import LatestVersions
 
 log = structlog.get_logger("noetl.edge.cells")
 RETRY_AFTER = "5"
@@ -119,7 +120,7 @@ class CellClients:
 
     async def close(self) -> None:
         for _, value in self._held.values():
-            if isinstance(value, ProjectionMirror):
+            if isinstance(value, (ProjectionMirror, LatestVersions)):  # each follows a bucket: stop its consumer
                 await value.close()
         for nc in self._nc.values():
             await close(nc)

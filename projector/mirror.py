@@ -29,25 +29,20 @@ changes owner), so ``POST …/events`` need not ask the KV before each publish.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import structlog
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
 from locator.subjects import proj_bucket
 from projector.cache import CacheEntry, KvProjectionCache
 from projector.errors import ProjectorError
+from projector.tail import BucketTail
 
-log = structlog.get_logger("noetl.projector.mirror")
 
 # Executions whose owner is remembered, per shard (an id and two short names each).
 OWNERS_HELD = 100_000
@@ -113,51 +108,30 @@ class ProjectionMirror:
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.clock = clock
-        self._nc: Client = js._nc
-        self._prefix = f"$KV.{proj_bucket(shard)}."
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._bytes = 0
         # Keys being read from the KV -> (readers, the newest revision announced since the first registered).
         self._reading: dict[str, list[int]] = {}
         self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._sub: Subscription | None = None
-        self._reconnects = -1
-        self._lock = asyncio.Lock()
+        # Bumped whenever everything held is dropped: a read that began before is not kept.
+        self._generation = 0
         self.stats = {"hits": 0, "misses": 0, "dropped": 0, "resets": 0}
+        self._tail = BucketTail(js, proj_bucket(shard), self._on_write, on_reset=self._reset, headers_only=True)
 
     @classmethod
     async def open(
         cls, js: JetStreamContext, shard: int, cache: KvProjectionCache, *, max_bytes: int, max_age: float
     ) -> ProjectionMirror:
         mirror = cls(js, shard, cache, max_bytes=max_bytes, max_age=max_age)
-        await mirror._follow()
+        await mirror._tail.follow()
         return mirror
 
-    async def _follow(self) -> None:
-        """(Re)start following the bucket from its end, holding nothing yet."""
-        async with self._lock:
-            if self._sub is not None and self._reconnects == self._nc.stats["reconnects"]:
-                return
-            self._clear()
-            old, self._sub = self._sub, None
-            if old is not None:
-                self.stats["resets"] += 1
-                try:
-                    await old.unsubscribe()
-                except Exception as e:  # the old consumer may be gone with the old connection
-                    log.debug("mirror.unsubscribe_failed", shard=self.shard, error=repr(e))
-            reconnects = self._nc.stats["reconnects"]
-            self._sub = await self.js.subscribe(
-                self._prefix + ">", stream=f"KV_{proj_bucket(self.shard)}", cb=self._on_write, ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW, headers_only=True, inactive_threshold=300.0,
-            )  # fmt: skip
-            self._reconnects = reconnects
-
-    def _live(self) -> bool:
-        return self._sub is not None and self._nc.is_connected and self._reconnects == self._nc.stats["reconnects"]
+    def _reset(self) -> None:
+        self.stats["resets"] += 1
+        self._clear()
 
     async def _on_write(self, msg: Msg) -> None:
-        key = msg.subject[len(self._prefix) :]
+        key = self._tail.key(msg)
         held = self._held.get(key)
         reading = self._reading.get(key)
         if held is None and reading is None:
@@ -177,6 +151,7 @@ class ProjectionMirror:
     def _clear(self) -> None:
         self._held.clear()
         self._bytes = 0
+        self._generation += 1
 
     def _keep(self, key: str, entry: CacheEntry, size: int) -> None:
         if size > self.max_bytes:
@@ -190,8 +165,8 @@ class ProjectionMirror:
 
     async def get(self, execution_id: str) -> CacheEntry | None:
         """The KV entry of ``execution_id``: from memory while it is current, else read (and held)."""
-        if not self._live():
-            await self._follow()
+        if not self._tail.live():
+            await self._tail.follow()
         held = self._held.get(execution_id)
         if held is not None:
             if self.clock() - held.at < self.max_age:
@@ -202,7 +177,7 @@ class ProjectionMirror:
         self.stats["misses"] += 1
         reading = self._reading.setdefault(execution_id, [0, 0])
         reading[0] += 1
-        reconnects = self._reconnects
+        generation = self._generation
         try:
             got = await self.cache.get_sized(execution_id)
         finally:
@@ -213,7 +188,7 @@ class ProjectionMirror:
             return None
         entry, size = got
         # Kept only if no newer write was announced while it was read, and the notices still flow.
-        if entry.revision >= reading[1] and self._live() and reconnects == self._reconnects:
+        if entry.revision >= reading[1] and self._tail.live() and generation == self._generation:
             self._keep(execution_id, entry, size)
         return entry
 
@@ -235,7 +210,5 @@ class ProjectionMirror:
         return len(self._held)
 
     async def close(self) -> None:
-        sub, self._sub = self._sub, None
         self._clear()
-        if sub is not None and not self._nc.is_closed:
-            await sub.unsubscribe()
+        await self._tail.close()

@@ -31,24 +31,18 @@ It is a cache: dropping it any time changes nothing but the round trips.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Final
 
-import structlog
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
 from locator.subjects import CATALOG_BUCKET
+from projector.tail import BucketTail
 from system_playbooks.orchestrate.catalog import LATEST, Catalog, latest_key, version_key
 
-log = structlog.get_logger("noetl.orchestrate.latest")
 
 # Entries remembered (a key and an int each); past it the memory starts over, which costs one read per path.
 HELD: Final = 100_000
-_PREFIX: Final = f"$KV.{CATALOG_BUCKET}."
 
 
 class LatestVersions:
@@ -57,45 +51,23 @@ class LatestVersions:
     def __init__(self, js: JetStreamContext, catalog: Catalog) -> None:
         self.js = js
         self.catalog = catalog
-        self._nc: Client = js._nc
         self._latest: dict[str, int] = {}  # latest key -> version
         self._versions: set[str] = set()  # version keys known to exist
-        self._sub: Subscription | None = None
-        self._reconnects = -1
         # Bumped whenever memory is dropped: a read that began before is not kept.
         self._generation = 0
-        self._lock = asyncio.Lock()
         self.stats = {"hits": 0, "misses": 0, "resets": 0}
+        self._tail = BucketTail(js, CATALOG_BUCKET, self._on_write, on_reset=self._reset)
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> LatestVersions:
         """Follow ``js``'s ``catalog`` bucket; raises ``BucketNotFoundError`` when it does not exist."""
         latest = cls(js, Catalog(await js.key_value(CATALOG_BUCKET)))
-        await latest._follow()
+        await latest._tail.follow()
         return latest
 
-    async def _follow(self) -> None:
-        """(Re)start following the bucket from its end, remembering nothing yet."""
-        async with self._lock:
-            if self._live():
-                return
-            self._clear()
-            old, self._sub = self._sub, None
-            if old is not None:
-                self.stats["resets"] += 1
-                try:
-                    await old.unsubscribe()
-                except Exception as e:  # the old consumer may be gone with the old connection
-                    log.debug("latest.unsubscribe_failed", error=repr(e))
-            reconnects = self._nc.stats["reconnects"]
-            self._sub = await self.js.subscribe(
-                _PREFIX + ">", stream=f"KV_{CATALOG_BUCKET}", cb=self._on_write, ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW, inactive_threshold=300.0,
-            )  # fmt: skip
-            self._reconnects = reconnects
-
-    def _live(self) -> bool:
-        return self._sub is not None and self._nc.is_connected and self._reconnects == self._nc.stats["reconnects"]
+    def _reset(self) -> None:
+        self.stats["resets"] += 1
+        self._clear()
 
     def _clear(self) -> None:
         self._latest.clear()
@@ -106,7 +78,7 @@ class LatestVersions:
         if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):  # never the catalog's doing: an operator's
             self._clear()
             return
-        key = msg.subject[len(_PREFIX):]
+        key = self._tail.key(msg)
         if key.endswith("." + LATEST):  # else a version (immutable: known already when asked) or a plug-in record
             try:
                 self._raise(key, int(msg.data or b"0"))
@@ -122,8 +94,8 @@ class LatestVersions:
     async def latest_version(self, tenant: str, project: str, path: str) -> int:
         """The highest registered version of ``path``; :class:`PlaybookNotFound` if none."""
         key = latest_key(tenant, project, path)
-        if not self._live():
-            await self._follow()
+        if not self._tail.live():
+            await self._tail.follow()
         held = self._latest.get(key)
         if held is not None:
             self.stats["hits"] += 1
@@ -132,7 +104,7 @@ class LatestVersions:
         generation = self._generation
         version = await self.catalog.latest_version(tenant, project, path)
         # Kept only while the notices still flow: a move announced during the read has raised it already.
-        if generation == self._generation and self._live():
+        if generation == self._generation and self._tail.live():
             self._raise(key, version)
         return version
 
@@ -158,7 +130,5 @@ class LatestVersions:
             self._raise(key, version)
 
     async def close(self) -> None:
-        sub, self._sub = self._sub, None
         self._clear()
-        if sub is not None and not self._nc.is_closed:
-            await sub.unsubscribe()
+        await self._tail.close()

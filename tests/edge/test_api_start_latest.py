@@ -5,38 +5,13 @@ unknown paths and versions are still 404s naming the field."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from nats.js import JetStreamContext
 from starlette.applications import Starlette
 
-from natscluster.server import EmbeddedServer
-from locator.topology import default_topology
-from tests.edge.test_api_routes import H, assert_problem, base, client_for, make_app, register
-
-
-@pytest.fixture
-async def client(nats_server: EmbeddedServer, js: JetStreamContext, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_app(default_topology(nats_url=nats_server.url), tmp_path)
-    try:
-        async with client_for(app) as c:
-            yield c
-    finally:
-        await app.state.edge.cells.close()
-
-
-@pytest.fixture
-async def two_edges(nats_server: EmbeddedServer, js: JetStreamContext, tmp_path: Path) -> AsyncIterator[list[Starlette]]:
-    apps = [make_app(default_topology(nats_url=nats_server.url), tmp_path / name) for name in ("a", "b")]
-    try:
-        yield apps
-    finally:
-        for app in apps:
-            await app.state.edge.cells.close()
+from tests.edge.test_api_idempotency import client, two_edges  # noqa: F401 (fixtures)
+from tests.edge.test_api_routes import H, assert_problem, base, client_for, register
 
 
 async def started_version(client: httpx.AsyncClient, **ref: Any) -> int:
