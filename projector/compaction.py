@@ -32,6 +32,7 @@ import pyarrow as pa
 from projector.archiveindex import ArchiveIndex
 from projector.cache import CacheEntry, Pointer, ProjectionCache, SegmentPointer
 from projector.errors import ProjectorError
+from projector.fanout import fan_out
 from projector.snapshots import SegmentRow, SnapshotError, SnapshotStore
 
 DEFAULT_MIN_SEGMENTS = 16  # compact once a shard has this many segments not compacted yet
@@ -188,16 +189,13 @@ class Compactor:
                                 archived_dropped=dropped)  # fmt: skip
 
     async def _entries(self, cache: ProjectionCache, rows: list[SegmentRow]) -> list[CacheEntry | None]:
-        gate = asyncio.Semaphore(32)
-
         async def one(row: SegmentRow) -> CacheEntry | None:
-            async with gate:
-                try:
-                    return await cache.get(row.execution_id)
-                except ProjectorError:
-                    return _UNREADABLE  # an entry system/project cannot read either: kept, never pointed at
+            try:
+                return await cache.get(row.execution_id)
+            except ProjectorError:
+                return _UNREADABLE  # an entry system/project cannot read either: kept, never pointed at
 
-        return list(await asyncio.gather(*(one(r) for r in rows)))
+        return await fan_out(one, rows, limit=32)
 
     async def _move_pointers(
         self, cache: ProjectionCache, rows: list[SegmentRow], entries: list[CacheEntry | None], uri: str, inputs: set[str]

@@ -23,6 +23,7 @@ from kernel.host import Manifest, Retry, ShardContext
 from projector.cache import CacheEntry, EntryUnreadable, Pointer, ProjectionCache, SegmentPointer
 from projector.compaction import Compactor, compaction_settings
 from projector.errors import ProjectorError
+from projector.fanout import fan_out
 from projector.fold import WalEvent
 from projector.projection import canonical
 from projector.snapshots import SegmentRow, SnapshotStore
@@ -44,16 +45,14 @@ async def _gather(call: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list
     An :class:`EntryUnreadable` is returned in its item's place (it concerns that one execution);
     any other error is raised, and the batch is redone.
     """
-    limit = asyncio.Semaphore(CONCURRENCY)
 
     async def one(item: T) -> R | EntryUnreadable:
-        async with limit:
-            try:
-                return await call(item)
-            except EntryUnreadable as e:
-                return e
+        try:
+            return await call(item)
+        except EntryUnreadable as e:
+            return e
 
-    return list(await asyncio.gather(*(one(item) for item in items)))
+    return await fan_out(one, items, limit=CONCURRENCY)
 
 
 class MaterializePlugin:

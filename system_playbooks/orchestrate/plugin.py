@@ -37,6 +37,7 @@ from kernel.host import PluginError, Reject, ShardContext
 from locator.command import TIMER_POOL, Command, Timer, command_encoder
 from locator.envelope import DEFAULT_PAYLOAD_CAP, Envelope, PayloadTooLarge, encode_envelope, new_event
 from locator.subjects import cmd_subject, wal_subject
+from projector.fanout import fan_out
 from projector.fold import WalEvent
 from projector.results import ResultKey
 from system_playbooks.orchestrate.catalog import Catalog, CatalogError, policy_from_env
@@ -290,14 +291,8 @@ class OrchestratePlugin:
         by_execution: dict[str, list[WalEvent]] = {}
         for event in events:
             by_execution.setdefault(event.env.execution_id, []).append(event)
-        gate = asyncio.Semaphore(CONCURRENCY)
-
-        async def guarded(evs: list[WalEvent]) -> None:
-            async with gate:
-                await self._one(ctx, evs)
-
         try:
-            await asyncio.gather(*(guarded(evs) for evs in by_execution.values()))
+            await fan_out(lambda evs: self._one(ctx, evs), by_execution.values(), limit=CONCURRENCY)
         except BaseException:
             # Redelivered next: an execution of it may have decisions stored and no state held any more.
             floor = self._unseen_after[ctx.shard][1]

@@ -22,6 +22,7 @@ from projector.cache import (
     ProjectionCache,
     pointer_to,
 )
+from projector.fanout import fan_out
 from projector.fold import WalEvent, fold
 from projector.projection import Projection, canonical, decode_projection
 from projector.replay import entry_projection
@@ -156,11 +157,9 @@ class ProjectPlugin:
         for event in events:
             by_execution.setdefault(event.env.execution_id, []).append(event)
         cache = ctx.cache(write=True)
-        gate = asyncio.Semaphore(CONCURRENCY)
 
-        async def guarded(execution_id: str, evs: list[WalEvent]) -> list[Reject]:
-            async with gate:
-                return await self._one(ctx, cache, execution_id, evs)
+        async def one(item: tuple[str, list[WalEvent]]) -> list[Reject]:
+            return await self._one(ctx, cache, *item)
 
-        results = await asyncio.gather(*(guarded(x, evs) for x, evs in by_execution.items()))
+        results = await fan_out(one, by_execution.items(), limit=CONCURRENCY)
         return [r for rejects in results for r in rejects]
