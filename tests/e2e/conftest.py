@@ -206,14 +206,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
 
 
-@pytest.fixture
-async def stack_js(stack: Stack) -> AsyncIterator[JetStreamContext]:
-    """A JetStream context on the module's stack, for reading the WAL."""
-    nc: NATS = await connect([stack.nats_url], name="pytest-e2e")
+@contextlib.asynccontextmanager
+async def jetstream_of(stack: Stack, *, name: str = "pytest-e2e") -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on ``stack``'s nats-server (a connection of its own, closed after)."""
+    nc: NATS = await connect([stack.nats_url], name=name)
     try:
         yield nc.jetstream()
     finally:
         await close(nc)
+
+
+@pytest.fixture
+async def stack_js(stack: Stack) -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on the module's stack, for reading the WAL."""
+    async with jetstream_of(stack) as js:
+        yield js
 
 
 @pytest.fixture

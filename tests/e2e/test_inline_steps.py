@@ -28,12 +28,11 @@ import msgspec
 import pytest
 from nats.js import JetStreamContext
 
-from kernel.connect import close, connect
 from locator.urn import Urn
 from projector.fold import WalEvent
 from system_playbooks.orchestrate.playbook import Policy, load_playbook, tool_kind
 from tests.conftest import cli_path
-from tests.e2e.conftest import EXAMPLES, Stack, check_invariant, e2e_env, up_stack, wal_events
+from tests.e2e.conftest import EXAMPLES, Stack, check_invariant, e2e_env, jetstream_of, up_stack, wal_events
 
 TENANT = "inline"
 NOOP_LOOP = """\
@@ -62,11 +61,8 @@ def stack_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 async def off_js(stack_off: Stack) -> AsyncIterator[JetStreamContext]:
-    nc = await connect([stack_off.nats_url], name="pytest-e2e-off")
-    try:
-        yield nc.jetstream()
-    finally:
-        await close(nc)
+    async with jetstream_of(stack_off, name="pytest-e2e-off") as js:
+        yield js
 
 
 @pytest.fixture
