@@ -237,15 +237,31 @@ class Producer:
 
     async def confirm(self, sent: Sent) -> Ack:
         """The ack of a :meth:`send`: waited for, and re-published (same ``Nats-Msg-Id``) if it does not come."""
-        if sent.future is not None:
-            try:
-                return self._ack(sent.prepared, await asyncio.wait_for(sent.future, self.ack_timeout))
-            except APIError as e:
-                p = sent.prepared
-                raise PublishError(f"server refused event {p.env.event_id} on {p.subject}: {e.description}") from e
-            except _RETRYABLE:
-                pass
-        return await self._publish_prepared(sent.prepared)
+        return (await self.confirm_many([sent]))[0]
+
+    async def confirm_many(self, sents: Sequence[Sent]) -> list[Ack]:
+        """:meth:`confirm` of each, in order, waiting for all their answers at once (one timer, not one each).
+
+        Raises :class:`PublishError` for the first (in order) the server refused, or that stays unacknowledged
+        after the re-publish; the acks before it were confirmed.
+        """
+        waiting = [s.future for s in sents if s.future is not None and not s.future.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.ack_timeout)
+        acks: list[Ack] = []
+        for sent in sents:
+            fut, p = sent.future, sent.prepared
+            if fut is not None and fut.done() and not fut.cancelled():
+                error = fut.exception()
+                if error is None:
+                    acks.append(self._ack(p, fut.result()))
+                    continue
+                if isinstance(error, APIError):
+                    raise PublishError(f"server refused event {p.env.event_id} on {p.subject}: {error.description}") from error
+                if not isinstance(error, _RETRYABLE):
+                    raise error
+            acks.append(await self._publish_prepared(p))  # no answer in time (or none asked): again, same id
+        return acks
 
     async def publish_many(
         self, envs: Sequence[Envelope], *, on_progress: Callable[[int], None] | None = None

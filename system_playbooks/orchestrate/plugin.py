@@ -245,8 +245,7 @@ class OrchestratePlugin:
             subject = wal_subject(ctx.shard, env.tenant, env.project, env.execution_id, env.type)
             body = msgspec.json.encode(Timer(due_ms=timer.due_ms, subject=subject, msg_id=env.event_id, data=data))
             commands.append(await ctx.send_command(cmd_subject(ctx.shard, TIMER_POOL), body, msg_id=f"timer:{env.event_id}"))
-        for sent in events:
-            ack = await producer.confirm(sent)
+        for ack in await producer.confirm_many(events):
             if ack.seq > state.last_seq:
                 state.ahead.add(ack.seq)
         for sent_command in commands:

@@ -103,6 +103,31 @@ async def test_confirm_reports_a_refusal_or_a_missing_stream_as_an_error(
     assert sum(await count_wal(js, 4)) == 0
 
 
+async def test_confirm_many_answers_in_order_and_publishes_again_what_got_no_answer(
+    nc: Any, topology: Topology, read_stream: Any
+) -> None:
+    js = nc.jetstream()
+    await bootstrap(js, topology, settings=StreamSettings(max_msg_size=1024))
+    producer = Producer(js, topology, ack_timeout=0.5, retries=1, retry_backoff=0.05)
+    events = [event(1, type="step.enter", step=f"s{i}") for i in range(5)]
+    sents = [await producer.send(e) for e in events]
+    # One whose answer never comes (lost with a connection, say): its future stays pending.
+    lost = await producer.send(event(1, type="step.enter", step="lost"))
+    lost = type(lost)(lost.prepared, asyncio.get_running_loop().create_future())
+    acks = await producer.confirm_many([*sents, lost])
+    assert [a.event_id for a in acks] == [*(e.event_id for e in events), lost.prepared.env.event_id]
+    assert [a.seq for a in acks] == list(range(1, 7)) and not any(a.duplicate for a in acks[:-1])
+    assert acks[-1].duplicate  # it had been stored, only its answer was lost: published again, dropped as a copy
+    stored = await read_stream(js, acks[0].stream)
+    assert [msg_id for _, _, msg_id, _ in stored] == [a.event_id for a in acks]  # each once
+    # A refusal among them is raised; the acks before it were confirmed (and stored).
+    ok = await producer.send(event(2))
+    refused = await producer.send(event(3, payload={"blob": "x" * 2000}))
+    with pytest.raises(PublishError, match="server refused"):
+        await producer.confirm_many([ok, refused])
+    assert ok.future is not None and ok.future.done() and ok.future.result().seq > acks[-1].seq
+
+
 async def test_batch_of_10000_all_acked_and_present(js: JetStreamContext, topology: Topology, count_wal: Any) -> None:
     events = [event(i, execution_id=str(10_000 + i % 200)) for i in range(10_000)]
     progress: list[int] = []
