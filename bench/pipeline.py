@@ -658,6 +658,9 @@ async def orchestration(nc: NATS, js: JetStreamContext, up: Up, warm: tuple[str,
         duplicates = sum(max(0, issued.get(e, 0) - args.steps) for e in project_of)
         missing_cmds = sum(max(0, args.steps - issued.get(e, 0)) for e in project_of)
         bad_exits = sum(1 for e in project_of if exits.get(e, 0) != args.steps)
+        # The served projections are checked once system/project has folded everything (it may still be folding
+        # the last executions' events when their ends are seen on the WAL).
+        await wait_idle(js, up, args.drain_timeout)
         sample = sorted(project_of)[:: max(1, len(project_of) // args.check_sample)][: args.check_sample]
         bad_projections = 0
         for e in sample:
