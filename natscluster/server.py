@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,17 @@ from natscluster.natsconf import render_server_config
 from locator.topology import Topology
 
 log = structlog.get_logger("noetl.natscluster.server")
+
+BIND_ATTEMPTS = 3  # starts on freshly chosen ports when one chosen here was taken before the server bound it
+_TAKEN = re.compile(r"listen tcp [^\s]*:(\d+): bind: address already in use")
+
+
+class _PortTaken(Exception):
+    """nats-server exited at start-up because ``port`` was taken."""
+
+    def __init__(self, port: int, code: int | None, tail: str) -> None:
+        super().__init__(port)
+        self.port, self.code, self.tail = port, code, tail
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,20 +116,38 @@ class EmbeddedServer:
         return self.data_dir / "nats" / "server.log"
 
     def start(self, *, timeout: float = 20.0) -> None:
-        """Write the config, start the server and wait until ``/healthz`` reports JetStream ready."""
+        """Write the config, start the server and wait until ``/healthz`` reports JetStream ready.
+
+        A port chosen here (``port=0``, ``monitor_port=0``) was free a moment before the server binds it;
+        another process may take it in between. The server then exits at once saying so, and is started
+        again on other ports (``BIND_ATTEMPTS`` in all). A port the caller named is never changed.
+        """
         binary = self.binary or find_nats_server()
-        if self.port == 0:
-            self.port = free_port(self.host)
-        elif port_in_use(self.host, self.port):
+        chosen_port, chosen_monitor = self.port == 0, self.monitor_port == 0
+        if not chosen_port and port_in_use(self.host, self.port):
             raise ServerStartError(
                 f"NATS port {self.host}:{self.port} is already in use "
                 "(another nats-server or `noetl-edge up`?); choose another with --nats-port"
             )
-        if self.monitor_port == 0:
-            self.monitor_port = free_port(self.host)
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            if chosen_port:
+                self.port = free_port(self.host)
+            if chosen_monitor:
+                self.monitor_port = free_port(self.host)
+            try:
+                self._launch(binary, timeout)
+                return
+            except _PortTaken as e:
+                ours = (chosen_port and e.port == self.port) or (chosen_monitor and e.port == self.monitor_port)
+                if not ours or attempt == BIND_ATTEMPTS:
+                    raise ServerStartError(f"nats-server exited with code {e.code} during start-up: {e.tail}") from None
+                log.warning("nats.port_taken", attempt=attempt, port=e.port)
+
+    def _launch(self, binary: Path, timeout: float) -> None:
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.render_config(), encoding="utf-8")
         logfile = open(self.log_path, "ab")
+        log_start = logfile.tell()
         try:
             self.process = subprocess.Popen(
                 [str(binary), "-c", str(self.config_path)],
@@ -132,7 +162,7 @@ class EmbeddedServer:
         finally:
             logfile.close()
         log.info("nats.starting", pid=self.process.pid, url=self.url, config=str(self.config_path))
-        self._wait_healthy(timeout)
+        self._wait_healthy(timeout, log_start)
         log.info("nats.ready", url=self.url, monitor=f"http://{self.host}:{self.monitor_port}")
 
     def render_config(self) -> str:
@@ -148,12 +178,15 @@ class EmbeddedServer:
             sync_interval=self.sync_interval,
         )
 
-    def _wait_healthy(self, timeout: float) -> None:
+    def _wait_healthy(self, timeout: float, log_start: int = 0) -> None:
         assert self.process is not None
         url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                taken = _TAKEN.search(self._log_since(log_start))
+                if taken is not None:
+                    raise _PortTaken(int(taken.group(1)), self.process.returncode, self._log_tail())
                 raise ServerStartError(
                     f"nats-server exited with code {self.process.returncode} during start-up: {self._log_tail()}"
                 )
@@ -166,6 +199,14 @@ class EmbeddedServer:
             time.sleep(0.05)
         self.stop()
         raise ServerStartError(f"nats-server not healthy after {timeout:.0f}s: {self._log_tail()}")
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
 
     def _log_tail(self, lines: int = 5) -> str:
         try:

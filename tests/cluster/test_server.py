@@ -47,6 +47,46 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert server.process is None
 
 
+@pytest.mark.parametrize("which", ["port", "monitor_port"])
+def test_a_chosen_port_taken_before_the_server_binds_it_is_chosen_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    # The race of the bind-to-0 trick, made certain: the first port chosen for `which` is held by another socket.
+    import natscluster.server as server_module
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        real = server_module.free_port
+        handed: list[int] = []
+
+        def free_port(host: str = "127.0.0.1") -> int:
+            port = taken if len(handed) == (0 if which == "port" else 1) else real(host)
+            handed.append(port)
+            return port
+
+        monkeypatch.setattr(server_module, "free_port", free_port)
+        with EmbeddedServer(data_dir=tmp_path, topology=default_topology(), port=0) as server:
+            assert taken in handed
+            assert getattr(server, which) != taken
+            assert server.running()
+            log = server.log_path.read_text()
+            assert f"{taken}: bind: address already in use" in log  # the first start really failed on it
+
+
+def test_a_named_port_taken_at_bind_time_is_an_error_not_a_retry(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        server = EmbeddedServer(data_dir=tmp_path, topology=default_topology(), port=0, monitor_port=taken)
+        with pytest.raises(ServerStartError, match=f"exited with code 1 during start-up.*{taken}: bind: address already in use"):
+            server.start()
+    assert server.monitor_port == taken
+    assert server.log_path.read_text().count("address already in use") == 1
+
+
 def test_bad_binary_reports_log_tail(tmp_path: Path) -> None:
     fake = tmp_path / "nats-server"
     fake.write_text("#!/bin/sh\necho 'boom: cannot start' >&2\nexit 3\n")
