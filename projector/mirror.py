@@ -13,9 +13,12 @@ Three things bound what a missed notice could cost:
 
 * a read registers its key before it asks the KV, and its answer is kept only
   if no newer revision of that key was announced meanwhile;
-* an entry is served for at most ``max_age`` seconds, then read again: a
-  key removed without a marker (the archiver's purge of a dropped entry) or a
-  notice lost in a consumer reset is seen within that time;
+* an entry is served for at most ``max_age`` seconds after the read that
+  brought it began, then read again: a key removed without a marker (the
+  archiver's purge of a dropped entry) or a notice lost in a consumer reset is
+  seen within that time. A GET of an entry past half that age is still served
+  from memory and reads it again in the background (at most one read of a key
+  at a time), so a key read often never waits on a busy ``nats-server``;
 * when the connection reconnects, everything held is dropped and the
   consumer is created again from the stream's end.
 
@@ -29,12 +32,14 @@ changes owner), so ``POST …/events`` need not ask the KV before each publish.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -44,8 +49,12 @@ from projector.errors import ProjectorError
 from projector.tail import BucketTail
 
 
+log = structlog.get_logger("noetl.projector.mirror")
+
 # Executions whose owner is remembered, per shard (an id and two short names each).
 OWNERS_HELD = 100_000
+# A held entry older than this share of max_age is read again in the background when it is served.
+REFRESH_AT = 0.5
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,8 @@ class ProjectionMirror:
         self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # Bumped whenever everything held is dropped: a read that began before is not kept.
         self._generation = 0
-        self.stats = {"hits": 0, "misses": 0, "dropped": 0, "resets": 0}
+        self.stats = {"hits": 0, "misses": 0, "dropped": 0, "resets": 0, "refreshes": 0}
+        self._refreshing: set[asyncio.Task[CacheEntry | None]] = set()
         self._tail = BucketTail(js, proj_bucket(shard), self._on_write, on_reset=self._reset, headers_only=True)
 
     @classmethod
@@ -153,11 +163,11 @@ class ProjectionMirror:
         self._bytes = 0
         self._generation += 1
 
-    def _keep(self, key: str, entry: CacheEntry, size: int) -> None:
+    def _keep(self, key: str, entry: CacheEntry, size: int, at: float) -> None:
         if size > self.max_bytes:
             return
         self._drop(key)
-        self._held[key] = _Held(entry, size, self.clock())
+        self._held[key] = _Held(entry, size, at)
         self._bytes += size
         while self._bytes > self.max_bytes:
             _, oldest = self._held.popitem(last=False)
@@ -169,15 +179,22 @@ class ProjectionMirror:
             await self._tail.follow()
         held = self._held.get(execution_id)
         if held is not None:
-            if self.clock() - held.at < self.max_age:
+            age = self.clock() - held.at
+            if age < self.max_age:
                 self._held.move_to_end(execution_id)
                 self.stats["hits"] += 1
+                if age >= self.max_age * REFRESH_AT and execution_id not in self._reading:
+                    self._refresh(execution_id)
                 return held.entry
             self._drop(execution_id)
         self.stats["misses"] += 1
+        return await self._read(execution_id)
+
+    async def _read(self, execution_id: str) -> CacheEntry | None:
+        """Read the KV entry and hold it, unless a newer write was announced meanwhile or the notices stopped."""
         reading = self._reading.setdefault(execution_id, [0, 0])
         reading[0] += 1
-        generation = self._generation
+        generation, began = self._generation, self.clock()
         try:
             got = await self.cache.get_sized(execution_id)
         finally:
@@ -185,12 +202,24 @@ class ProjectionMirror:
             if not reading[0]:
                 del self._reading[execution_id]
         if got is None:
+            self._drop(execution_id)  # gone from the KV (purged): what is held of it goes too
             return None
         entry, size = got
-        # Kept only if no newer write was announced while it was read, and the notices still flow.
         if entry.revision >= reading[1] and self._tail.live() and generation == self._generation:
-            self._keep(execution_id, entry, size)
+            self._keep(execution_id, entry, size, began)
         return entry
+
+    def _refresh(self, execution_id: str) -> None:
+        self.stats["refreshes"] += 1
+        task = asyncio.get_running_loop().create_task(self._read(execution_id))
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshed)
+
+    def _refreshed(self, task: asyncio.Task[CacheEntry | None]) -> None:
+        self._refreshing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The entry held serves until max_age, then a GET reads it itself and meets the error there.
+            log.warning("mirror.refresh_failed", shard=self.shard, error=str(task.exception()))
 
     def remember(self, execution_id: str, tenant: str, project: str) -> None:
         """Note that ``execution_id`` is ``tenant``/``project``'s (the edge knows: it started it, or found it)."""
@@ -210,5 +239,9 @@ class ProjectionMirror:
         return len(self._held)
 
     async def close(self) -> None:
+        for task in list(self._refreshing):
+            task.cancel()
+        if self._refreshing:
+            await asyncio.gather(*self._refreshing, return_exceptions=True)
         self._clear()
         await self._tail.close()

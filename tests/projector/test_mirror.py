@@ -132,6 +132,70 @@ async def test_an_entry_is_read_again_after_max_age_so_a_purge_without_a_marker_
         await mirror.close()
 
 
+async def test_past_half_its_age_an_entry_is_served_and_read_again_in_the_background(
+    js: JetStreamContext, writer: KvProjectionCache
+) -> None:
+    first = await writer.put("8", projection("8", 1), revision=None)
+    now = [100.0]
+    slow = _SlowCache(await KvProjectionCache.open(js, SHARD))
+    slow.answer.set()  # the first read answers at once
+    mirror = await ProjectionMirror.open(js, SHARD, slow, max_bytes=1 << 20, max_age=1.0)
+    mirror.clock = lambda: now[0]
+    try:
+        assert await mirror.get("8") is not None and mirror.stats["misses"] == 1
+        slow.read.clear()
+        slow.answer.clear()
+        now[0] += 0.4
+        await mirror.get("8")
+        assert mirror.stats["refreshes"] == 0 and not slow.read.is_set()  # young: no read
+        now[0] += 0.2
+        held = await mirror.get("8")  # 0.6 s old: served while it is read again, the GET does not wait for it
+        assert held is not None and held.revision == first and mirror.stats["refreshes"] == 1
+        await slow.read.wait()
+        assert await mirror.get("8") is held and mirror.stats["refreshes"] == 1  # one read of a key at a time
+        slow.answer.set()
+        await eventually(lambda: not mirror._refreshing)
+        now[0] += 0.6  # 1.2 s after the first read, 0.6 s after the background one began
+        again = await mirror.get("8")
+        assert again is not None and again is not held and mirror.stats["misses"] == 1  # the refreshed entry, held
+        await eventually(lambda: not mirror._refreshing)  # it is 0.6 s old too: read again once more
+        assert mirror.stats["refreshes"] == 2
+        # A purge without a marker is seen by the next background read: what it held is dropped.
+        await js.purge_stream(f"KV_{proj_bucket(SHARD)}", subject=f"$KV.{proj_bucket(SHARD)}.8")
+        now[0] += 0.6
+        served = await mirror.get("8")  # still within max_age of the read that brought it
+        assert served is not None and served.revision == first and mirror.stats["refreshes"] == 3
+        await eventually(lambda: not mirror._refreshing)
+        assert len(mirror) == 0 and await mirror.get("8") is None
+    finally:
+        await mirror.close()
+
+
+async def test_a_background_read_overtaken_by_a_write_is_not_kept(js: JetStreamContext, writer: KvProjectionCache) -> None:
+    first = await writer.put("9", projection("9", 1), revision=None)
+    now = [100.0]
+    slow = _SlowCache(await KvProjectionCache.open(js, SHARD))
+    slow.answer.set()
+    mirror = await ProjectionMirror.open(js, SHARD, slow, max_bytes=1 << 20, max_age=1.0)
+    mirror.clock = lambda: now[0]
+    try:
+        await mirror.get("9")
+        slow.read.clear()
+        slow.answer.clear()
+        now[0] += 0.6
+        await mirror.get("9")  # starts the background read, held back until answered
+        await slow.read.wait()
+        second = await writer.put("9", projection("9", 2), revision=first)
+        await eventually(lambda: len(mirror) == 0 and mirror._reading["9"][1] == second)
+        slow.answer.set()  # the background read answers what it read before the write
+        await eventually(lambda: not mirror._refreshing)
+        assert len(mirror) == 0  # not held
+        fresh = await mirror.get("9")
+        assert fresh is not None and fresh.revision == second
+    finally:
+        await mirror.close()
+
+
 async def test_memory_is_bounded_least_recently_used_first_out(js: JetStreamContext, writer: KvProjectionCache) -> None:
     for i in range(10, 20):
         await writer.put(str(i), projection(str(i), 3), revision=None)
@@ -163,7 +227,7 @@ async def test_a_reconnect_drops_what_is_held_and_follows_the_bucket_again(
         assert len(mirror) == 1
         nc.stats["reconnects"] += 1  # as nats-py counts a reconnect: notices may have been missed meanwhile
         got = await mirror.get("3")
-        assert got is not None and mirror.stats == {"hits": 0, "misses": 2, "dropped": 0, "resets": 1}
+        assert got is not None and mirror.stats == {"hits": 0, "misses": 2, "dropped": 0, "resets": 1, "refreshes": 0}
         await writer.put("3", projection("3", 2), revision=first)
         await eventually(lambda: len(mirror) == 0)  # the new consumer tells of writes as the first did
     finally:
