@@ -212,6 +212,13 @@ async def test_stored_result_rows_a_waiting_callback_and_cancel(stack: Stack, pa
 
     waiting = await asyncio.to_thread(stack.run, EXAMPLES / "callback.yaml", TENANT, "results", wait=False)
     eid = waiting.execution_id
+    reads: list[str] = []
+
+    def read(request: Request) -> None:
+        if request.url.split("?")[0].endswith(executions_url(TENANT, "results", eid)):
+            reads.append(request.url)
+
+    page.on("request", read)
     await page.goto(f"{stack.http_url}/ui/#/executions/{eid}")
     # The callback step waits (shown live: the page may open before it gets there), with how to resume it.
     callback = page.locator("#callbacks li[data-step='approval']")
@@ -224,7 +231,11 @@ async def test_stored_result_rows_a_waiting_callback_and_cancel(stack: Stack, pa
     await page.wait_for_selector("#exec-status:text-is('CANCELLED')", timeout=30_000)
     assert await page.evaluate("window.__noReload") is True
     async with stack.client() as api:
-        assert (await api.get(executions_url(TENANT, "results", eid))).json()["status"] == "CANCELLED"
+        final = (await api.get(executions_url(TENANT, "results", eid))).json()
+    assert final["status"] == "CANCELLED"
+    # A stream event is in the WAL before it is folded: the page's read after the last one asks for
+    # a projection at least that new, or it could show the state before it and never be told again.
+    assert reads[-1].endswith(f"?min_seq={final['last_seq']}"), reads
 
 
 async def test_the_graph_marks_parallel_branches_joins_and_loops(stack: Stack, page: Page, tmp_path: Path) -> None:

@@ -146,13 +146,17 @@ export async function showExecution(view, id, me) {
     waterfall.draw();
   }
 
-  let refreshing = null, again = false;
-  async function refresh() {
+  // An event is on the stream as soon as it is in the WAL, before the kernel has folded it: ask
+  // for a projection at least as new as the latest event seen (min_seq), or the page could show
+  // the state before the last event and never be told again.
+  let refreshing = null, again = false, wanted = 0;
+  async function refresh(seq) {
+    wanted = Math.max(wanted, seq);
     if (refreshing) { again = true; return; }
     refreshing = (async () => {
       do {
         again = false;
-        projection = await api(executionPath(id));
+        projection = await api(executionPath(id), { query: { min_seq: wanted } });
         render();
         await renderCallbacks();
       } while (again);
@@ -171,7 +175,7 @@ export async function showExecution(view, id, me) {
     onEvent: (seq, env) => {
       waterfall.add(seq, env);
       timeline.live();
-      refresh();
+      refresh(seq);
       clearTimeout(drawTimer);
       drawTimer = setTimeout(() => waterfall.draw(), 200);
     },
