@@ -80,6 +80,7 @@ import httpx  # noqa: E402
 
 from bench.common import Proc, cpu_seconds, dist_version, serve_until_signal  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
+from kernel.host import consumer_stream  # noqa: E402
 from natscluster.server import free_port  # noqa: E402
 from locator.shard import shard_for  # noqa: E402
 from locator.subjects import wal_stream  # noqa: E402
@@ -257,7 +258,7 @@ async def wait_consumers_idle(js: Any, timeout: float = 60.0) -> None:
         pending = 0
         for shard in range(SHARDS):
             for consumer in ("project", "materialize"):
-                info = await js.consumer_info(wal_stream(shard), f"{consumer}_{shard}")
+                info = await js.consumer_info(consumer_stream(consumer, shard), f"{consumer}_{shard}")
                 pending += (info.num_pending or 0) + (info.num_ack_pending or 0)
         if pending == 0:
             return

@@ -99,6 +99,7 @@ from bench.common import Proc, cpu_seconds, dist_version, nats_server_version, s
 from bench.edge import percentile  # noqa: E402
 from bench.soak import event_shape, projects  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
+from kernel.host import consumer_stream  # noqa: E402
 from kernel.producer import MSG_ID  # noqa: E402
 from natscluster.server import free_port  # noqa: E402
 from locator.envelope import encode_envelope, new_event, subject_for  # noqa: E402
@@ -340,7 +341,7 @@ async def lag_by_kind(js: JetStreamContext, timeout: float = 60.0) -> dict[str, 
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    info = await js.consumer_info(wal_stream(shard), f"{kind}_{shard}")
+                    info = await js.consumer_info(consumer_stream(kind, shard), f"{kind}_{shard}")
                     break
                 except NotFoundError:
                     if time.monotonic() > deadline:

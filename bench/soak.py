@@ -101,6 +101,7 @@ from nats.js.errors import NotFoundError  # noqa: E402
 from bench.common import Proc, dist_version, nats_server_version  # noqa: E402
 from bench.edge import latency_stats, percentile  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
+from kernel.host import consumer_stream  # noqa: E402
 from kernel.producer import MSG_ID  # noqa: E402
 from locator.envelope import encode_envelope, new_event, subject_for  # noqa: E402
 from locator.ids import Snowflake  # noqa: E402
@@ -213,11 +214,12 @@ async def fold_lag(js: JetStreamContext, *, timeout: float = 60.0) -> int:
             name, deadline = f"{consumer}_{shard}", time.monotonic() + timeout
             while True:
                 try:
-                    info = await js.consumer_info(wal_stream(shard), name)
+                    info = await js.consumer_info(consumer_stream(consumer, shard), name)
                     break
                 except NotFoundError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"the kernel created no consumer {name} on {wal_stream(shard)}") from None
+                        stream = consumer_stream(consumer, shard)
+                        raise RuntimeError(f"the kernel created no consumer {name} on {stream}") from None
                     await asyncio.sleep(0.2)
             pending += (info.num_pending or 0) + (info.num_ack_pending or 0)
     return pending

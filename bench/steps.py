@@ -110,7 +110,7 @@ from bench.common import Proc, cpu_seconds, dist_version, nats_server_version  #
 from edge.cli.options import stop_on_signals  # noqa: E402
 from kernel.bootstrap import bootstrap  # noqa: E402
 from kernel.connect import close, connect  # noqa: E402
-from kernel.host import system_manifests  # noqa: E402
+from kernel.host import consumer_stream, system_manifests  # noqa: E402
 from kernel.logs import configure_logging  # noqa: E402
 from kernel.producer import Ack, Producer  # noqa: E402
 from natscluster.server import EmbeddedServer  # noqa: E402
@@ -307,7 +307,7 @@ async def wait_ready(js: JetStreamContext, parts: Parts, shards: int, timeout: f
         for shard in range(shards):
             for consumer in consumers:
                 try:
-                    await js.consumer_info(wal_stream(shard), f"{consumer}_{shard}")
+                    await js.consumer_info(consumer_stream(consumer, shard), f"{consumer}_{shard}")
                 except NotFoundError:
                     missing.append(f"{consumer}_{shard}")
             try:

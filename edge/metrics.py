@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from locator.command import TIMER_POOL
 from locator.subjects import POOL_CONSUMER_PREFIX, cmd_stream, cmd_subjects, dlq_stream, hist_bucket, proj_bucket, wal_stream
+from kernel.host import consumer_stream
 from projector.archiveindex import ArchiveIndex
 from projector.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
 from projector.objects import ObjectRoot
@@ -48,7 +49,10 @@ class EdgeMetrics:
             "noetl_edge_request_seconds", "HTTP request latency by route", ["method", "route"], registry=self.registry
         )
         self.lag = Gauge(
-            "noetl_consumer_lag", "WAL messages not yet handled by a kernel consumer", ["shard", "consumer"], registry=self.registry
+            "noetl_consumer_lag",
+            "messages not yet handled by a kernel consumer (of the WAL; materialize: of the projection bucket)",
+            ["shard", "consumer"],
+            registry=self.registry,
         )
         self.pending_commands = Gauge("noetl_pending_commands", "messages in CMD_<shard>", ["shard"], registry=self.registry)
         self.dlq = Gauge("noetl_dlq_messages", "messages in DLQ_<shard>", ["shard"], registry=self.registry)
@@ -124,7 +128,7 @@ class EdgeMetrics:
                 await self._refresh_pools(js, shard, cmd.state.subjects or {})
                 for consumer in ("project", "materialize"):
                     try:
-                        info = await js.consumer_info(wal_stream(shard), f"{consumer}_{shard}")
+                        info = await js.consumer_info(consumer_stream(consumer, shard), f"{consumer}_{shard}")
                     except NotFoundError:
                         continue
                     self.lag.labels(label, consumer).set((info.num_pending or 0) + (info.num_ack_pending or 0))

@@ -7,11 +7,12 @@ the host capabilities its manifest grants. The WASM runtime extends this host.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
 import nats.errors
@@ -24,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from kernel.errors import KernelError
 from kernel.producer import Producer
-from locator.subjects import CATALOG_BUCKET, cmd_subjects, execution_filter, wal_stream
+from locator.subjects import CATALOG_BUCKET, cmd_subjects, execution_filter, proj_stream, wal_stream
 from locator.topology import Topology
 from projector.archive import ArchiveIndex, Archiver, HistoryArchive
 from projector.cache import ProjectionCache
@@ -89,6 +90,14 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     types: tuple[str, ...] = ()
     # runtime wasm: the guest source (.c/.zig, relative to the repository root) the entry's Python shell runs.
     module: str = ""
+    # What the plug-in consumes: "wal", the shard's events (WalEvent); or "projections", the writes of the
+    # shard's projection bucket (ProjectionWrite) — each projection as system/project stored it, the latest
+    # revision of a key only (the bucket keeps one), never an event system/project has not folded yet.
+    source: Literal["wal", "projections"] = "wal"
+
+    def stream(self, shard: int) -> str:
+        """The stream this plug-in's consumer reads on ``shard``."""
+        return proj_stream(shard) if self.source == "projections" else wal_stream(shard)
 
 
 class SentCommand(NamedTuple):
@@ -244,8 +253,11 @@ class ShardContext:
 
 
 class Plugin(Protocol):
-    async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> Sequence[Reject] | None:
-        """Apply a batch (in WAL order); return only once its effects are durable.
+    async def handle(self, ctx: ShardContext, events: Sequence[Any]) -> Sequence[Reject] | None:
+        """Apply a batch (in stream order); return only once its effects are durable.
+
+        ``events`` are :class:`WalEvent` for a ``source: wal`` plug-in, :class:`ProjectionWrite` for a
+        ``source: projections`` one.
 
         Raise to have the batch delivered again (``Retry`` for "not yet");
         return the events refused for good, which the pump dead-letters.
@@ -260,7 +272,26 @@ def load_manifest(path: Path) -> Manifest:
     unknown = set(manifest.capabilities) - CAPABILITIES
     if unknown:
         raise PluginError(f"{path}: unknown capabilities {sorted(unknown)} (known: {sorted(CAPABILITIES)})")
+    if manifest.types and manifest.source != "wal":
+        raise PluginError(f"{path}: types filter events, and source {manifest.source!r} delivers no events")
     return manifest
+
+
+def consumer_stream(consumer: str, shard: int) -> str:
+    """The stream a system plug-in's consumer (``project``, ``materialize``…) reads on ``shard``.
+
+    >>> consumer_stream("project", 2), consumer_stream("materialize", 2)
+    ('WAL_2', 'KV_proj_2')
+    """
+    manifest = _system_consumers().get(consumer)
+    if manifest is None:
+        raise PluginError(f"no system plug-in has the consumer {consumer!r}")
+    return manifest.stream(shard)
+
+
+@functools.cache
+def _system_consumers() -> dict[str, Manifest]:
+    return {m.consumer: m for m in system_manifests()}
 
 
 SYSTEM_PLUGINS = ("project", "orchestrate", "materialize", "cleanup")  # in the order their pumps start

@@ -1,11 +1,15 @@
-"""The consumer pump: one durable pull consumer per (shard, plug-in) on ``WAL_<shard>``.
+"""The consumer pump: one durable pull consumer per (shard, plug-in) on the stream the plug-in consumes.
 
-It owns fetching, acking, position tracking, dedupe and redelivery; the
-plug-in sees only envelopes. Batches are sized by the consumer's lag; a batch
-is acked (AckAll on its last message) only after the plug-in returned, i.e.
-after its effects are durable. Poison, and messages delivered ``max_deliver``
-times, are copied to ``DLQ_<shard>`` with their reason and then acked, so the
-shard keeps folding.
+That is ``WAL_<shard>`` (``source: wal``: the plug-in sees envelopes), or the
+projection bucket's stream ``KV_proj_<shard>`` (``source: projections``: it sees
+each stored projection write; delete and purge markers are skipped).
+
+It owns fetching, acking, position tracking, dedupe and redelivery. Batches
+are sized by the consumer's lag; a batch is acked (AckAll on its last message;
+each message on a bucket's stream, see ``Pump.ack_all``) only after the
+plug-in returned, i.e. after its effects are durable. Poison, and messages
+delivered ``max_deliver`` times, are copied to ``DLQ_<shard>`` with their
+reason and then acked, so the shard keeps folding.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ from opentelemetry import trace
 from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT, dead_letter, header_text
 from kernel.host import Plugin, Reject, Retry, ShardContext
 from locator.envelope import Envelope, EnvelopeError, decode_wal_message, poison_reason
-from locator.subjects import wal_consumer, wal_stream, wal_subjects
+from locator.subjects import proj_stream, proj_subjects, wal_consumer, wal_stream, wal_subjects
+from projector.cache import ProjectionWrite
 from projector.fold import WalEvent
 
 __all__ = ["DLQ_CONSUMER", "DLQ_REASON", "DLQ_SEQ", "DLQ_STREAM", "DLQ_SUBJECT", "Pump", "PumpStats", "stream_seq"]
 
 log = structlog.get_logger("noetl.kernel.pump")
 tracer = trace.get_tracer("noetl.kernel.pump")
+# A KV write's header naming a delete or a purge (the marker carries no value).
+KV_OPERATION = "KV-Operation"
 # After a linger, the longest wait for what has arrived meanwhile (if nothing has, the batch goes as it is).
 LINGER_TAKE = 0.02
 # NATS itself is away or slow: no message is at fault, so a batch that meets one of these is not counted
@@ -146,6 +153,7 @@ class Pump:
         fetch_wait: float = 1.0,
         isolate_after: int = 3,
         types: Sequence[str] = (),
+        source: str = "wal",
     ) -> None:
         self.js = js
         self.shard = shard
@@ -153,7 +161,21 @@ class Pump:
         self.plugin = plugin
         self.ctx = ctx
         self.durable = wal_consumer(consumer, shard)
-        self.stream = wal_stream(shard)
+        self.source = source
+        if source == "projections":
+            self.stream, self.subjects = proj_stream(shard), proj_subjects(shard)
+            self._key_at = len(proj_subjects(shard)) - 1  # $KV.proj_<shard>.<execution id>
+        elif source == "wal":
+            self.stream, self.subjects = wal_stream(shard), wal_subjects(shard)
+        else:
+            raise ValueError(f"a pump's source is 'wal' or 'projections', not {source!r}")
+        # A consumer of the same name on the WAL is one an earlier version read there: retired on first subscribe.
+        self._retire = source != "wal"
+        # A bucket keeps one value per key: when a value is written again while its message is delivered and
+        # not yet acked, the server terminates that message as if acked — and under AckAll that acks every
+        # message delivered before it too, handled or not (lost if the process dies now). So each message of
+        # a bucket's stream is acked on its own; the WAL keeps everything it stores, and acks a batch at once.
+        self.ack_all = source == "wal"
         self.max_batch = max_batch
         self.linger = linger
         self.max_deliver = max_deliver
@@ -171,6 +193,13 @@ class Pump:
 
     async def _subscribe(self, start_seq: int | None = None) -> JetStreamContext.PullSubscription:
         """(Re)create the durable consumer at ``start_seq``, or at its own ack floor + 1."""
+        if self._retire:
+            try:
+                await self.js.delete_consumer(wal_stream(self.shard), self.durable)
+                self.log.info("pump.retired_wal_consumer", stream=wal_stream(self.shard))
+            except NotFoundError:
+                pass
+            self._retire = False
         try:
             info = await self.js.consumer_info(self.stream, self.durable)
         except NotFoundError:
@@ -183,16 +212,14 @@ class Pump:
             durable_name=self.durable,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
             opt_start_seq=start if start > 1 else None,
-            ack_policy=AckPolicy.ALL,
+            ack_policy=AckPolicy.ALL if self.ack_all else AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_batch,
             max_deliver=-1,
-            filter_subject=None if self.filters else wal_subjects(self.shard),
+            filter_subject=None if self.filters else self.subjects,
             filter_subjects=self.filters or None,
         )
-        return await self.js.pull_subscribe(
-            wal_subjects(self.shard), durable=self.durable, stream=self.stream, config=config
-        )
+        return await self.js.pull_subscribe(self.subjects, durable=self.durable, stream=self.stream, config=config)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, size: int) -> list[Msg]:
         try:
@@ -225,7 +252,10 @@ class Pump:
         self.stats.dlq += 1
         self.log.warning("dlq", reason=reason, seq=seq, subject=msg.subject, detail=header_text(detail, 200))
 
-    async def _split(self, msgs: list[Msg]) -> list[WalEvent]:
+    async def _split(self, msgs: list[Msg]) -> list[WalEvent] | list[ProjectionWrite]:
+        if self.source == "projections":
+            return [ProjectionWrite(stream_seq(m), m.subject[self._key_at :], m.data or b"")
+                    for m in msgs if not (m.headers and KV_OPERATION in m.headers)]  # fmt: skip
         events: list[WalEvent] = []
         for msg in msgs:
             seq, data = stream_seq(msg), msg.data or b""
@@ -240,15 +270,15 @@ class Pump:
             events.append(WalEvent(seq, env))
         return events
 
-    async def _dispatch(self, events: list[WalEvent]) -> Sequence[Reject]:
+    async def _dispatch(self, events: list[WalEvent] | list[ProjectionWrite]) -> Sequence[Reject]:
         with tracer.start_as_current_span(
             "kernel.dispatch",
             attributes={
                 "noetl.plugin": self.ctx.plugin,
                 "noetl.shard": self.shard,
                 "noetl.batch_size": len(events),
-                "noetl.first_seq": events[0].seq,
-                "noetl.last_seq": events[-1].seq,
+                "noetl.first_seq": events[0][0],
+                "noetl.last_seq": events[-1][0],
             },
         ):
             started = time.perf_counter()
@@ -301,7 +331,8 @@ class Pump:
             return self._size(first, 0), first
         # Not waited for: the next fetch follows on the same connection, so the server has the ack first;
         # an ack lost with the connection only redelivers a batch, which every plug-in handles idempotently.
-        await msgs[-1].ack()
+        for msg in msgs[-1:] if self.ack_all else msgs:
+            await msg.ack()
         last = stream_seq(msgs[-1])
         if last >= self._failing_seq:
             self._failures = 0  # the message that failed has now been handled (or dead-lettered)
@@ -311,7 +342,7 @@ class Pump:
         self.stats.lag = msgs[-1].metadata.num_pending
         return self._size(last + 1, self.stats.lag), None
 
-    async def _handle(self, msgs: list[Msg], first: int) -> list[WalEvent]:
+    async def _handle(self, msgs: list[Msg], first: int) -> list[WalEvent] | list[ProjectionWrite]:
         """Dead-letter the batch's poison, fold the rest, dead-letter what the plug-in rejects."""
         if len(msgs) == 1 and first == self._failing_seq and self._failures >= self.max_deliver:
             await self._dead_letter(

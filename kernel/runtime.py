@@ -99,6 +99,7 @@ class Kernel:
                 max_batch=manifest.max_batch,
                 linger=manifest.linger_s,
                 types=manifest.types,
+                source=manifest.source,
             )
             stop = asyncio.Event()
             task = asyncio.create_task(pump.run(stop), name=f"pump-{manifest.consumer}-{shard}")

@@ -37,6 +37,20 @@ def proj_bucket(shard: int) -> str:
     return f"proj_{shard}"
 
 
+def proj_stream(shard: int) -> str:
+    """The stream behind ``proj_<shard>`` (what ``system/materialize`` consumes: each projection written).
+
+    >>> proj_stream(3), proj_subjects(3)
+    ('KV_proj_3', '$KV.proj_3.>')
+    """
+    return f"KV_{proj_bucket(shard)}"
+
+
+def proj_subjects(shard: int) -> str:
+    """The subjects of ``proj_<shard>``'s stream: ``$KV.proj_<shard>.<execution id>``."""
+    return f"$KV.{proj_bucket(shard)}.>"
+
+
 def hist_bucket(shard: int) -> str:
     """Where an execution's archived history parts are recorded (KV, key = execution id)."""
     return f"hist_{shard}"

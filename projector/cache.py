@@ -10,6 +10,7 @@ projection is larger than a KV value may be (:class:`EntryTooLarge`)::
 from __future__ import annotations
 
 import abc
+from typing import NamedTuple
 
 import msgspec
 import nats.errors
@@ -73,6 +74,18 @@ class CacheEntry(msgspec.Struct, frozen=True, kw_only=True):
         return self.pointer.last_seq
 
 
+class ProjectionWrite(NamedTuple):
+    """One write of a projection bucket, as a ``source: projections`` plug-in is delivered it.
+
+    ``revision`` is the write's sequence in the bucket's stream (the revision a compare-and-set names);
+    ``data`` the stored bytes: a projection's canonical JSON, or a pointer (:func:`decode_entry` tells which).
+    """
+
+    revision: int
+    execution_id: str
+    data: bytes
+
+
 class _Probe(msgspec.Struct):
     pointer: SegmentPointer | None = None
 
@@ -91,6 +104,18 @@ class _Owner(msgspec.Struct):
 _owner = msgspec.json.Decoder(_Owner)
 _pointer = msgspec.json.Decoder(Pointer)
 _encoder = msgspec.json.Encoder(order="sorted")
+
+
+def is_pointer(data: bytes) -> bool:
+    """Whether a stored value is a pointer (else it is a projection); :class:`EntryUnreadable` if it is neither.
+
+    >>> is_pointer(b'{"last_seq":3,"pointer":{"row":0,"segment":"s"},"status":"COMPLETED"}'), is_pointer(b'{"x":1}')
+    (True, False)
+    """
+    try:
+        return _probe.decode(data).pointer is not None
+    except msgspec.DecodeError as e:
+        raise EntryUnreadable(f"not a projection or a pointer: {e}") from e
 
 
 def decode_entry(data: bytes, revision: int) -> CacheEntry:

@@ -44,7 +44,7 @@ async def test_a_snapshot_older_than_the_wal_is_served_with_its_tail(
     for manifest in system_manifests():
         ctx = context_for(manifest, SHARD, cache=cache, snapshots=store)
         pumps.append(Pump(js, shard=SHARD, shard_count=4, plugin=load_plugin(manifest), ctx=ctx,
-                          consumer=manifest.consumer, linger=0.1, fetch_wait=0.2))
+                          consumer=manifest.consumer, source=manifest.source, linger=0.1, fetch_wait=0.2))
 
     async def pointed() -> bool:
         entry = await cache.get("61")

@@ -581,7 +581,7 @@ async def test_reads_of_an_execution_with_poison_serve_its_valid_events(
             manifests = {m.path: m for m in system_manifests()}
 
             def pumps(*names: str) -> list[Pump]:
-                return [Pump(js, shard=SHARD, shard_count=4, plugin=load_plugin(manifests[n]), consumer=manifests[n].consumer,
+                return [Pump(js, shard=SHARD, shard_count=4, plugin=load_plugin(manifests[n]), consumer=manifests[n].consumer, source=manifests[n].source,
                              ctx=context_for(manifests[n], SHARD, cache=cache, snapshots=store), linger=0.05, fetch_wait=0.2)
                         for n in names]
 

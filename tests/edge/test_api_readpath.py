@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 
 from edge.app import create_app
 from edge.auth import TokenSpec
-from kernel.host import context_for, load_plugin, system_manifests
+from kernel.host import consumer_stream, context_for, load_plugin, system_manifests
 from kernel.producer import Producer
 from kernel.pump import Pump
 from natscluster.server import EmbeddedServer
@@ -90,7 +90,7 @@ def pumps(js: JetStreamContext, shard: int, cache: KvProjectionCache, store: Sna
     for manifest in system_manifests():
         ctx = context_for(manifest, shard, cache=cache, snapshots=store)
         out.append(
-            Pump(js, shard=shard, shard_count=4, plugin=load_plugin(manifest), ctx=ctx, consumer=manifest.consumer,
+            Pump(js, shard=shard, shard_count=4, plugin=load_plugin(manifest), ctx=ctx, consumer=manifest.consumer, source=manifest.source,
                  max_batch=manifest.max_batch, linger=0.05, fetch_wait=0.2)
         )
     return out
@@ -100,7 +100,7 @@ def caught_up(js: JetStreamContext, shard: int) -> Any:
     async def done() -> bool:
         for consumer in ("project", "materialize"):
             try:
-                info = await js.consumer_info(wal_stream(shard), f"{consumer}_{shard}")
+                info = await js.consumer_info(consumer_stream(consumer, shard), f"{consumer}_{shard}")
             except NotFoundError:
                 return False
             if info.num_pending or info.num_ack_pending:

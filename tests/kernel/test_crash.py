@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from kernel.bootstrap import StreamSettings, bootstrap
+from kernel.host import consumer_stream
 from kernel.leases import lease_holder
 from kernel.producer import Ack, Producer
 from natscluster.server import EmbeddedServer
@@ -327,7 +328,7 @@ async def describe_lag(js: JetStreamContext, executions: Sequence[Execution]) ->
     for shard in range(SHARDS):
         for name in ("project", "materialize"):
             try:
-                info = await js.consumer_info(f"WAL_{shard}", f"{name}_{shard}")
+                info = await js.consumer_info(consumer_stream(name, shard), f"{name}_{shard}")
             except NotFoundError:
                 lines.append(f"{name}_{shard}: missing")
                 continue
@@ -342,7 +343,7 @@ async def consumers_idle(js: JetStreamContext, names: Sequence[str]) -> bool:
     for shard in range(SHARDS):
         for name in names:
             try:
-                info = await js.consumer_info(f"WAL_{shard}", f"{name}_{shard}")
+                info = await js.consumer_info(consumer_stream(name, shard), f"{name}_{shard}")
             except NotFoundError:
                 return False
             if info.num_pending or info.num_ack_pending:
@@ -410,7 +411,7 @@ async def in_flight(js: JetStreamContext) -> dict[str, int]:
     for shard in range(SHARDS):
         for name in ("project", "materialize"):
             with contextlib.suppress(NotFoundError):
-                info = await js.consumer_info(f"WAL_{shard}", f"{name}_{shard}")
+                info = await js.consumer_info(consumer_stream(name, shard), f"{name}_{shard}")
                 out["ack_pending"] += info.num_ack_pending
                 out["pending"] += info.num_pending
     return out
@@ -444,12 +445,14 @@ async def assert_served_equals_fresh_fold(
         else:
             kinds["inline"] += 1
             if served.status in TERMINAL:
-                terminal_inline.append(e.execution_id)
+                terminal_inline.append(f"{e.execution_id}@{e.shard} rev={entry.revision}")
 
     await asyncio.gather(*(one(e) for e in executions))
     # Materialize handled every event (its consumers are caught up), so every finished execution
     # must have been written to a segment and pointed at; one still inline means a lost batch.
-    assert not terminal_inline, f"{len(terminal_inline)} finished execution(s) never materialized: {terminal_inline[:5]}"
+    if terminal_inline:
+        lag = await describe_lag(js, executions)
+        raise AssertionError(f"{len(terminal_inline)} finished execution(s) never materialized: {terminal_inline[:5]}\n{lag}")
     return kinds
 
 

@@ -311,3 +311,55 @@ async def test_the_pumps_of_a_process_decode_each_event_once(
         await pump_until(pump, all_seen)
     assert [e.env for e in seen[0].events] == [e.env for e in seen[1].events] == sent
     assert len(decoded) == len(sent)  # the second consumer's copies came from the first's decoding
+
+
+class _Held:
+    """Records the projection writes it is delivered; its first batch waits until ``release`` (the process 'dies')."""
+
+    def __init__(self, *, hold: bool) -> None:
+        self.writes: list[Any] = []
+        self.hold = hold
+        self.holding = asyncio.Event()
+
+    async def handle(self, ctx: ShardContext, writes: Sequence[Any]) -> None:
+        if self.hold:
+            self.holding.set()
+            await asyncio.Event().wait()  # never returns: the pump is cancelled in the middle of its batch
+        self.writes += writes
+
+
+async def test_a_bucket_write_superseded_in_flight_does_not_ack_the_rest_of_the_batch(
+    js: JetStreamContext, tmp_path: Path
+) -> None:
+    # A bucket keeps one value per key: a value written again while its message is delivered and unacked is
+    # terminated by the server as if acked. Under AckAll that would ack the batch's earlier messages as well,
+    # and a process dying before it handled them would lose them. The pump acks a bucket's messages one by one.
+    kv = await js.key_value(f"proj_{SHARD}")
+    for key in ("a", "b", "c"):
+        await kv.put(key, b"{}")
+    manifest = system_manifests(["materialize"])[0]
+    ctx = context_for(manifest, SHARD, cache=await KvProjectionCache.open(js, SHARD), snapshots=SnapshotStore(f"file://{tmp_path}/o"))
+
+    def pump(plugin: _Held) -> Pump:
+        return Pump(js, shard=SHARD, shard_count=4, plugin=plugin, ctx=ctx, consumer="materialize", source="projections",
+                    fetch_wait=0.2)  # fmt: skip
+
+    held = _Held(hold=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pump(held).run(stop))
+    await asyncio.wait_for(held.holding.wait(), 10)  # a, b and c delivered, not acked
+    await kv.put("c", b'{"again":1}')  # c's message is gone from the bucket's stream
+    await asyncio.sleep(0.3)
+    task.cancel()  # the process dies in the middle of the batch
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    info = await js.consumer_info(f"KV_proj_{SHARD}", f"materialize_{SHARD}")
+    assert info.ack_floor.stream_seq == 0, info.ack_floor  # a and b are still to be handled
+
+    again = _Held(hold=False)
+    await pump_until(pump(again), lambda: _true(len(again.writes) >= 3))
+    assert [(w.execution_id, w.revision, w.data) for w in again.writes] == [("a", 1, b"{}"), ("b", 2, b"{}"), ("c", 4, b'{"again":1}')]
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -12,7 +12,7 @@ import pyarrow.ipc
 import pytest
 from nats.js import JetStreamContext
 
-from kernel.host import context_for, load_plugin, system_manifests
+from kernel.host import consumer_stream, context_for, load_plugin, system_manifests
 from kernel.producer import Producer
 from kernel.pump import Pump
 from locator import new_event, shard_for
@@ -61,7 +61,7 @@ def pumps(js: JetStreamContext, cache: ProjectionCache, store: SnapshotStore, *,
         if manifest.consumer == "materialize" and materialize is not None:
             plugin = materialize
         ctx = context_for(manifest, SHARD, cache=cache, snapshots=store)
-        out.append(Pump(js, shard=SHARD, shard_count=4, plugin=plugin, ctx=ctx, consumer=manifest.consumer,
+        out.append(Pump(js, shard=SHARD, shard_count=4, plugin=plugin, ctx=ctx, consumer=manifest.consumer, source=manifest.source,
                         max_batch=manifest.max_batch, linger=0.2, fetch_wait=0.2))
     return out
 
@@ -70,7 +70,7 @@ def caught_up(js: JetStreamContext) -> Any:
     async def done() -> bool:
         for consumer in ("project", "materialize"):
             try:
-                info = await js.consumer_info(f"WAL_{SHARD}", f"{consumer}_{SHARD}")
+                info = await js.consumer_info(consumer_stream(consumer, SHARD), f"{consumer}_{SHARD}")
             except Exception:
                 return False
             if info.num_pending or info.num_ack_pending:
@@ -182,37 +182,36 @@ async def test_crash_between_segment_and_pointer_loses_nothing(
     assert served is not None and canonical(served) == await fresh(js, "300")
 
 
-async def test_a_batch_whose_projection_never_catches_up_goes_on_after_a_few_tries(
+async def test_it_consumes_the_projection_bucket_and_skips_a_value_that_is_no_projection(
     js: JetStreamContext, topology: Topology, tmp_path: Path, pump_until: Any
 ) -> None:
-    # system/project folded the first event but dead-lettered the second (say, refused): the KV entry never
-    # reaches the batch's last seq. Materialize waits a few tries, then goes on instead of stalling its shard.
+    # system/materialize reads what system/project stored (KV_proj_<shard>), not the WAL: a value written
+    # there by anyone else that is neither a projection nor a pointer is left out, and the shard goes on.
+    from nats.js.api import ConsumerConfig
     from nats.js.errors import NotFoundError
 
-    from projector.fold import WalEvent, fold
-
-    events = history("77", finish=None)[:2]
-    producer = Producer(js, topology)
-    acks = [await producer.publish(e) for e in events]
-    cache = await KvProjectionCache.open(js, SHARD)
-    folded = fold(None, [WalEvent(acks[0].seq, events[0])])
-    assert folded is not None
-    await cache.put("77", folded, revision=None)
-    store = SnapshotStore(f"file://{tmp_path}/objects")
     manifest = system_manifests(["materialize"])[0]
-    plugin = MaterializePlugin(catch_up_wait=0.1, catch_up_tries=2)
-    pump = Pump(js, shard=SHARD, shard_count=4, plugin=plugin, ctx=context_for(manifest, SHARD, cache=cache, snapshots=store),
-                consumer="materialize", fetch_wait=0.2)
+    assert manifest.source == "projections" and consumer_stream("materialize", SHARD) == f"KV_proj_{SHARD}"
+    # The consumer an earlier version kept on the WAL is retired when the pump first subscribes.
+    await js.add_consumer(f"WAL_{SHARD}", ConsumerConfig(durable_name=f"materialize_{SHARD}"))
+    cache = await KvProjectionCache.open(js, SHARD)
+    kv = await js.key_value(f"proj_{SHARD}")
+    await kv.put("76", b"not json")
+    await kv.put("77", b'{"execution_id":"77"}')  # JSON, but not a projection
+    await Producer(js, topology).publish_many(history("78", finish="execution.completed"))
+    store = SnapshotStore(f"file://{tmp_path}/objects")
+    await pump_until(pumps(js, cache, store), caught_up(js))
 
-    async def acked() -> bool:
-        try:
-            info = await js.consumer_info(f"WAL_{SHARD}", f"materialize_{SHARD}")
-        except NotFoundError:
-            return False  # not created yet
-        return info.ack_floor.stream_seq >= acks[-1].seq
-
-    await pump_until([pump], acked, timeout=60)
-    assert store.list_segments(SHARD) == []  # nothing caught up, so nothing written; the shard went on
+    with pytest.raises(NotFoundError):
+        await js.consumer_info(f"WAL_{SHARD}", f"materialize_{SHARD}")
+    written = [x for segment in store.list_segments(SHARD) for x in store.read_segment(segment).column("execution_id").to_pylist()]
+    assert written == ["78"]
+    entry = await cache.get("78")
+    assert entry is not None and entry.pointer is not None
+    assert store.read_row(entry.pointer.pointer.segment, entry.pointer.pointer.row).projection.encode() == await fresh(js, "78")
+    # Its own pointer write came back to it and wrote nothing: one segment.
+    assert len(store.list_segments(SHARD)) == 1
+    assert (await kv.get("76")).value == b"not json"  # left as it was
 
 
 async def test_materialize_compacts_the_segments_it_writes(

@@ -13,7 +13,7 @@ from locator import new_event, shard_for
 from locator.subjects import vis_bucket
 from locator.topology import Topology
 from projector.archiveindex import ArchiveIndex, ArchivePart, ArchiveRef, IndexRow, encode_ref
-from projector.cache import KvProjectionCache
+from projector.cache import KvProjectionCache, ProjectionWrite
 from projector.fold import WalEvent, fold
 from projector.projection import canonical
 from projector.snapshots import SnapshotStore
@@ -104,7 +104,7 @@ async def test_a_projection_over_the_kv_limit_is_stored_by_reference_and_folded_
     # for it and the entry stays as it is; the small execution beside it gets its row.
     before = len(store.list_segments(SHARD))
     mctx = context_for(materialize, SHARD, cache=cache, snapshots=store)
-    await load_plugin(materialize).handle(mctx, [done, small[-1]])
+    await load_plugin(materialize).handle(mctx, await stored(cache, "88", "89"))
     segments = store.list_segments(SHARD)
     assert len(segments) == before + 1
     assert store.read_segment(segments[-1]).column("execution_id").to_pylist() == ["89"]
@@ -125,11 +125,21 @@ async def test_an_entry_that_cannot_be_read_isolates_its_execution_not_the_batch
     entry = await cache.get("67")
     assert entry is not None and entry.projection is not None
     assert canonical(entry.projection) == canonical(fold(None, fine))  # type: ignore[arg-type]
-    # materialize does not wait for the isolated execution to be folded (it never will be): the others get rows.
+    # materialize is delivered the bucket's writes: the unreadable one is left out, the others get rows.
     await load_plugin(materialize).handle(context_for(materialize, SHARD, cache=cache, snapshots=store),
-                                          [broken[0], fine[0], broken[1], fine[1]])  # fmt: skip
+                                          await stored(cache, "66", "67"))  # fmt: skip
     (segment,) = store.list_segments(SHARD)
     assert store.read_segment(segment).column("execution_id").to_pylist() == ["67"]
+
+
+async def stored(cache: KvProjectionCache, *keys: str) -> list[ProjectionWrite]:
+    """The bucket's writes of ``keys`` as system/materialize's consumer delivers them, in stream order."""
+    writes = []
+    for key in keys:
+        entry = await cache.kv.get(key)
+        assert entry.revision is not None and entry.value is not None
+        writes.append(ProjectionWrite(entry.revision, key, entry.value))
+    return sorted(writes)
 
 
 async def vis_keys_of(js: JetStreamContext, execution_id: str) -> list[str]:
