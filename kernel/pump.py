@@ -87,7 +87,7 @@ def stream_seq(msg: Msg) -> int:
 
 
 class Decoded:
-    """Envelopes decoded from a WAL, shared by the pumps of one process: a shard's three consumers read the same
+    """Envelopes decoded from a WAL, shared by the pumps of one process: a shard's WAL consumers read the same
     messages, so an event is decoded once, not three times.
 
     Keyed by stream and sequence, and used only if the subject and the bytes are the very ones decoded (a stream
@@ -124,7 +124,7 @@ DECODED = Decoded()
 
 
 class Pump:
-    """Feeds one shard's WAL to one plug-in, strictly in order, exactly once in effect.
+    """Feeds one shard's stream (its WAL, or its projection bucket's) to one plug-in, in order, exactly once in effect.
 
     The durable consumer is the position of record, and the pump always places
     it explicitly: on start at its ack floor + 1, after a failed batch at that
@@ -246,7 +246,7 @@ class Pump:
             consumer=self.durable,
             reason=reason,
             detail=detail,
-            # Both the project and materialize consumers see the same poison: store it once.
+            # Every WAL consumer that decodes the event (project, orchestrate…) sees the same poison: store it once.
             msg_id=f"dlq:{self.stream}:{seq}" + (f":{self.durable}" if per_consumer else ""),
         )
         self.stats.dlq += 1

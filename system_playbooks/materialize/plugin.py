@@ -80,14 +80,23 @@ class MaterializePlugin:
         try:
             built: list[dict[str, Any]] = (await asyncio.to_thread(self.rows, input_table(entries))).to_pylist()
             return built
-        except (RowError, UnicodeDecodeError):
-            pass  # an entry that is not a projection: build them one at a time and leave it out
-        built = []
+        except (RowError, UnicodeDecodeError) as e:
+            failed = e
+        # The Python twin judges each entry alone, so that a row builder that fails by itself (a module that
+        # does not build, a trapping guest) is never taken for bad entries: those are left out, the rest goes.
+        good = []
         for entry in entries:
             try:
-                built += (await asyncio.to_thread(self.rows, input_table([entry]))).to_pylist()
+                build_rows(input_table([entry]))
             except (RowError, UnicodeDecodeError) as e:
                 ctx.log.warning("materialize.unreadable", execution_id=entry[0], revision=entry[1], error=str(e))
+            else:
+                good.append(entry)
+        if len(good) == len(entries):
+            raise failed  # every entry is a projection: the row builder failed, and the batch is done again
+        if not good:
+            return []
+        built = (await asyncio.to_thread(self.rows, input_table(good))).to_pylist()
         return built
 
     async def handle(self, ctx: ShardContext, writes: Sequence[ProjectionWrite]) -> None:

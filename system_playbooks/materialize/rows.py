@@ -1,9 +1,9 @@
-"""The row builder of ``system/materialize``: caught-up projections in, segment rows out (Arrow table → Arrow table).
+"""The row builder of ``system/materialize``: stored projections in, segment rows out (Arrow table → Arrow table).
 
 This is the pure core of the plug-in, and it has two implementations that must
 agree byte for byte: this one (the Python twin) and ``wasm/rows.c`` (the compiled
-one, selected by ``runtime: wasm`` in the manifest). The plug-in's I/O (KV reads,
-the segment write, the pointers) stays in Python around either.
+one, selected by ``runtime: wasm`` in the manifest). The plug-in's I/O (the
+segment write, the pointers) stays in Python around either.
 
 Input (:data:`INPUT`): one row per KV entry — ``key`` (the execution id the entry
 is stored under), ``revision`` (its KV revision) and ``projection`` (the canonical

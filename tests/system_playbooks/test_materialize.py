@@ -247,3 +247,38 @@ async def test_materialize_compacts_the_segments_it_writes(
     files = set(store.list_segments(SHARD))
     assert files == compacted | {s.segment for s in manifest.superseded}
     assert len(manifest.superseded) < len(finished)
+
+
+async def test_a_row_builder_that_fails_by_itself_fails_the_batch_instead_of_leaving_entries_out(
+    js: JetStreamContext, tmp_path: Path
+) -> None:
+    # A compiled row builder that does not build (or traps) fails on every entry: that must redo the batch,
+    # never be taken for entries that are no projections (left out and acked: lost for good).
+    from projector.cache import ProjectionWrite
+    from projector.fold import WalEvent, fold
+    from system_playbooks.materialize.rows import RowError
+
+    cache = await KvProjectionCache.open(js, SHARD)
+    projection = fold(None, [WalEvent(i + 1, e) for i, e in enumerate(history("90", finish="execution.completed"))])
+    assert projection is not None
+    revision = await cache.put("90", projection, revision=None)
+    store = SnapshotStore(f"file://{tmp_path}/objects")
+    ctx = context_for(system_manifests(["materialize"])[0], SHARD, cache=cache, snapshots=store)
+
+    def broken(table: pa.Table) -> pa.Table:
+        raise RowError("cannot build rows.c: the toolchain is missing")
+
+    alone = [ProjectionWrite(revision, "90", canonical(projection))]
+    with_bad = [*alone, ProjectionWrite(revision + 1, "91", b"not json")]
+    for writes in (alone, with_bad):
+        with pytest.raises(RowError, match="cannot build"):
+            await MaterializePlugin(rows=broken).handle(ctx, writes)
+    assert store.list_segments(SHARD) == []
+    entry = await cache.get("90")
+    assert entry is not None and entry.projection is not None  # untouched
+
+    await MaterializePlugin().handle(ctx, with_bad)  # a row builder that works: 91 is left out, 90 is written
+    (segment,) = store.list_segments(SHARD)
+    assert store.read_segment(segment).column("execution_id").to_pylist() == ["90"]
+    entry = await cache.get("90")
+    assert entry is not None and entry.pointer is not None
