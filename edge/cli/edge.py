@@ -10,6 +10,7 @@ from edge.app import check_cells, create_app
 from edge.auth import load_tokens
 from edge.cli.options import UsageError, mirror_settings, resolve_topology, stop_on_signals
 from edge.serve import install_uvloop, serve, wait_listening
+from kernel.process import tune_gc
 from kernel.errors import ServerStartError
 from natscluster.server import default_data_dir, port_in_use
 from projector.results import ResultStore
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--bind needs a fixed port (the edge announces the address it serves)")
         if port_in_use(host.strip("[]"), int(port)):
             raise ServerStartError(f"HTTP address {address} is already in use; choose another with --bind")
+    tune_gc()
     install_uvloop()
 
     async def main() -> None:

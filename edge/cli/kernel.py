@@ -12,6 +12,7 @@ import structlog
 from edge.cli.options import UsageError, connect_urls, resolve_topology, stop_on_signals
 from kernel.bootstrap import StreamSettings
 from kernel.connect import close, connect, install_uvloop
+from kernel.process import tune_gc
 from kernel.host import SYSTEM_PLUGINS, system_manifests
 from kernel.runtime import Kernel, default_holder
 from natscluster.server import default_data_dir
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             on_ready=lambda: print(f"ready kernel {args.holder or default_holder()} {urls[0]}", flush=True),
         )
 
+    tune_gc()
     install_uvloop()
     asyncio.run(main())
     return 0

@@ -22,6 +22,7 @@ from edge.cli.upedge import edge_argv, start_child, stop_child
 from edge.cli.upkernel import kernel_argv
 from kernel.runtime import default_holder
 from edge.serve import install_uvloop, wait_listening
+from kernel.process import tune_gc
 from kernel.connect import close, connect
 from worker.worker import WorkerSettings, run_workers
 from projector.results import ResultStore
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     policy_from_env(os.environ)  # NOETL_TOOL_KINDS names installed kinds, NOETL_NATS_SUBJECTS valid patterns
     inline_from_env(os.environ)  # NOETL_INLINE_STEPS, read by system/orchestrate
     mirror_settings()  # NOETL_EDGE_MIRROR_*, read by the edge child
+    tune_gc()  # NOETL_GC_THRESHOLD, read by every process of up's
     kernels = args.kernels if args.kernels is not None else env_int("NOETL_UP_KERNELS", 1)
     if not 1 <= kernels <= shards:
         raise UsageError(f"--kernels must be between 1 and the shard count ({shards}), got {kernels}")

@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge.cli.options import mirror_settings, stop_on_signals
     from edge.auth import load_tokens
     from edge.serve import install_uvloop, serve
+    from kernel.process import tune_gc
     from kernel.logs import configure_logging
     from locator.topology import default_topology
     from projector.results import ResultStore
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keychain_key=keychain_key_from_env(args.data_dir),
         mirror=mirror_settings(),
     )
+    tune_gc()
     install_uvloop()
 
     async def run() -> None:

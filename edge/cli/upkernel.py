@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge.cli.kernel import run_kernel
     from edge.cli.options import stop_on_signals
     from kernel.connect import install_uvloop
+    from kernel.process import tune_gc
     from kernel.logs import configure_logging
     from locator.topology import default_topology
     from projector.snapshots import SnapshotStore
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level=args.log_level, fmt=args.log_format)
     topology = default_topology(shard_count=args.shards).with_urls("local", (args.nats_url,))
     snapshots = SnapshotStore.from_env(data_dir=args.data_dir)
+    tune_gc()
     install_uvloop()
 
     async def run() -> None:

@@ -8,6 +8,7 @@ import os
 
 from edge.cli.options import connect_urls, default_data_dir, env_int, resolve_topology, stop_on_signals
 from kernel.connect import install_uvloop
+from kernel.process import tune_gc
 from worker.worker import WorkerSettings, prepare_pool, run_workers
 from locator.command import TIMER_POOL
 from locator.errors import InvalidName
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
             concurrency=concurrency,
         )
 
+    tune_gc()
     install_uvloop()
     asyncio.run(main())
     return 0
