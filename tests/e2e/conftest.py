@@ -288,6 +288,23 @@ def ended(envs: list[Envelope]) -> bool:
 # --------------------------------------------------------------------------- the core invariant
 
 
+async def folded_and_materialized(js: JetStreamContext, shard: int, timeout: float = 60.0) -> None:
+    """Until ``system/project`` and ``system/materialize`` have handled everything on ``shard``, twice in a row
+    (materialize's own pointer writes come back to its consumer)."""
+    from kernel.host import consumer_stream
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    quiet = 0
+    while quiet < 2:
+        assert asyncio.get_running_loop().time() < deadline, f"shard {shard}'s kernel consumers still busy after {timeout}s"
+        busy = False
+        for name in ("project", "materialize"):
+            info = await js.consumer_info(consumer_stream(name, shard), f"{name}_{shard}")
+            busy = busy or bool(info.num_pending or info.num_ack_pending)
+        quiet = 0 if busy else quiet + 1
+        await asyncio.sleep(0.2)
+
+
 async def check_invariant(js: JetStreamContext, edge: httpx.AsyncClient, tenant: str, project: str, execution_id: str) -> Projection:
     """The edge's projection (read with ``min_seq`` = the WAL's newest event) equals a fresh fold of the WAL."""
     events = await wal_events(js, tenant, project, execution_id)

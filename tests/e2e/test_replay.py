@@ -15,7 +15,9 @@ from nats.js import JetStreamContext
 
 from locator.shard import shard_for
 from locator.urn import Urn
-from tests.e2e.conftest import EXAMPLES, SHARDS, Stack, check_invariant, ended, executions_url, has, wait_for_wal, wal_events
+from tests.e2e.conftest import (
+    EXAMPLES, SHARDS, Stack, check_invariant, ended, executions_url, folded_and_materialized, has, wait_for_wal, wal_events,
+)  # fmt: skip
 
 TENANT = "replay"
 
@@ -141,8 +143,10 @@ async def test_replay_needs_only_the_wal(stack: Stack, stack_js: JetStreamContex
     for name, run in runs.items():
         assert run.projection is not None, run.stderr
         served[name] = await check_invariant(stack_js, edge, TENANT, "wiped", run.execution_id)
-    # Wipe the projection cache and every object (snapshots and stored results).
+    # Wipe the projection cache and every object (snapshots and stored results), once the kernel is done with
+    # them: a segment system/materialize wrote after the wipe would be found by the edge's segment scan.
     shard = shard_for(TENANT, "wiped", "", SHARDS)
+    await folded_and_materialized(stack_js, shard)
     await stack_js.purge_stream(f"KV_proj_{shard}")
     shutil.rmtree(stack.data_dir / "objects")
     for name, run in runs.items():
