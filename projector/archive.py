@@ -31,6 +31,7 @@ import nats.errors
 import pyarrow as pa
 import pyarrow.ipc
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
 from locator.envelope import EnvelopeError, decode_wal_message
@@ -315,6 +316,10 @@ def index_row(ex: ArchivedExecution, ref: ArchiveRef, before: IndexRow | None, *
     )
 
 
+# The kernel's WAL consumers a purge must not disturb (system/cleanup, the archiver's caller, aside).
+WAL_READERS = ("project", "orchestrate")
+
+
 class Archiver:
     """Moves executions' histories from the WAL to the archive: write, verify, index, then purge.
 
@@ -338,7 +343,7 @@ class Archiver:
         self.concurrency = concurrency
         self.merge_grace_s = merge_grace_s
         self.faults: set[str] = set()  # fault injection points for crash tests (see system/cleanup)
-        self._folded_through: asyncio.Future[int | None] | None = None
+        self._readers: asyncio.Future[dict[str, ConsumerInfo]] | None = None
 
     async def archive_executions(self, executions: Sequence[tuple[str, str, str]]) -> ArchiveReport:
         """Archive everything the WAL holds of each (tenant, project, execution id) beyond its archived part."""
@@ -362,12 +367,14 @@ class Archiver:
                         await self._purge(tenant, project, execution_id, ref.last_seq)  # a crash left archived events behind
                     if not messages:
                         settled.append((execution_id, ref.last_seq))  # and perhaps its KV entry
-                if messages and await self._behind(execution_id, messages):
-                    unfolded.append(execution_id)  # its KV entry would be written again after we drop it
-                    return None
+                if messages and (
+                    await self._behind(execution_id, messages) or not await self._purge_safe(messages[-1].seq)
+                ):
+                    unfolded.append(execution_id)  # its KV entry would be written again after we drop it,
+                    return None  # or a kernel consumer still holds some of its messages unacked
                 return (ArchivedExecution(tenant, project, execution_id, messages), row) if messages else None
 
-        self._folded_through = None  # system/project's ack floor, asked once per call (see _behind)
+        self._readers = None  # the WAL consumers' positions, asked once per call (see _behind, _purge_safe)
         unique = list(dict.fromkeys(executions))
         found = [p for p in await asyncio.gather(*(pending(*x) for x in unique)) if p is not None]
         if not found:
@@ -432,17 +439,45 @@ class Archiver:
 
     async def _project_ack_floor(self) -> int | None:
         """The WAL seq up to which system/project has acked everything (None: it has no consumer here)."""
-        if self._folded_through is None:
+        info = (await self._reader_positions()).get("project")
+        if info is None:
+            return None
+        return info.ack_floor.stream_seq if info.ack_floor is not None else 0
 
-            async def ask() -> int | None:
-                try:
-                    info = await self.js.consumer_info(wal_stream(self.shard), wal_consumer("project", self.shard))
-                except NotFoundError:
-                    return None
-                return info.ack_floor.stream_seq if info.ack_floor is not None else 0
+    async def _reader_positions(self) -> dict[str, ConsumerInfo]:
+        """The WAL consumers of :data:`WAL_READERS` that exist on this shard, by name (asked once per call)."""
+        if self._readers is None:
 
-            self._folded_through = asyncio.ensure_future(ask())
-        return await asyncio.shield(self._folded_through)
+            async def ask() -> dict[str, ConsumerInfo]:
+                found = {}
+                for name in WAL_READERS:
+                    try:
+                        found[name] = await self.js.consumer_info(wal_stream(self.shard), wal_consumer(name, self.shard))
+                    except NotFoundError:
+                        pass  # no kernel runs it here now: nothing of it to disturb
+                return found
+
+            self._readers = asyncio.ensure_future(ask())
+        return await asyncio.shield(self._readers)
+
+    async def _purge_safe(self, last: int) -> bool:
+        """Whether purging WAL messages up to ``last`` leaves every kernel consumer's unacked messages alone.
+
+        nats-server terminates a purged message that is delivered and not acked yet as if it were acked, and
+        under AckAll (the WAL's pumps) that acks every message delivered before it, handled or not: a kernel
+        that died then would start past them. Safe for a consumer that has acked past ``last``, or that holds
+        nothing unacked and has either delivered past ``last`` or nothing left to deliver (its filter takes
+        none of the rest). system/cleanup's own consumer is not asked: it calls this, with its batch.
+        """
+        for info in (await self._reader_positions()).values():
+            if info.ack_floor is not None and info.ack_floor.stream_seq >= last:
+                continue
+            if info.num_ack_pending:
+                return False
+            delivered = info.delivered.stream_seq if info.delivered is not None else 0
+            if delivered < last and info.num_pending:
+                return False
+        return True
 
     async def _drop_entries(self, settled: Sequence[tuple[str, int]], gate: asyncio.Semaphore) -> None:
         """Remove the KV entries (``proj_<shard>``) of archived executions: the index row holds their projection now.

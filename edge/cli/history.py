@@ -64,11 +64,11 @@ class ArchiveSummary(msgspec.Struct, frozen=True, kw_only=True):
         >>> ArchiveSummary(executions=2, messages=9, segments=1, shards=[]).line()
         'archived 2 executions, 9 messages, 1 segments'
         >>> ArchiveSummary(executions=2, messages=9, segments=1, shards=[], left=3).line()
-        'archived 2 executions, 9 messages, 1 segments; left 3 not folded by system/project yet (run it again later)'
+        'archived 2 executions, 9 messages, 1 segments; left 3 not handled by the kernel yet (run it again later)'
         """
         line = f"archived {self.executions} executions, {self.messages} messages, {self.segments} segments"
         if self.left:
-            line += f"; left {self.left} not folded by system/project yet (run it again later)"
+            line += f"; left {self.left} not handled by the kernel yet (run it again later)"
         return line
 
 

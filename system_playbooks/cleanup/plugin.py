@@ -84,8 +84,10 @@ class CleanupPlugin:
             # Held, not acked: turning retention on later archives everything that ended meanwhile.
             raise Retry("history retention is off (NOETL_HISTORY_RETENTION=off)", delay=MAX_WAIT_S)
         now = time.time()
-        due = [e for e in events if ended_at(e) + retention <= now]
-        waiting = [e for e in events if ended_at(e) + retention > now]
+        # The due ones up to the first that is not: purging a message of this batch acks every message delivered
+        # before it (AckAll), so nothing this call leaves for later may come before one it archives.
+        first_waiting = next((i for i, e in enumerate(events) if ended_at(e) + retention > now), len(events))
+        due, waiting = events[:first_waiting], events[first_waiting:]
         if due:
             archiver = ctx.archiver()
             archiver.faults = self.faults
@@ -95,8 +97,10 @@ class CleanupPlugin:
                     "history.archived", executions=report.executions, messages=report.messages, segment=report.segment
                 )
             if report.unfolded:
-                # Archived now, system/project's late write would put a KV entry back for good: wait for it.
-                raise Retry(f"{report.unfolded} executions are not folded by system/project yet", delay=0.5)
+                # Archived now, system/project's late write would put a KV entry back for good, and a purge would
+                # ack what a kernel consumer holds unacked: wait for them.
+                raise Retry(f"{report.unfolded} executions are not handled by system/project or system/orchestrate yet",
+                            delay=0.5)  # fmt: skip
         if waiting:
-            wait = min(ended_at(e) for e in waiting) + retention - now + self.policy.slack
+            wait = ended_at(waiting[0]) + retention - now + self.policy.slack  # the first not due holds the rest
             raise Retry(f"{len(waiting)} ended executions are not due yet", delay=max(0.05, min(MAX_WAIT_S, wait)))

@@ -148,7 +148,7 @@ async def test_archive_now_leaves_what_system_project_has_not_folded_and_says_so
     before = await server_figures(js, ACME)
     proc = cli("history", "archive", "--now", "--tenant", "acme", "--nats-url", nats_server.url, "--data-dir", str(tmp_path))
     assert proc.stdout == (
-        "archived 0 executions, 0 messages, 0 segments; left 3 not folded by system/project yet (run it again later)\n"
+        "archived 0 executions, 0 messages, 0 segments; left 3 not handled by the kernel yet (run it again later)\n"
     )
     assert await server_figures(js, ACME) == before  # nothing purged
     summary = json.loads(cli("history", "archive", "--now", "--tenant", "acme", "--json", "--nats-url", nats_server.url,

@@ -138,3 +138,62 @@ async def test_retention_off_holds_the_consumer(js: JetStreamContext, topology: 
     assert await wal_count(js, "9") == 1 and (await ArchiveIndex(js, SHARD, None).get("9"))[0] is None
     info = await js.consumer_info(wal_stream(SHARD), "cleanup_" + str(SHARD))
     assert info.ack_floor.stream_seq == 0  # not acked: turning retention on later archives it
+
+
+async def test_a_purge_waits_while_a_kernel_consumer_holds_the_executions_messages_unacked(
+    js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    # nats-server terminates a purged message that is delivered and unacked as if acked, and under AckAll that
+    # acks every message delivered before it: purged now, 41's events would ack 42's, never handled by the
+    # orchestrator. The archiver waits (reported unfolded, so system/cleanup retries) until it acked them.
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from projector.archive import Archiver
+
+    producer = Producer(js, topology)
+    for x, type in (("42", "execution.started"), ("41", "execution.started"), ("41", "execution.completed")):
+        await producer.publish(ev(x, type))
+    durable = f"orchestrate_{SHARD}"
+    sub = await js.pull_subscribe(f"wal.{SHARD}.>", durable=durable, stream=wal_stream(SHARD),
+                                  config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_deliver=-1))  # fmt: skip
+    batch = await sub.fetch(3, timeout=5)  # the orchestrator is in the middle of this batch
+    archiver = Archiver(js, shard=SHARD, shard_count=4, archive=HistoryArchive.at(f"file://{tmp_path}/objects"))
+
+    report = await archiver.archive_executions([("acme", "web", "41")])
+    assert (report.executions, report.unfolded) == (0, 1)
+    assert await wal_count(js, "41") == 2
+    info = await js.consumer_info(wal_stream(SHARD), durable)
+    assert info.ack_floor.stream_seq == 0 and info.num_ack_pending == 3  # 42's event is still the orchestrator's
+
+    await batch[-1].ack()  # handled
+    await asyncio.sleep(0.2)
+    report = await archiver.archive_executions([("acme", "web", "41")])
+    assert (report.executions, report.unfolded) == (1, 0)
+    assert await wal_count(js, "41") == 0 and await wal_count(js, "42") == 1
+
+
+async def test_an_execution_due_after_one_that_is_not_waits_for_it(
+    js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    # Executions end in about WAL order, but their terminal events carry their producers' clocks. Archiving one
+    # that comes after an execution not due yet would purge a message of the batch and, under AckAll, ack the
+    # one not due with it: only the due ones before the first that is not are archived; the rest waits.
+    from datetime import UTC, datetime, timedelta
+
+    from kernel.host import Retry
+
+    old = (datetime.now(UTC) - timedelta(hours=2)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    producer = Producer(js, topology)
+    ends = []
+    for x, ts in (("51", old), ("52", None), ("53", old)):
+        await producer.publish(ev(x, "execution.started"))
+        end = ev(x, "execution.completed", ts=ts)
+        ends.append(WalEvent((await producer.publish(end)).seq, end))
+    snapshots = SnapshotStore(f"file://{tmp_path}/objects")
+    manifest = system_manifests(["cleanup"])[0]
+    ctx = context_for(manifest, SHARD, cache=await KvProjectionCache.open(js, SHARD), snapshots=snapshots, js=js,
+                      topology=topology)  # fmt: skip
+    with pytest.raises(Retry, match="2 ended executions are not due yet") as waited:
+        await CleanupPlugin(RetentionPolicy.parse("1h")).handle(ctx, ends)
+    assert waited.value.delay == 300.0  # 52 holds the rest (due in about an hour; the longest wait is 5 minutes)
+    assert [await wal_count(js, x) for x in ("51", "52", "53")] == [0, 2, 2]
