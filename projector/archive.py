@@ -364,6 +364,9 @@ class Archiver:
                 )
                 if ref is not None and ref.parts:
                     if await self._holds_archived(tenant, project, execution_id, ref.last_seq):
+                        if not await self._purge_safe(ref.last_seq):
+                            unfolded.append(execution_id)  # a kernel consumer holds some unacked: purge them later
+                            return None
                         await self._purge(tenant, project, execution_id, ref.last_seq)  # a crash left archived events behind
                     if not messages:
                         settled.append((execution_id, ref.last_seq))  # and perhaps its KV entry

@@ -197,3 +197,37 @@ async def test_an_execution_due_after_one_that_is_not_waits_for_it(
         await CleanupPlugin(RetentionPolicy.parse("1h")).handle(ctx, ends)
     assert waited.value.delay == 300.0  # 52 holds the rest (due in about an hour; the longest wait is 5 minutes)
     assert [await wal_count(js, x) for x in ("51", "52", "53")] == [0, 2, 2]
+
+
+async def test_the_purge_a_crash_left_behind_also_waits_for_unacked_messages(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Archived and recorded, then the process died before the WAL's purge: the next call purges what is left,
+    # but not while a kernel consumer holds those messages delivered and unacked either.
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from projector.archive import Archiver
+
+    producer = Producer(js, topology)
+    for type in ("execution.started", "execution.completed"):
+        await producer.publish(ev("61", type))
+    archiver = Archiver(js, shard=SHARD, shard_count=4, archive=HistoryArchive.at(f"file://{tmp_path}/objects"))
+
+    async def died_first(*args: Any) -> None:
+        return None
+
+    with monkeypatch.context() as m:
+        m.setattr(archiver, "_purge", died_first)
+        assert (await archiver.archive_executions([("acme", "web", "61")])).executions == 1
+    assert await wal_count(js, "61") == 2  # archived, recorded, not purged
+
+    durable = f"orchestrate_{SHARD}"
+    sub = await js.pull_subscribe(f"wal.{SHARD}.>", durable=durable, stream=wal_stream(SHARD),
+                                  config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_deliver=-1))  # fmt: skip
+    batch = await sub.fetch(2, timeout=5)
+    report = await archiver.archive_executions([("acme", "web", "61")])
+    assert report.unfolded == 1 and await wal_count(js, "61") == 2
+    await batch[-1].ack()
+    await asyncio.sleep(0.2)
+    report = await archiver.archive_executions([("acme", "web", "61")])
+    assert report.unfolded == 0 and await wal_count(js, "61") == 0
