@@ -235,7 +235,12 @@ async def test_stored_result_rows_a_waiting_callback_and_cancel(stack: Stack, pa
     assert final["status"] == "CANCELLED"
     # A stream event is in the WAL before it is folded: the page's read after the last one asks for
     # a projection at least that new, or it could show the state before it and never be told again.
-    assert reads[-1].endswith(f"?min_seq={final['last_seq']}"), reads
+    # (An event after the one that showed CANCELLED may still be on its way to the page: wait for it.)
+
+    async def read_after_the_last_event() -> bool:
+        return reads[-1].endswith(f"?min_seq={final['last_seq']}")
+
+    await wait_for(read_after_the_last_event, f"a read with min_seq={final['last_seq']}: {reads}", timeout=15)
 
 
 async def test_the_graph_marks_parallel_branches_joins_and_loops(stack: Stack, page: Page, tmp_path: Path) -> None:
