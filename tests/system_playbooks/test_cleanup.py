@@ -165,8 +165,7 @@ async def test_a_purge_waits_while_a_kernel_consumer_holds_the_executions_messag
     info = await js.consumer_info(wal_stream(SHARD), durable)
     assert info.ack_floor.stream_seq == 0 and info.num_ack_pending == 3  # 42's event is still the orchestrator's
 
-    await batch[-1].ack()  # handled
-    await asyncio.sleep(0.2)
+    await batch[-1].ack_sync()  # handled (and the server has the ack)
     report = await archiver.archive_executions([("acme", "web", "41")])
     assert (report.executions, report.unfolded) == (1, 0)
     assert await wal_count(js, "41") == 0 and await wal_count(js, "42") == 1
@@ -227,7 +226,6 @@ async def test_the_purge_a_crash_left_behind_also_waits_for_unacked_messages(
     batch = await sub.fetch(2, timeout=5)
     report = await archiver.archive_executions([("acme", "web", "61")])
     assert report.unfolded == 1 and await wal_count(js, "61") == 2
-    await batch[-1].ack()
-    await asyncio.sleep(0.2)
+    await batch[-1].ack_sync()
     report = await archiver.archive_executions([("acme", "web", "61")])
     assert report.unfolded == 0 and await wal_count(js, "61") == 0
