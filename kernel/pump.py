@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from nats.js.kv import KV_OP  # a KV delete or purge marker's header (the marker carries no value)
 from opentelemetry import trace
 
 from kernel.dlq import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT, dead_letter, header_text
@@ -39,8 +40,6 @@ __all__ = ["DLQ_CONSUMER", "DLQ_REASON", "DLQ_SEQ", "DLQ_STREAM", "DLQ_SUBJECT",
 
 log = structlog.get_logger("noetl.kernel.pump")
 tracer = trace.get_tracer("noetl.kernel.pump")
-# A KV write's header naming a delete or a purge (the marker carries no value).
-KV_OPERATION = "KV-Operation"
 # After a linger, the longest wait for what has arrived meanwhile (if nothing has, the batch goes as it is).
 LINGER_TAKE = 0.02
 # NATS itself is away or slow: no message is at fault, so a batch that meets one of these is not counted
@@ -255,7 +254,7 @@ class Pump:
     async def _split(self, msgs: list[Msg]) -> list[WalEvent] | list[ProjectionWrite]:
         if self.source == "projections":
             return [ProjectionWrite(stream_seq(m), m.subject[self._key_at :], m.data or b"")
-                    for m in msgs if not (m.headers and KV_OPERATION in m.headers)]  # fmt: skip
+                    for m in msgs if not (m.headers and KV_OP in m.headers)]  # fmt: skip
         events: list[WalEvent] = []
         for msg in msgs:
             seq, data = stream_seq(msg), msg.data or b""
