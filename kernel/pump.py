@@ -181,8 +181,9 @@ class Pump:
         self.ack_wait = ack_wait
         self.fetch_wait = fetch_wait
         self.isolate_after = isolate_after
-        # wal.<shard>.<tenant>.<project>.<execution>.<type>: one filter per wanted type.
-        self.filters = [f"wal.{shard}.*.*.*.{t}" for t in types]
+        # The types the plug-in is delivered (empty: all), picked from wal.<shard>.<tenant>.<project>.<execution>.<type>
+        # here, not by the consumer: see _split.
+        self.types = frozenset(types)
         self.stats = PumpStats(consumer=self.durable, shard=shard)
         self.log = log.bind(shard=shard, consumer=self.durable)
         self._failing_seq = 0  # first sequence of the batch that failed last
@@ -215,8 +216,7 @@ class Pump:
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_batch,
             max_deliver=-1,
-            filter_subject=None if self.filters else self.subjects,
-            filter_subjects=self.filters or None,
+            filter_subject=self.subjects,
         )
         return await self.js.pull_subscribe(self.subjects, durable=self.durable, stream=self.stream, config=config)
 
@@ -256,7 +256,10 @@ class Pump:
             return [ProjectionWrite(stream_seq(m), m.subject[self._key_at :], m.data or b"")
                     for m in msgs if not (m.headers and KV_OP in m.headers)]  # fmt: skip
         events: list[WalEvent] = []
+        types = self.types
         for msg in msgs:
+            if types and msg.subject.split(".", 5)[-1] not in types:
+                continue  # a type the plug-in has no use for: acked with the batch, never decoded
             seq, data = stream_seq(msg), msg.data or b""
             env = DECODED.get(self.stream, seq, msg.subject, data)
             if env is None:
