@@ -85,9 +85,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     capabilities: tuple[str, ...] = ()
     max_batch: int = 1000
     linger_s: float = 0.0
-    # The event types the plug-in is delivered (empty: every event). The pump picks them by subject: events
-    # it has no use for (its own, user.*) are acked with their batch and never decoded. Not by the consumer:
-    # nats-server finds a multi-filter consumer's next message by walking every subject of a block.
+    # The event types the plug-in is delivered (empty: every event). While the pump keeps up its consumer
+    # filters on them, so events it has no use for (its own, user.*) cost it no delivery; far behind, the pump
+    # reads every event and picks them by subject (kernel.pump.Pump explains why).
     types: tuple[str, ...] = ()
     # runtime wasm: the guest source (.c/.zig, relative to the repository root) the entry's Python shell runs.
     module: str = ""

@@ -366,29 +366,40 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_a_pump_with_types_delivers_only_those_and_acks_the_rest(js: JetStreamContext, topology: Topology, tmp_path: Path) -> None:
-    # The types are picked by the pump, not by a consumer with one filter subject per type: nats-server looks
-    # for a multi-filter consumer's next message by walking every subject of a message block (one per execution
-    # and type on a WAL), for each message it delivers while behind — 75-80 % of its CPU under a flood.
+async def test_a_pump_with_types_delivers_only_those_filtered_or_not(js: JetStreamContext, topology: Topology, tmp_path: Path) -> None:
+    # While it keeps up, its consumer filters on the types. Far behind, it reads every event and picks the types
+    # itself: nats-server looks for a multi-filter consumer's next message by walking every subject of a message
+    # block (one per execution and type on a WAL) while the consumer is behind — 75-80 % of its CPU under a flood.
     producer = Producer(js, topology)
-    sent = [ev("41", "execution.started"), ev("41", "step.exit", step="a", attempt=1), ev("41", "user.note"),
-            ev("42", "step.exit", step="b", attempt=1), ev("41", "execution.completed"), ev("42", "user.note")]  # fmt: skip
+    sent = [ev("41", "step.exit", step="a", attempt=1), ev("41", "execution.started"), ev("41", "step.exit", step="b", attempt=1),
+            ev("41", "user.note"), ev("42", "step.exit", step="c", attempt=1), ev("41", "execution.completed"),
+            ev("42", "user.note"), ev("42", "user.note"), ev("42", "step.exit", step="d", attempt=1), ev("42", "user.note")]  # fmt: skip
     for e in sent:
         await producer.publish(e)
     cache = await KvProjectionCache.open(js, SHARD)
     ctx = context_for(system_manifests(["orchestrate"])[0], SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/o"))
-    seen = _Seen()
-    pump = Pump(js, shard=SHARD, shard_count=4, plugin=seen, ctx=ctx, consumer="typed", fetch_wait=0.2,
-                types=("step.exit", "execution.completed"))  # fmt: skip
+    modes: list[tuple[bool, str]] = []
+
+    class Modes(_Seen):
+        async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Any]:
+            modes.extend((pump.filtered, e.env.type) for e in events)
+            return await super().handle(ctx, events)
+
+    seen = Modes()
+    # One message a batch: three step.exit pending after the first, so it reads unfiltered from the second on,
+    # and filters again once nothing is pending.
+    pump = Pump(js, shard=SHARD, shard_count=4, plugin=seen, ctx=ctx, consumer="typed", fetch_wait=0.2, max_batch=1,
+                types=("step.exit", "execution.completed"), unfilter_at=3, refilter_at=1)  # fmt: skip
 
     async def acked_all() -> bool:
         try:
             info = await js.consumer_info(f"WAL_{SHARD}", f"typed_{SHARD}")
         except NotFoundError:
             return False  # not created yet
-        return info.ack_floor.stream_seq >= len(sent)
+        return info.ack_floor.stream_seq >= len(sent) and bool(info.config.filter_subjects)
 
     await pump_until(pump, acked_all)
-    assert [e.env for e in seen.events] == [sent[1], sent[3], sent[4]]
+    assert [e.env for e in seen.events] == [sent[0], sent[2], sent[4], sent[5], sent[8]]
+    assert [m[0] for m in modes] == [True, False, False, False, False]  # the rest of the WAL was read unfiltered
     info = await js.consumer_info(f"WAL_{SHARD}", f"typed_{SHARD}")
-    assert info.config.filter_subject == f"wal.{SHARD}.>" and not info.config.filter_subjects
+    assert sorted(info.config.filter_subjects) == [f"wal.{SHARD}.*.*.*.execution.completed", f"wal.{SHARD}.*.*.*.step.exit"]
