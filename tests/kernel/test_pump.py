@@ -403,3 +403,46 @@ async def test_a_pump_with_types_delivers_only_those_filtered_or_not(js: JetStre
     assert [m[0] for m in modes] == [True, False, False, False, False]  # the rest of the WAL was read unfiltered
     info = await js.consumer_info(f"WAL_{SHARD}", f"typed_{SHARD}")
     assert sorted(info.config.filter_subjects) == [f"wal.{SHARD}.*.*.*.execution.completed", f"wal.{SHARD}.*.*.*.step.exit"]
+
+
+async def test_a_pump_killed_anywhere_while_switching_filters_loses_no_wanted_event(
+    js: JetStreamContext, topology: Topology, tmp_path: Path
+) -> None:
+    # The switch recreates the consumer at the next sequence; a pump cancelled at any point (in a batch, between
+    # the delete and the create) and started again must still hand every wanted event to the plug-in (again at
+    # most, never skipped), in WAL order within each run.
+    producer = Producer(js, topology)
+    wanted = {"step.exit", "execution.completed"}
+    sent = []
+    for i in range(150):
+        kind = ("step.exit", "user.note", "user.note", "execution.completed", "user.note")[i % 5]
+        sent.append(ev(f"5{i % 7}", kind, **({"step": f"s{i}", "attempt": 1} if kind == "step.exit" else {})))
+    seqs = [ack.seq for ack in [await producer.publish(e) for e in sent]]
+    want = [s for s, e in zip(seqs, sent) if e.type in wanted]
+    cache = await KvProjectionCache.open(js, SHARD)
+    ctx = context_for(system_manifests(["orchestrate"])[0], SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/o"))
+    class Slow(_Seen):
+        async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Any]:
+            await asyncio.sleep(0.005)  # a batch takes a while, so the kills land all over a run
+            return await super().handle(ctx, events)
+
+    seen = Slow()
+
+    def pump() -> Pump:
+        return Pump(js, shard=SHARD, shard_count=4, plugin=seen, ctx=ctx, consumer="killed", fetch_wait=0.2, max_batch=3,
+                    types=tuple(wanted), unfilter_at=2, refilter_at=1)  # fmt: skip
+
+    for delay in (0.01, 0.04, 0.07, 0.1, 0.13, 0.17, 0.21):  # cancelled at different points of its run
+        stop = asyncio.Event()
+        task = asyncio.create_task(pump().run(stop))
+        await asyncio.sleep(delay)
+        stop.set()  # as the kernel does on a lost lease: a cancel Python 3.11's wait_for swallows still stops it
+        task.cancel()
+        await asyncio.wait([task], timeout=10)
+
+    async def all_seen() -> bool:
+        return set(want) <= {e.seq for e in seen.events}
+
+    await pump_until(pump(), all_seen)
+    assert {e.seq for e in seen.events} == set(want)  # every wanted event, and nothing else
+    assert all(e.env.type in wanted for e in seen.events)
