@@ -50,7 +50,8 @@ class EdgeMetrics:
         )
         self.lag = Gauge(
             "noetl_consumer_lag",
-            "messages not yet handled by a kernel consumer (of the WAL; materialize: of the projection bucket)",
+            "messages not yet handled by a kernel consumer (of the WAL; materialize: of the projection bucket; "
+            "orchestrate and cleanup: of the event types they read, while they keep up)",
             ["shard", "consumer"],
             registry=self.registry,
         )
@@ -126,7 +127,7 @@ class EdgeMetrics:
                 self.pending_commands.labels(label).set(cmd.state.messages)
                 self.dlq.labels(label).set((await js.stream_info(dlq_stream(shard))).state.messages)
                 await self._refresh_pools(js, shard, cmd.state.subjects or {})
-                for consumer in ("project", "materialize"):
+                for consumer in ("project", "orchestrate", "materialize", "cleanup"):
                     try:
                         info = await js.consumer_info(consumer_stream(consumer, shard), f"{consumer}_{shard}")
                     except NotFoundError:

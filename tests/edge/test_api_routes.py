@@ -602,7 +602,7 @@ def _pumps(js: JetStreamContext, shard: int, cache: KvProjectionCache, store: Sn
         ctx = context_for(manifest, shard, cache=cache, snapshots=store)
         out.append(
             Pump(js, shard=shard, shard_count=4, plugin=load_plugin(manifest), ctx=ctx, consumer=manifest.consumer, source=manifest.source,
-                 max_batch=manifest.max_batch, linger=0.05, fetch_wait=0.2)
+                 max_batch=manifest.max_batch, linger=0.05, fetch_wait=0.2, types=manifest.types)
         )
     return out
 
@@ -662,6 +662,11 @@ async def test_metrics(
         for consumer, lagging in (("project", 3), ("materialize", None)):
             lag = samples[f'noetl_consumer_lag{{consumer="{consumer}",shard="{shard}"}}']
             assert lag == (1.0 if shard == lagging else 0.0), (shard, consumer, lag)
+        # orchestrate (which cannot run a playbook here) and cleanup: what their consumers hold, as NATS says.
+        for consumer in ("orchestrate", "cleanup"):
+            info = await js.consumer_info(f"WAL_{shard}", f"{consumer}_{shard}")
+            lag = samples[f'noetl_consumer_lag{{consumer="{consumer}",shard="{shard}"}}']
+            assert lag == info.num_pending + info.num_ack_pending, (shard, consumer, lag)
         assert samples[f'noetl_dlq_messages{{shard="{shard}"}}'] == (1.0 if shard == 2 else 0.0)
         assert samples[f'noetl_pending_commands{{shard="{shard}"}}'] == (1.0 if shard == 1 else 0.0)
         assert samples[f'noetl_shard_reachable{{shard="{shard}"}}'] == 1.0
