@@ -323,7 +323,7 @@ class Pump:
         return max(1, min(self.max_batch, lag + 1))
 
     async def run_once(self, sub: JetStreamContext.PullSubscription, size: int) -> tuple[int, int | None]:
-        """Handle one batch; returns (next batch size, sequence to resubscribe from: a batch to redo, or a filter switched)."""
+        """Handle one batch; returns (next batch size, sequence to resubscribe from: a batch to redo, or a filter not switched in place)."""
         msgs = await self._fetch(sub, size)
         if not msgs:
             self.stats.lag = 0
@@ -353,11 +353,28 @@ class Pump:
         self.stats.batch_size_sum += len(msgs)
         self.stats.lag = lag = msgs[-1].metadata.num_pending
         if self.filters and (lag >= self.unfilter_at if self.filtered else lag < self.refilter_at):
-            # Everything up to ``last`` is handled and acked: go on from last + 1 with the other consumer.
             self.filtered = not self.filtered
             self.log.info("pump.filter", filtered=self.filtered, lag=lag, next_seq=last + 1)
-            return self._size(last + 1, lag), last + 1
+            if not await self._refilter():
+                return self._size(last + 1, lag), last + 1  # everything up to last is handled: a new consumer from there
         return self._size(last + 1, lag), None
+
+    async def _refilter(self) -> bool:
+        """Give the consumer the filters of the current mode in place; whether it took them.
+
+        An update keeps the consumer's position and what it delivered: no gap in which the durable is gone
+        (a process dying there would start the shard over), and a message on its way to the subscription is
+        still fetched next. Events of types the plug-in does not read are skipped either way.
+        """
+        try:
+            config = (await self.js.consumer_info(self.stream, self.durable)).config
+            config.filter_subject = None if self.filtered else self.subjects
+            config.filter_subjects = self.filters if self.filtered else None
+            await self.js.add_consumer(self.stream, config)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            self.log.warning("pump.refilter_failed", error=repr(e))
+            return False
+        return True
 
     async def _handle(self, msgs: list[Msg], first: int) -> list[WalEvent] | list[ProjectionWrite]:
         """Dead-letter the batch's poison, fold the rest, dead-letter what the plug-in rejects."""

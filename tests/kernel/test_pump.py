@@ -380,9 +380,12 @@ async def test_a_pump_with_types_delivers_only_those_filtered_or_not(js: JetStre
     ctx = context_for(system_manifests(["orchestrate"])[0], SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/o"))
     modes: list[tuple[bool, str]] = []
 
+    held: list[Any] = []  # the consumer as NATS has it, at each batch
+
     class Modes(_Seen):
         async def handle(self, ctx: ShardContext, events: Sequence[WalEvent]) -> list[Any]:
             modes.extend((pump.filtered, e.env.type) for e in events)
+            held.append(await js.consumer_info(f"WAL_{SHARD}", f"typed_{SHARD}"))
             return await super().handle(ctx, events)
 
     seen = Modes()
@@ -403,6 +406,8 @@ async def test_a_pump_with_types_delivers_only_those_filtered_or_not(js: JetStre
     assert [m[0] for m in modes] == [True, False, False, False, False]  # the rest of the WAL was read unfiltered
     info = await js.consumer_info(f"WAL_{SHARD}", f"typed_{SHARD}")
     assert sorted(info.config.filter_subjects) == [f"wal.{SHARD}.*.*.*.execution.completed", f"wal.{SHARD}.*.*.*.step.exit"]
+    assert [bool(h.config.filter_subjects) for h in held] == [True, False, False, False, False]
+    assert {h.created for h in held} == {info.created}  # switched in place: the durable was never re-created
 
 
 async def test_a_pump_killed_anywhere_while_switching_filters_loses_no_wanted_event(
@@ -446,3 +451,28 @@ async def test_a_pump_killed_anywhere_while_switching_filters_loses_no_wanted_ev
     await pump_until(pump(), all_seen)
     assert {e.seq for e in seen.events} == set(want)  # every wanted event, and nothing else
     assert all(e.env.type in wanted for e in seen.events)
+
+
+async def test_a_filter_switch_nats_refuses_goes_on_with_a_new_consumer(
+    js: JetStreamContext, topology: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = Producer(js, topology)
+    sent = [ev("61", "step.exit", step=f"s{i}", attempt=1) if i % 2 else ev("61", "user.note") for i in range(12)]
+    for e in sent:
+        await producer.publish(e)
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise nats.errors.Error("refused")
+
+    monkeypatch.setattr(js, "add_consumer", refused)  # the in-place update; pull_subscribe creates through its own manager
+    cache = await KvProjectionCache.open(js, SHARD)
+    ctx = context_for(system_manifests(["orchestrate"])[0], SHARD, cache=cache, snapshots=SnapshotStore(f"file://{tmp_path}/o"))
+    seen = _Seen()
+    pump = Pump(js, shard=SHARD, shard_count=4, plugin=seen, ctx=ctx, consumer="refused", fetch_wait=0.2, max_batch=1,
+                types=("step.exit",), unfilter_at=2, refilter_at=1)  # fmt: skip
+
+    async def all_seen() -> bool:
+        return len(seen.events) >= 6 and pump.filtered  # back to filtered: both switches went the fallback way
+
+    await pump_until(pump, all_seen)
+    assert [e.env for e in seen.events] == [e for e in sent if e.type == "step.exit"]
