@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from locator.command import TIMER_POOL
 from locator.subjects import POOL_CONSUMER_PREFIX, cmd_stream, cmd_subjects, dlq_stream, hist_bucket, proj_bucket, wal_stream
-from kernel.host import consumer_stream
+from kernel.host import SYSTEM_PLUGINS, consumer_stream
 from projector.archiveindex import ArchiveIndex
 from projector.historystats import ObjectFigures, bucket_figures, shard_objects, stream_figures
 from projector.objects import ObjectRoot
@@ -127,7 +127,7 @@ class EdgeMetrics:
                 self.pending_commands.labels(label).set(cmd.state.messages)
                 self.dlq.labels(label).set((await js.stream_info(dlq_stream(shard))).state.messages)
                 await self._refresh_pools(js, shard, cmd.state.subjects or {})
-                for consumer in ("project", "orchestrate", "materialize", "cleanup"):
+                for consumer in SYSTEM_PLUGINS:  # each system plug-in's consumer is named after it
                     try:
                         info = await js.consumer_info(consumer_stream(consumer, shard), f"{consumer}_{shard}")
                     except NotFoundError:

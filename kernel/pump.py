@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 import structlog
@@ -200,6 +201,12 @@ class Pump:
         self._isolate_until = 0  # handle one message at a time up to this sequence
         self._stop = asyncio.Event()  # run()'s: a pause ends early when the pump is stopped
 
+    def _filter(self) -> dict[str, Any]:
+        """The consumer's filter fields in the current mode: one subject per type, or the whole stream."""
+        if self.filtered:
+            return {"filter_subject": None, "filter_subjects": self.filters}
+        return {"filter_subject": self.subjects, "filter_subjects": None}
+
     async def _subscribe(self, start_seq: int | None = None) -> JetStreamContext.PullSubscription:
         """(Re)create the durable consumer at ``start_seq``, or at its own ack floor + 1."""
         if self._retire:
@@ -225,8 +232,7 @@ class Pump:
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_batch,
             max_deliver=-1,
-            filter_subject=None if self.filtered else self.subjects,
-            filter_subjects=self.filters if self.filtered else None,
+            **self._filter(),
         )
         return await self.js.pull_subscribe(self.subjects, durable=self.durable, stream=self.stream, config=config)
 
@@ -323,7 +329,8 @@ class Pump:
         return max(1, min(self.max_batch, lag + 1))
 
     async def run_once(self, sub: JetStreamContext.PullSubscription, size: int) -> tuple[int, int | None]:
-        """Handle one batch; returns (next batch size, sequence to resubscribe from: a batch to redo, or a filter not switched in place)."""
+        """Handle one batch; returns (next batch size, sequence to resubscribe from: a batch to redo, or a
+        filter switch the consumer refused in place)."""
         msgs = await self._fetch(sub, size)
         if not msgs:
             self.stats.lag = 0
@@ -368,9 +375,7 @@ class Pump:
         """
         try:
             config = (await self.js.consumer_info(self.stream, self.durable)).config
-            config.filter_subject = None if self.filtered else self.subjects
-            config.filter_subjects = self.filters if self.filtered else None
-            await self.js.add_consumer(self.stream, config)
+            await self.js.add_consumer(self.stream, config.evolve(**self._filter()))
         except (nats.errors.Error, asyncio.TimeoutError) as e:
             self.log.warning("pump.refilter_failed", error=repr(e))
             return False
